@@ -1,0 +1,1 @@
+"""KV-cache memory: the token-slot pool and the radix prefix cache."""

@@ -1,0 +1,69 @@
+"""Preallocated KV memory with token-granular slots, and the per-request slot table.
+
+Slot 0 is reserved as padding: padded attention reads it and masks it out, so it is never handed out.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    """Per-layer K and V tensors of shape [size + 1, kv_heads, head_dim] and a free list of slots."""
+
+    def __init__(self, size: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.size = size
+        shape = (size + 1, num_kv_heads, head_dim)
+        self.caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                       for _ in range(num_layers)]
+        self._free: list[int] = list(range(size, 0, -1))  # a stack; low slots handed out first
+        self.total_allocated = 0  # slots ever handed out: lets tests see KV sharing
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"KV pool has {len(self._free)} free slots, {n} requested")
+        out = self._free[len(self._free) - n:]
+        del self._free[len(self._free) - n:]
+        out.reverse()
+        self.total_allocated += n
+        return out
+
+    def free(self, slots) -> None:
+        if isinstance(slots, torch.Tensor):
+            slots = slots.tolist()
+        self._free.extend(slots)
+
+
+class ReqToTokenTable:
+    """Row r, column i = pool slot of the i-th token of the request holding row r.
+
+    Attention reads a request's context as one row slice, so building a batch needs no per-token Python.
+    """
+
+    def __init__(self, num_rows: int, max_context: int, device: torch.device):
+        self.table = torch.zeros(num_rows, max_context, dtype=torch.int64, device=device)
+        self._free_rows = list(range(num_rows - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free_rows)
+
+    def alloc(self) -> int:
+        return self._free_rows.pop()
+
+    def free(self, row: int) -> None:
+        self._free_rows.append(row)
+
+    def write(self, row: int, start: int, slots) -> None:
+        if len(slots):
+            if not isinstance(slots, torch.Tensor):
+                slots = torch.tensor(slots, dtype=torch.int64)
+            self.table[row, start:start + len(slots)] = slots.to(self.table.device)

@@ -1,0 +1,41 @@
+"""One dataclass of engine settings. CLI flags are generated from its fields."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+POLICIES = ("fcfs", "lpm")
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one engine instance; keyword arguments of `Engine` map onto these fields."""
+
+    model: Optional[str] = field(default=None, metadata={"help": "HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)"})
+    dtype: str = field(default="auto", metadata={"help": "bfloat16 | float32 | float16 | auto (bfloat16 on CPU)"})
+    device: str = field(default="auto", metadata={"help": "cpu | cuda | auto"})
+    max_total_tokens: Optional[int] = field(default=None, metadata={"help": "KV-cache pool size in tokens (default: from --mem-fraction-budget)"})
+    kv_cache_memory_gb: float = field(default=1.0, metadata={"help": "KV-cache memory budget in GiB when --max-total-tokens is not given"})
+    max_running_requests: int = field(default=64, metadata={"help": "most requests decoding at once"})
+    chunked_prefill_size: int = field(default=1024, metadata={"help": "prefill tokens per step; longer prompts are split into chunks"})
+    policy: str = field(default="fcfs", metadata={"help": "scheduling policy: " + " | ".join(POLICIES)})
+    disable_radix_cache: bool = field(default=False, metadata={"help": "turn off prefix reuse across requests"})
+    seed: int = field(default=0, metadata={"help": "seed of the engine's sampling generator (per-request seeds override it)"})
+    context_length: Optional[int] = field(default=None, metadata={"help": "override the model's context length"})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "where converted GGUF weights are cached (default ~/.cache/kestrel)"})
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
+            raise ValueError(f"dtype must be auto, bfloat16, float32 or float16, got {self.dtype!r}")
+        for name in ("max_running_requests", "chunked_prefill_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 2:
+            raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]

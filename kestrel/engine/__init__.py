@@ -1,0 +1,1 @@
+"""Request state, scheduling, the model runner, sampling and the offline Engine API."""

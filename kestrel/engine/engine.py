@@ -1,0 +1,271 @@
+"""The offline Engine API: load a model, queue requests, step the scheduler, collect outputs."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence as Seq, Union
+
+import torch
+
+from kestrel.cache.kv_pool import KVPool, ReqToTokenTable
+from kestrel.cache.radix_cache import RadixCache
+from kestrel.config import EngineConfig
+from kestrel.engine.output_processor import OutputProcessor
+from kestrel.engine.policy import make_policy
+from kestrel.engine.request import CompletionOutput, RequestOutput, Sequence, Status
+from kestrel.engine.runner import ModelRunner
+from kestrel.engine.sampler import Sampler
+from kestrel.engine.sampling_params import SamplingParams
+from kestrel.engine.scheduler import Scheduler
+from kestrel.model.loader import load_model, load_tokenizer, resolve_model_dir
+
+Prompt = Union[str, list[int]]
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class StreamDelta:
+    """An increment of one streamed completion."""
+
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: Optional[str]
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    step_time: float = 0.0  # seconds inside step()
+    forward_time: float = 0.0  # seconds inside the model forward (incl. logits)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+
+
+class Engine:
+    """An LLM engine in this process.
+
+    >>> e = Engine()                                    # the embedded SmolLM2-135M-Instruct
+    >>> e.generate(["The capital of France is"], SamplingParams(max_tokens=16, temperature=0))[0].text
+    """
+
+    def __init__(self, model: Optional[str] = None, *, config: Optional[EngineConfig] = None, **kwargs):
+        self.config = config or EngineConfig(model=model, **kwargs)
+        cfg = self.config
+        if cfg.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(cfg.device)
+        dtype_name = cfg.dtype if cfg.dtype != "auto" else "bfloat16"
+        self.dtype = DTYPES[dtype_name]
+        self.model_dir = resolve_model_dir(cfg.model, cfg.cache_dir)
+        self.model = load_model(self.model_dir, self.dtype, self.device)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        mc = self.model.cfg
+        self.context_length = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.vocab_size = mc.vocab_size
+        per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        size = cfg.max_total_tokens or max(2, int(cfg.kv_cache_memory_gb * 2**30) // per_token)
+        self.pool = KVPool(size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        self.table = ReqToTokenTable(cfg.max_running_requests, self.context_length + 1, self.device)
+        self.cache = RadixCache(self.pool, enabled=not cfg.disable_radix_cache)
+        self.scheduler = Scheduler(cfg, self.pool, self.table, self.cache, make_policy(cfg.policy))
+        self.runner = ModelRunner(self.model, self.pool, self.table, self.device)
+        self.sampler = Sampler(self.device, cfg.seed)
+        eos = set(mc.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+        self.output = OutputProcessor(self.tokenizer, eos, self.context_length)
+        self._requests: dict[str, list[Sequence]] = {}
+        self._ids = itertools.count()
+        self.stats = EngineStats()
+
+    # ---- requests -----------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt).input_ids
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise TypeError("a prompt must be a string or a list of token ids (ints)")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}); got {bad[:5]}")
+        return list(prompt)
+
+    def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None) -> str:
+        """Queue a request; returns its id. Raises ValueError/TypeError for invalid input."""
+        params = params or SamplingParams()
+        params.validate(self.vocab_size)
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        total = len(ids) + params.max_tokens
+        if total > self.context_length:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the model's "
+                f"context length of {self.context_length} tokens; shorten the prompt or lower max_tokens"
+            )
+        if total > self.pool.size:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} can never fit in the KV "
+                f"pool of {self.pool.size} tokens; raise max_total_tokens or lower max_tokens"
+            )
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        now = time.monotonic()
+        seqs = [Sequence(rid, i, ids, params, arrival_time=now, waits_for_leader=i > 0) for i in range(params.n)]
+        self._requests[rid] = seqs
+        for s in seqs:
+            self.scheduler.add(s)
+        self.stats.prompt_tokens += len(ids)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its memory. Returns False if it is unknown or already done."""
+        seqs = self._requests.get(request_id)
+        if not seqs or all(s.finished for s in seqs):
+            return False
+        for s in seqs:
+            if not s.finished:
+                s.finish_reason = s.finish_reason or "abort"
+                self.scheduler.abort(s)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop -----------------------------------------------------------------------
+    def step(self) -> set[str]:
+        """Run one scheduling step and forward; returns the ids of requests that progressed."""
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return set()
+        t1 = time.perf_counter()
+        logits, seqs = self.runner.forward(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.stats.forward_time += time.perf_counter() - t1
+        self.scheduler.advance(batch)
+        touched = {s.request_id for s, _ in batch.prefill}
+        if seqs:
+            tokens, logprobs = self.sampler(logits, seqs)
+            for seq, token, lp in zip(seqs, tokens, logprobs):
+                self.output.append(seq, token, lp)
+                self.stats.output_tokens += 1
+                touched.add(seq.request_id)
+                if seq.index == 0 and seq.params.n > 1 and len(seq.output_ids) == 1:
+                    self._release_siblings(seq)
+                if seq.finish_reason is not None:
+                    self.scheduler.finish(seq)
+        self.stats.steps += 1
+        self.stats.step_time += time.perf_counter() - t0
+        return touched
+
+    def _release_siblings(self, leader: Sequence) -> None:
+        self.scheduler.share_prompt(leader)
+        for s in self._requests[leader.request_id][1:]:
+            s.waits_for_leader = False
+
+    def run_until_done(self, request_ids: Seq[str], progress: bool = False, desc: str = "generating") -> None:
+        pending = set(request_ids)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(pending), desc=desc, unit="req")
+        while pending:
+            self.step()
+            done = {r for r in pending if all(s.finished for s in self._requests[r])}
+            if done:
+                pending -= done
+                if bar:
+                    bar.update(len(done))
+            if not self.scheduler.has_work() and pending:
+                raise RuntimeError(f"engine idle with {len(pending)} unfinished requests")
+        if bar:
+            bar.close()
+
+    # ---- outputs ------------------------------------------------------------------------
+    def get_output(self, request_id: str, pop: bool = False) -> RequestOutput:
+        seqs = self._requests.pop(request_id) if pop else self._requests[request_id]
+        lead = seqs[0]
+        outs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason,
+                                 list(s.logprobs) if s.params.logprobs is not None else None) for s in seqs]
+        finished = all(s.finished for s in seqs)
+        ttft = lead.first_token_time - lead.arrival_time if lead.first_token_time else None
+        end = max((s.finish_time or 0.0) for s in seqs)
+        out = RequestOutput(request_id, lead.prompt_ids, outs, lead.cached_tokens, finished, ttft,
+                            end - lead.arrival_time if finished and end else None)
+        if pop:
+            self.stats.cached_tokens += lead.cached_tokens
+        return out
+
+    # ---- convenience APIs ---------------------------------------------------------------
+    def generate(self, prompts: Union[Prompt, Seq[Prompt]],
+                 sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for each prompt (strings or token-id lists); outputs in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
+        rids = []
+        try:
+            for p, sp in zip(prompts, sampling_params):
+                rids.append(self.add_request(p, sp))
+        except Exception:
+            for r in rids:
+                self.abort(r)
+                self._requests.pop(r, None)
+            raise
+        self.run_until_done(rids, progress=use_tqdm)
+        return [self.get_output(r, pop=True) for r in rids]
+
+    def apply_chat_template(self, conversation: list[dict]) -> list[int]:
+        if not conversation:
+            raise ValueError("a conversation needs at least one message")
+        for m in conversation:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError("each message must be a dict with 'role' and 'content'")
+        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def chat(self, conversations: Union[list[dict], Seq[list[dict]]],
+             sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate replies to chat conversations (lists of {"role", "content"} messages)."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self.generate([self.apply_chat_template(c) for c in conversations], sampling_params, use_tqdm)
+
+    def stream(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None) -> Iterator[StreamDelta]:
+        """Yield text increments of one completion as they are generated (n must be 1)."""
+        params = sampling_params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("stream() returns one completion; use n=1")
+        rid = self.add_request(prompt, params)
+        seq = self._requests[rid][0]
+        sent_text, sent_ids = 0, 0
+        try:
+            while True:
+                if not seq.finished:
+                    self.step()
+                visible = self.output.visible_text(seq)
+                if len(visible) > sent_text or len(seq.output_ids) > sent_ids or seq.finished:
+                    delta = StreamDelta(visible[sent_text:], seq.output_ids[sent_ids:], seq.finished, seq.finish_reason)
+                    sent_text, sent_ids = len(visible), len(seq.output_ids)
+                    yield delta
+                if seq.finished:
+                    break
+        finally:
+            if not seq.finished:
+                self.abort(rid)
+            self._requests.pop(rid, None)

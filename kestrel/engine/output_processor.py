@@ -1,0 +1,60 @@
+"""Turns sampled tokens into text and decides when a sequence stops."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from tokenizers.decoders import DecodeStream
+
+from kestrel.engine.request import Sequence, TokenLogprob
+
+DETOK_CONTEXT = 6  # prompt tokens fed to the stream decoder so the first output token decodes in context
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: set[int], context_length: int):
+        self.backend = tokenizer._tokenizer  # the Rust tokenizer, for fast incremental decoding
+        self.eos_token_ids = eos_token_ids
+        self.context_length = context_length
+
+    def append(self, seq: Sequence, token: int, logprob: Optional[TokenLogprob]) -> None:
+        """Add a sampled token: update text, logprobs, and finish_reason if the sequence is done."""
+        p = seq.params
+        now = time.monotonic()
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.output_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if seq.detok is None:
+            seq.detok = DecodeStream(ids=seq.prompt_ids[-DETOK_CONTEXT:], skip_special_tokens=p.skip_special_tokens)
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            self._finish(seq, "stop", now)
+            return
+        piece = seq.detok.step(self.backend, token)
+        if piece:
+            old_len = len(seq.text)
+            seq.text += piece
+            if p.stop:
+                longest = max(len(s) for s in p.stop)
+                start = max(0, old_len - longest + 1)
+                hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
+                if hits:
+                    seq.text = seq.text[: min(hits)]
+                    self._finish(seq, "stop", now)
+                    return
+        if len(seq.output_ids) >= p.max_tokens or seq.total_len >= self.context_length:
+            self._finish(seq, "length", now)
+
+    @staticmethod
+    def _finish(seq: Sequence, reason: str, now: float) -> None:
+        seq.finish_reason = reason
+        seq.finish_time = now
+
+    @staticmethod
+    def visible_text(seq: Sequence) -> str:
+        """Text safe to stream: while running, hold back a tail that could still become a stop string."""
+        if seq.finish_reason is not None or not seq.params.stop:
+            return seq.text
+        hold = max(len(s) for s in seq.params.stop) - 1
+        return seq.text[: len(seq.text) - hold] if hold else seq.text

@@ -1,0 +1,121 @@
+"""Request state owned by the scheduler, and the outputs handed to users."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from kestrel.engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: dict[int, float]  # top alternatives: token id -> logprob
+
+
+@dataclass
+class Sequence:
+    """One generated sequence (a request with n > 1 has n of them, siblings sharing the prompt)."""
+
+    request_id: str
+    index: int  # position among the request's n sequences
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    # KV state: the first `num_computed` tokens of prompt+output have K/V in the pool.
+    num_computed: int = 0
+    row: Optional[int] = None  # row in the req-to-token table while running
+    prefix_node: object = None  # locked radix node ending the cached prefix
+    prefix_len: int = 0  # tokens from the tree (owned by it); the rest up to num_computed we own
+    cached_tokens: int = 0  # prompt tokens served from the cache at first admission
+    admitted_once: bool = False
+    waits_for_leader: bool = False  # an n > 1 sibling waits until seq 0 has prefilled the prompt
+    generator: Optional[torch.Generator] = None
+    # output state
+    text: str = ""
+    finish_reason: Optional[str] = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+    detok: object = None  # incremental detokenizer
+    num_preemptions: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def pending(self) -> int:
+        """Tokens whose K/V still need computing (the last sampled token counts)."""
+        return self.total_len - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Optional[str]
+    logprobs: Optional[list[TokenLogprob]] = None
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class RequestOutput:
+    """What `Engine.generate` returns per prompt; the first completion's fields are mirrored on it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    cached_tokens: int
+    finished: bool
+    time_to_first_token: Optional[float] = None  # seconds from arrival
+    latency: Optional[float] = None
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self):
+        return self.outputs[0].logprobs
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(len(o.token_ids) for o in self.outputs)

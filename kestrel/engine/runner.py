@@ -1,0 +1,65 @@
+"""The model runner: turns a scheduled batch into one forward pass and returns logits to sample from."""
+from __future__ import annotations
+
+import torch
+
+from kestrel.cache.kv_pool import KVPool, ReqToTokenTable
+from kestrel.engine.request import Sequence
+from kestrel.engine.scheduler import ScheduledBatch
+from kestrel.model.attention import AttentionMetadata, MultiTokenRow
+from kestrel.model.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, pool: KVPool, table: ReqToTokenTable, device: torch.device):
+        self.model = model
+        self.pool = pool
+        self.table = table
+        self.device = device
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run one step. Returns float32 logits [rows, vocab] for the sequences that sample this step."""
+        ids: list[int] = []
+        positions: list[int] = []
+        token_rows: list[int] = []
+        sample_at: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for seq in batch.decode:
+            pos = seq.num_computed
+            sample_at.append(len(ids))
+            sample_seqs.append(seq)
+            ids.append(seq.all_ids[pos])
+            positions.append(pos)
+            token_rows.append(seq.row)
+        num_decode = len(ids)
+        multi: list[MultiTokenRow] = []
+        table = self.table.table
+        for seq, chunk in batch.prefill:
+            start, end = seq.num_computed, seq.num_computed + chunk
+            first = len(ids)
+            ids.extend(seq.all_ids[start:end])
+            positions.extend(range(start, end))
+            token_rows.extend([seq.row] * chunk)
+            multi.append(MultiTokenRow(first, first + chunk, table[seq.row, :end]))
+            if end == seq.total_len:  # the chunk reaches the end: its last logits give the next token
+                sample_at.append(first + chunk - 1)
+                sample_seqs.append(seq)
+        dev = self.device
+        ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        rows_t = torch.tensor(token_rows, dtype=torch.int64, device=dev)
+        meta = AttentionMetadata(slot_mapping=table[rows_t, pos_t], num_decode=num_decode, multi=multi)
+        if num_decode:
+            dec_rows, dec_pos = rows_t[:num_decode], pos_t[:num_decode]
+            max_len = max(positions[:num_decode]) + 1
+            meta.decode_kv_index = table[dec_rows, :max_len]
+            if min(positions[:num_decode]) + 1 != max_len:
+                lengths = dec_pos + 1
+                mask = torch.arange(max_len, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
+                meta.decode_mask = mask.view(num_decode, 1, 1, max_len)
+        hidden = self.model(ids_t, pos_t, meta, self.pool.caches)
+        if not sample_at:
+            return hidden.new_empty(0, 0), []
+        rows = hidden if len(sample_at) == len(ids) else hidden[torch.tensor(sample_at, device=dev)]
+        return self.model.logits(rows), sample_seqs

@@ -1,0 +1,104 @@
+"""Vectorized sampling over the batch's logits: penalties, temperature, top-k/top-p/min-p, seeds, logprobs."""
+from __future__ import annotations
+
+from typing import Optional, Sequence as Seq
+
+import torch
+
+from kestrel.engine.request import Sequence, TokenLogprob
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0):
+        self.device = device
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[Optional[TokenLogprob]]]:
+        """logits: float32 [rows, vocab], one row per sequence. Returns sampled ids and logprob records."""
+        params = [s.params for s in seqs]
+        rows = len(seqs)
+        raw_logprobs = None
+        if any(p.logprobs is not None for p in params):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)  # the model's distribution, as vLLM reports
+        if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
+            logits = self._apply_penalties(logits.clone(), seqs)
+        if all(p.temperature == 0.0 for p in params):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, seqs)
+        token_list = tokens.tolist()
+        records: list[Optional[TokenLogprob]] = [None] * rows
+        if raw_logprobs is not None:
+            k = max(p.logprobs or 0 for p in params)
+            chosen = raw_logprobs.gather(1, tokens.view(-1, 1)).view(-1).tolist()
+            top_vals, top_ids = raw_logprobs.topk(max(k, 1), dim=-1)
+            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+            for i, p in enumerate(params):
+                if p.logprobs is not None:
+                    n = p.logprobs
+                    records[i] = TokenLogprob(token_list[i], chosen[i], dict(zip(top_ids[i][:n], top_vals[i][:n])))
+        return token_list, records
+
+    def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+        params = [s.params for s in seqs]
+        rows, vocab = logits.shape
+        dev = logits.device
+        greedy = torch.tensor([p.temperature == 0.0 for p in params], device=dev)
+        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+        scaled = logits / temps.unsqueeze(1)
+        sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = torch.zeros_like(probs, dtype=torch.bool)
+        if any(p.top_k > 0 for p in params):
+            k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
+            drop |= torch.arange(vocab, device=dev).unsqueeze(0) >= k.unsqueeze(1)
+        if any(p.top_p < 1.0 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], device=dev)
+            drop |= (probs.cumsum(dim=-1) - probs) > top_p.unsqueeze(1)  # the top token always stays
+        if any(p.min_p > 0.0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=dev)
+            drop |= probs < (min_p * probs[:, 0]).unsqueeze(1)
+        probs = probs.masked_fill(drop, 0.0)
+        cdf = probs.cumsum(dim=-1)
+        u = self._uniforms(seqs).to(dev)
+        choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).clamp_(max=vocab - 1)
+        sampled = sorted_ids.gather(1, choice).view(-1)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    def _uniforms(self, seqs: Seq[Sequence]) -> torch.Tensor:
+        """One uniform per row; a seeded request draws from its own generator, so its samples do not
+        depend on what else is in the batch."""
+        u = torch.rand(len(seqs), generator=self.generator, dtype=torch.float64)
+        for i, s in enumerate(seqs):
+            if s.params.seed is not None:
+                if s.generator is None:
+                    s.generator = torch.Generator(device="cpu").manual_seed(s.params.seed * 1000003 + s.index)
+                u[i] = torch.rand(1, generator=s.generator, dtype=torch.float64)[0]
+        return u.float()
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+        """vLLM semantics: repetition penalty over prompt and output tokens, frequency and presence
+        penalties over output tokens only."""
+        rows, vocab = logits.shape
+        dev = logits.device
+        max_out = max(1, max(len(s.output_ids) for s in seqs))
+        out_ids = torch.full((rows, max_out), vocab, dtype=torch.int64)
+        for i, s in enumerate(seqs):
+            if s.output_ids:
+                out_ids[i, : len(s.output_ids)] = torch.tensor(s.output_ids)
+        counts = torch.zeros(rows, vocab + 1, device=dev)
+        counts.scatter_add_(1, out_ids.to(dev), torch.ones_like(out_ids, dtype=torch.float32, device=dev))
+        counts = counts[:, :vocab]
+        params = [s.params for s in seqs]
+        rep = torch.tensor([p.repetition_penalty for p in params], device=dev).unsqueeze(1)
+        if (rep != 1.0).any():
+            seen = counts > 0
+            for i, s in enumerate(seqs):
+                if params[i].repetition_penalty != 1.0:
+                    seen[i, torch.tensor(s.prompt_ids, device=dev)] = True
+            penalized = torch.where(logits > 0, logits / rep, logits * rep)
+            logits = torch.where(seen, penalized, logits)
+        freq = torch.tensor([p.frequency_penalty for p in params], device=dev).unsqueeze(1)
+        pres = torch.tensor([p.presence_penalty for p in params], device=dev).unsqueeze(1)
+        return logits - freq * counts - pres * (counts > 0).float()

@@ -1,0 +1,211 @@
+"""Continuous batching: which sequences run in the next step, and the KV slots they use.
+
+Each step batches every running sequence's next decode token together with prefill chunks under a
+token budget (`chunked_prefill_size`). Waiting sequences are admitted in policy order while memory
+allows; when a decode step cannot get slots even after evicting cached prefixes, the most recently
+admitted sequence is retracted and later recomputed (its computed tokens stay in the radix cache).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kestrel.cache.kv_pool import KVPool, ReqToTokenTable
+from kestrel.cache.radix_cache import RadixCache
+from kestrel.config import EngineConfig
+from kestrel.engine.policy import SchedulePolicy
+from kestrel.engine.request import Sequence, Status
+
+BASE_NEW_TOKEN_RATIO = 0.3  # share of a running sequence's remaining max_tokens reserved at admission
+NEW_TOKEN_RATIO_DECAY = 0.002  # per step, back towards the base after a retraction raised it to 1
+
+
+@dataclass
+class ScheduledBatch:
+    decode: list[Sequence] = field(default_factory=list)
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, chunk length)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode) + sum(n for _, n in self.prefill)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, pool: KVPool, table: ReqToTokenTable, cache: RadixCache,
+                 policy: SchedulePolicy):
+        self.config = config
+        self.pool = pool
+        self.table = table
+        self.cache = cache
+        self.policy = policy
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []  # admitted, in admission order
+        self.new_token_ratio = BASE_NEW_TOKEN_RATIO
+        self.num_retractions = 0
+
+    # ---- queue --------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- memory helpers -----------------------------------------------------------------
+    def available(self) -> int:
+        return self.pool.num_free + self.cache.evictable_size
+
+    def _ensure_free(self, n: int) -> bool:
+        if self.pool.num_free < n:
+            self.cache.evict(n - self.pool.num_free)
+        return self.pool.num_free >= n
+
+    def _reserve(self, seq: Sequence) -> float:
+        """Slots a running sequence may still need (prompt left to prefill + a share of its output)."""
+        prompt_left = max(0, len(seq.prompt_ids) - seq.num_computed)
+        return prompt_left + self.new_token_ratio * (seq.params.max_tokens - len(seq.output_ids))
+
+    # ---- one step -----------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        self.new_token_ratio = max(BASE_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        batch = ScheduledBatch()
+        # 1. every decoding sequence needs one slot; retract until they all fit
+        while True:
+            decode = [s for s in self.running if s.pending == 1]
+            if self._ensure_free(len(decode)) or len(self.running) <= 1:
+                break
+            self.retract(self.running[-1])
+        if len(decode) > self.pool.num_free:
+            raise RuntimeError("KV pool exhausted by a single sequence; admission validation should prevent this")
+        need = len(decode)
+        budget = self.config.chunked_prefill_size
+        # 2. sequences in the middle of a chunked prefill continue
+        for seq in self.running:
+            if seq.pending > 1 and budget > 0:
+                chunk = min(seq.pending, budget)
+                if not self._ensure_free(need + chunk):
+                    chunk = self.pool.num_free - need
+                if chunk <= 0:
+                    break
+                batch.prefill.append((seq, chunk))
+                need += chunk
+                budget -= chunk
+        # 3. admit waiting sequences in policy order
+        if budget > 0 and self.waiting:
+            admitted = self._admit(budget, need, batch)
+            need += admitted
+        # 4. hand out slots
+        if decode:
+            slots = torch.tensor(self.pool.alloc(len(decode)), dtype=torch.int64)
+            rows = torch.tensor([s.row for s in decode])
+            cols = torch.tensor([s.num_computed for s in decode])
+            self.table.table[rows, cols] = slots.to(self.table.table.device)
+        for seq, chunk in batch.prefill:
+            self.table.write(seq.row, seq.num_computed, self.pool.alloc(chunk))
+        batch.decode = decode
+        return batch
+
+    def _admit(self, budget: int, need: int, batch: ScheduledBatch) -> int:
+        reserved = sum(self._reserve(s) for s in self.running)
+        used = 0
+        for seq in self.policy.order(self.waiting, self.cache):
+            if seq.waits_for_leader:
+                continue
+            if len(self.running) >= self.config.max_running_requests or self.table.num_free == 0 or budget <= 0:
+                break
+            prefix, node = self.cache.match_prefix(seq.all_ids[:-1], shared=seq.index > 0)
+            self.cache.lock(node)
+            pending = seq.total_len - len(prefix)
+            chunk = min(pending, budget)
+            want = self._reserve_for_new(seq, len(prefix))
+            alone = not self.running and not batch.prefill
+            if not alone and self.available() - need - used < reserved + want:
+                self.cache.unlock(node)
+                break
+            if not self._ensure_free(need + used + chunk):
+                self.cache.unlock(node)
+                break
+            self.waiting.remove(seq)
+            seq.status = Status.RUNNING
+            seq.row = self.table.alloc()
+            seq.prefix_node, seq.prefix_len, seq.num_computed = node, len(prefix), len(prefix)
+            if not seq.admitted_once:
+                seq.cached_tokens = min(len(prefix), len(seq.prompt_ids))
+                seq.admitted_once = True
+            self.table.write(seq.row, 0, prefix)
+            self.running.append(seq)
+            batch.prefill.append((seq, chunk))
+            used += chunk
+            budget -= chunk
+            reserved += want
+        return used
+
+    def _reserve_for_new(self, seq: Sequence, prefix_len: int) -> float:
+        return (seq.total_len - prefix_len) + self.new_token_ratio * (seq.params.max_tokens - len(seq.output_ids))
+
+    # ---- after a step -------------------------------------------------------------------
+    def advance(self, batch: ScheduledBatch) -> None:
+        """Record the K/V computed by a finished step."""
+        for seq in batch.decode:
+            seq.num_computed += 1
+            self.policy.account(seq, 0, 1)
+        for seq, chunk in batch.prefill:
+            seq.num_computed += chunk
+            self.policy.account(seq, chunk, 0)
+
+    def share_prompt(self, leader: Sequence) -> None:
+        """Hand the leader's prompt K/V to the cache so its n-1 siblings reuse it instead of recomputing."""
+        n = len(leader.prompt_ids)
+        slots = self.table.table[leader.row, :n].cpu()
+        self._move_to_cache(leader, leader.prompt_ids, slots, n)
+
+    def _move_to_cache(self, seq: Sequence, key: list[int], slots: torch.Tensor, n: int) -> None:
+        """Insert the first n computed tokens of seq into the cache; seq then locks that prefix instead."""
+        already, node = self.cache.insert(key[:n], slots[:n])
+        if already > seq.prefix_len:
+            self.pool.free(slots[seq.prefix_len:already])  # someone cached these tokens meanwhile
+        self.cache.lock(node)
+        if seq.prefix_node is not None:
+            self.cache.unlock(seq.prefix_node)
+        seq.prefix_node, seq.prefix_len = node, n
+
+    def release(self, seq: Sequence) -> None:
+        """Give back a sequence's row and slots; its computed tokens go to the radix cache."""
+        if seq.row is None:
+            return
+        n = seq.num_computed
+        slots = self.table.table[seq.row, :n].cpu()
+        if self.cache.enabled:
+            self._move_to_cache(seq, seq.all_ids, slots, n)
+        else:
+            self.pool.free(slots[seq.prefix_len:n])
+        if seq.prefix_node is not None:
+            self.cache.unlock(seq.prefix_node)
+        seq.prefix_node, seq.prefix_len = None, 0
+        self.table.free(seq.row)
+        seq.row = None
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def retract(self, seq: Sequence) -> None:
+        """Preempt by recompute: free the sequence's memory (keeping what the cache keeps) and requeue it."""
+        self.release(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_retractions += 1
+        self.new_token_ratio = 1.0
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        self.release(seq)
+        seq.status = Status.FINISHED
+
+    def abort(self, seq: Sequence) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.finish(seq)

@@ -1,0 +1,77 @@
+"""Attention over a ragged batch whose keys and values live in a token-granular KV pool.
+
+The runner describes each step with an `AttentionMetadata`: where the new tokens' K/V go
+(`slot_mapping`) and, for every request, which pool slots its queries read and under which mask.
+Single-token rows (decode) are batched into one padded attention call; multi-token rows
+(prefill chunks, later lookahead verification) get one call each with a causal or explicit mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class MultiTokenRow:
+    """A request contributing several query tokens: rows [start, end) of the flattened batch."""
+
+    start: int
+    end: int
+    kv_index: torch.Tensor  # [kv_len] pool slots, the request's whole context incl. its new tokens
+    mask: Optional[torch.Tensor] = None  # [q_len, kv_len] bool (True = attend); None = causal, aligned right
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's attention description. Decode rows come first in the flattened token order."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] pool slot receiving each new token's K/V
+    num_decode: int = 0
+    decode_kv_index: Optional[torch.Tensor] = None  # [num_decode, max_kv_len], padded with slot 0
+    decode_mask: Optional[torch.Tensor] = None  # [num_decode, 1, 1, max_kv_len] bool, None if no padding
+    multi: list[MultiTokenRow] = field(default_factory=list)
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Query i (the (kv_len - q_len + i)-th token) sees keys 0..kv_len - q_len + i."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [slots, Hkv, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """Write the new K/V into the pool, then attend every query over its request's slots -> [T, H*D]."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[1]
+    outs = []
+    if meta.num_decode:
+        b, kv_len = meta.decode_kv_index.shape
+        flat = meta.decode_kv_index.view(-1)
+        kk = k_cache.index_select(0, flat).view(b, kv_len, num_kv_heads, head_dim).transpose(1, 2)
+        vv = v_cache.index_select(0, flat).view(b, kv_len, num_kv_heads, head_dim).transpose(1, 2)
+        # Grouped-query attention without repeating K/V: the query heads sharing a KV head
+        # become that head's "query positions" (all at the same position, so one mask row serves).
+        qd = q[:b].reshape(b, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        o = F.scaled_dot_product_attention(qd, kk, vv, attn_mask=meta.decode_mask)
+        outs.append(o.reshape(b, num_heads * head_dim))
+    for row in meta.multi:
+        kk = k_cache.index_select(0, row.kv_index).transpose(0, 1).unsqueeze(0)
+        vv = v_cache.index_select(0, row.kv_index).transpose(0, 1).unsqueeze(0)
+        qq = q[row.start:row.end].transpose(0, 1).unsqueeze(0)
+        q_len, kv_len = row.end - row.start, row.kv_index.shape[0]
+        mask = row.mask
+        if mask is None and q_len != kv_len:
+            mask = causal_mask(q_len, kv_len, q.device)
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        outs.append(o[0].transpose(0, 1).reshape(q_len, num_heads * head_dim))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)

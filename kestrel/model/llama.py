@@ -1,0 +1,170 @@
+"""The Llama family (Llama 2/3, SmolLM2, TinyLlama, Mistral) and Qwen2, as one model.
+
+Differences are configuration: Qwen2 adds q/k/v biases; Llama 3 scales RoPE frequencies.
+Q/K/V and gate/up projections are fused so a layer is a handful of large ops.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kestrel.model.attention import AttentionMetadata, paged_attention
+from kestrel.model.model_config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind != "default":
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+    return inv_freq
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+        self.input_norm = nn.Parameter(torch.ones(h))
+        self.qkv = nn.Parameter(torch.empty(qkv_out, h))
+        self.qkv_bias = nn.Parameter(torch.zeros(qkv_out)) if cfg.qkv_bias else None
+        self.o = nn.Parameter(torch.empty(h, cfg.num_heads * d))
+        self.post_norm = nn.Parameter(torch.ones(h))
+        self.gate_up = nn.Parameter(torch.empty(2 * cfg.intermediate_size, h))
+        self.down = nn.Parameter(torch.empty(h, cfg.intermediate_size))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.inv_freq = rope_inv_freq(cfg)  # float32, deliberately not a buffer: .to(bf16) must not round it
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for every position, computed in float32 as HF does, then cast to the model dtype."""
+        if self._rope_cache is None:
+            pos = torch.arange(self.cfg.max_position_embeddings, dtype=torch.float32)
+            freqs = torch.outer(pos, self.inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            dev, dt = self.embed.device, self.embed.dtype
+            self._rope_cache = (emb.cos().to(dev, dt), emb.sin().to(dev, dt))
+        return self._rope_cache
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Hidden states after the final norm, [T, hidden]."""
+        cfg = self.cfg
+        nh, nkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        num_tokens = input_ids.shape[0]
+        cos_table, sin_table = self.rope_tables()
+        cos = cos_table[positions].unsqueeze(1)
+        sin = sin_table[positions].unsqueeze(1)
+        half = d // 2
+        hidden = F.embedding(input_ids, self.embed)
+        norm_shape = (cfg.hidden_size,)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x = F.rms_norm(hidden, norm_shape, layer.input_norm, eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qk = qkv[:, : (nh + nkv) * d].view(num_tokens, nh + nkv, d)
+            # rotate_half in one cat: (-x2, x1)
+            rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+            qk = qk * cos + rotated * sin
+            v = qkv[:, (nh + nkv) * d:].view(num_tokens, nkv, d)
+            attn = paged_attention(qk[:, :nh], qk[:, nh:], v, k_cache, v_cache, meta)
+            hidden = hidden + F.linear(attn, layer.o)
+            x = F.rms_norm(hidden, norm_shape, layer.post_norm, eps)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            hidden = hidden + F.linear(F.silu(gate) * up, layer.down)
+        return F.rms_norm(hidden, norm_shape, self.norm, eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits for the given hidden rows."""
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head).float()
+
+    @torch.no_grad()
+    def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load tensors named as in Hugging Face checkpoints, fusing q/k/v and gate/up."""
+        cfg = self.cfg
+        d = cfg.head_dim
+        q_rows, kv_rows, inter = cfg.num_heads * d, cfg.num_kv_heads * d, cfg.intermediate_size
+        offsets = {"q_proj": (0, q_rows), "k_proj": (q_rows, kv_rows), "v_proj": (q_rows + kv_rows, kv_rows)}
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.startswith("model."):
+                name = name[len("model."):]
+            if "rotary_emb" in name:
+                continue
+            if name == "embed_tokens.weight":
+                self.embed.copy_(tensor); loaded.add("embed")
+            elif name == "norm.weight":
+                self.norm.copy_(tensor); loaded.add("norm")
+            elif name == "lm_head.weight":
+                if self.lm_head is not None:
+                    self.lm_head.copy_(tensor); loaded.add("lm_head")
+            elif name.startswith("layers."):
+                _, idx, rest = name.split(".", 2)
+                layer = self.layers[int(idx)]
+                module, param = rest.rsplit(".", 1)
+                leaf = module.split(".")[-1]
+                key = f"{idx}.{leaf}.{param}"
+                if leaf in offsets:
+                    start, size = offsets[leaf]
+                    target = layer.qkv if param == "weight" else layer.qkv_bias
+                    if target is None:
+                        raise ValueError(f"checkpoint has {name} but the config declares no q/k/v bias")
+                    target[start:start + size].copy_(tensor)
+                elif leaf in ("gate_proj", "up_proj"):
+                    start = 0 if leaf == "gate_proj" else inter
+                    layer.gate_up[start:start + inter].copy_(tensor)
+                elif leaf == "o_proj":
+                    layer.o.copy_(tensor)
+                elif leaf == "down_proj":
+                    layer.down.copy_(tensor)
+                elif leaf == "input_layernorm":
+                    layer.input_norm.copy_(tensor)
+                elif leaf == "post_attention_layernorm":
+                    layer.post_norm.copy_(tensor)
+                else:
+                    raise ValueError(f"unexpected weight {name}")
+                loaded.add(key)
+            else:
+                raise ValueError(f"unexpected weight {name}")
+        expected = {"embed", "norm"} | ({"lm_head"} if self.lm_head is not None else set())
+        per_layer = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
+                     "up_proj.weight", "down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"]
+        if cfg.qkv_bias:
+            per_layer += ["q_proj.bias", "k_proj.bias", "v_proj.bias"]
+        expected |= {f"{i}.{p}" for i in range(cfg.num_layers) for p in per_layer}
+        missing = expected - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {sorted(missing)[:5]}")
