@@ -1,0 +1,84 @@
+"""`kestrel` command line: generate (more subcommands arrive with their issues)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from kestrel.config import EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field, so the CLI and the Python API never drift apart."""
+    hints = typing.get_type_hints(EngineConfig)
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        kind = hints[f.name]
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        parser.add_argument(flag, type=base, default=f.default, help=f"{help_text} (default: {f.default})")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{name: getattr(args, name) for name in EngineConfig.field_names()})
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kestrel import Engine, SamplingParams
+
+    prompts = list(args.prompt)
+    if args.file:
+        with open(args.file) as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        print("error: give a prompt or --file with one prompt per line", file=sys.stderr)
+        return 2
+    engine = Engine(config=engine_config_from_args(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.sample_seed, stop=args.stop or None)
+    inputs = [engine.apply_chat_template([{"role": "user", "content": p}]) for p in prompts] if not args.raw else prompts
+    if len(inputs) == 1:
+        for delta in engine.stream(inputs[0], params):
+            print(delta.text, end="", flush=True)
+        print()
+        return 0
+    outs = engine.generate(inputs, params, use_tqdm=True)
+    for prompt, out in zip(prompts, outs):
+        print(f"### {prompt}\n{out.text}\n")
+    s = engine.stats
+    print(f"[{len(outs)} prompts, {s.prompt_tokens} prompt tokens ({s.cached_tokens} cached), "
+          f"{s.output_tokens} output tokens in {s.step_time:.1f}s: {s.output_tokens / max(s.step_time, 1e-9):.1f} tok/s]",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kestrel", description="Kestrel LLM serving system")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text offline (chat-formatted unless --raw)")
+    gen.add_argument("prompt", nargs="*", help="prompt text (one or more)")
+    gen.add_argument("--file", help="a file with one prompt per line")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="send prompts as plain text, without the chat template")
+    add_engine_args(gen)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
