@@ -78,3 +78,22 @@ def test_bf16_agreement_with_hf_bf16(embedded_dir, chat_prompt_ids):
     print(f"\nbf16: {same}/{len(ref)} sequences identical to HF bf16; mean common prefix {sum(prefix)/len(prefix):.1f}"
           f"/{MAX_NEW} tokens")
     assert same >= len(ref) // 2
+
+
+def test_shared_prefix_decode_matches_hf(embedded_dir, tokenizer):
+    """Rows sharing a long cached prefix take the cascade-attention decode path; still token-identical."""
+    system = ("You are Kestrel's test assistant. Answer in plain English, briefly and precisely, and never "
+              "use lists unless asked. Facts matter more than style; when unsure, say so. ") * 3
+    questions = ["What is a kestrel?", "Name two planets.", "What is 3+4?", "Say hello in French.",
+                 "What colour is the sky?", "Who wrote Hamlet?"]
+    prompts = []
+    for q in questions:
+        ids = tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q}],
+                                            add_generation_prompt=True, tokenize=True)
+        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    ref = hf_greedy(embedded_dir, prompts, MAX_NEW)
+    engine = Engine(dtype="float32")
+    engine.generate(prompts[:1], SamplingParams(max_tokens=1, temperature=0))  # cache the system prompt
+    outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0))
+    assert [o.token_ids for o in outs] == ref
+    assert engine.runner.shared_prefix_steps > 0, "the cascade path was meant to run"

@@ -18,6 +18,7 @@ from kestrel.engine.runner import ModelRunner
 from kestrel.engine.sampler import Sampler
 from kestrel.engine.sampling_params import SamplingParams
 from kestrel.engine.scheduler import Scheduler
+from kestrel.engine.allocator import tune_allocator
 from kestrel.model.loader import load_model, load_tokenizer, resolve_model_dir
 
 Prompt = Union[str, list[int]]
@@ -54,6 +55,7 @@ class Engine:
     def __init__(self, model: Optional[str] = None, *, config: Optional[EngineConfig] = None, **kwargs):
         self.config = config or EngineConfig(model=model, **kwargs)
         cfg = self.config
+        tune_allocator()
         if cfg.device == "auto":
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
@@ -151,6 +153,7 @@ class Engine:
             torch.cuda.synchronize()
         self.stats.forward_time += time.perf_counter() - t1
         self.scheduler.advance(batch)
+        self.scheduler.cache_prefilled(batch)
         touched = {s.request_id for s, _ in batch.prefill}
         if seqs:
             tokens, logprobs = self.sampler(logits, seqs)

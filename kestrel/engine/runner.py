@@ -10,12 +10,24 @@ from kestrel.model.attention import AttentionMetadata, MultiTokenRow
 from kestrel.model.llama import LlamaForCausalLM
 
 
+SHARED_PREFIX_MIN_ROWS = 4  # cascade attention pays off once several rows share a prefix
+SHARED_PREFIX_MIN_LEN = 32
+
+
+def _common_prefix_columns(kv_index: torch.Tensor, limit: int) -> int:
+    """How many leading slots all decode rows share (0 if fewer than SHARED_PREFIX_MIN_LEN)."""
+    same = (kv_index[:, :limit] == kv_index[:1, :limit]).all(dim=0)
+    n = int(same.int().cumprod(0).sum()) if limit else 0
+    return n if n >= SHARED_PREFIX_MIN_LEN else 0
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: KVPool, table: ReqToTokenTable, device: torch.device):
         self.model = model
         self.pool = pool
         self.table = table
         self.device = device
+        self.shared_prefix_steps = 0  # decode steps that used cascade attention over a shared prefix
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
@@ -54,6 +66,9 @@ class ModelRunner:
             dec_rows, dec_pos = rows_t[:num_decode], pos_t[:num_decode]
             max_len = max(positions[:num_decode]) + 1
             meta.decode_kv_index = table[dec_rows, :max_len]
+            if num_decode >= SHARED_PREFIX_MIN_ROWS:
+                meta.decode_shared_len = _common_prefix_columns(meta.decode_kv_index, min(positions[:num_decode]))
+                self.shared_prefix_steps += meta.decode_shared_len > 0
             if min(positions[:num_decode]) + 1 != max_len:
                 lengths = dec_pos + 1
                 mask = torch.arange(max_len, device=dev).unsqueeze(0) < lengths.unsqueeze(1)

@@ -159,15 +159,26 @@ class Scheduler:
 
     def share_prompt(self, leader: Sequence) -> None:
         """Hand the leader's prompt K/V to the cache so its n-1 siblings reuse it instead of recomputing."""
-        n = len(leader.prompt_ids)
-        slots = self.table.table[leader.row, :n].cpu()
-        self._move_to_cache(leader, leader.prompt_ids, slots, n)
+        self._move_to_cache(leader, len(leader.prompt_ids))
 
-    def _move_to_cache(self, seq: Sequence, key: list[int], slots: torch.Tensor, n: int) -> None:
-        """Insert the first n computed tokens of seq into the cache; seq then locks that prefix instead."""
-        already, node = self.cache.insert(key[:n], slots[:n])
+    def cache_prefilled(self, batch: ScheduledBatch) -> None:
+        """Insert freshly prefilled tokens into the cache right away (not only at finish), so requests
+        admitted in later steps already hit a prefix that is still being generated from."""
+        if self.cache.enabled:
+            for seq, _ in batch.prefill:
+                if seq.row is not None:
+                    self._move_to_cache(seq, seq.num_computed)
+
+    def _move_to_cache(self, seq: Sequence, n: int) -> None:
+        """Give the cache the first n computed tokens of seq; seq then locks that prefix instead."""
+        key = seq.all_ids[:n]
+        slots = self.table.table[seq.row, :n].cpu()
+        already, _ = self.cache.insert(key, slots)
+        if already > seq.prefix_len:  # someone cached these tokens meanwhile: use theirs, free ours
+            self.pool.free(slots[seq.prefix_len:already])
+        tree_slots, node = self.cache.match_prefix(key, shared=True)
         if already > seq.prefix_len:
-            self.pool.free(slots[seq.prefix_len:already])  # someone cached these tokens meanwhile
+            self.table.write(seq.row, seq.prefix_len, tree_slots[seq.prefix_len:already])
         self.cache.lock(node)
         if seq.prefix_node is not None:
             self.cache.unlock(seq.prefix_node)
@@ -178,11 +189,10 @@ class Scheduler:
         if seq.row is None:
             return
         n = seq.num_computed
-        slots = self.table.table[seq.row, :n].cpu()
         if self.cache.enabled:
-            self._move_to_cache(seq, seq.all_ids, slots, n)
+            self._move_to_cache(seq, n)
         else:
-            self.pool.free(slots[seq.prefix_len:n])
+            self.pool.free(self.table.table[seq.row, seq.prefix_len:n].cpu())
         if seq.prefix_node is not None:
             self.cache.unlock(seq.prefix_node)
         seq.prefix_node, seq.prefix_len = None, 0

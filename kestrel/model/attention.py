@@ -32,6 +32,7 @@ class AttentionMetadata:
     num_decode: int = 0
     decode_kv_index: Optional[torch.Tensor] = None  # [num_decode, max_kv_len], padded with slot 0
     decode_mask: Optional[torch.Tensor] = None  # [num_decode, 1, 1, max_kv_len] bool, None if no padding
+    decode_shared_len: int = 0  # leading kv_index columns identical in every decode row (a shared prefix)
     multi: list[MultiTokenRow] = field(default_factory=list)
 
 
@@ -54,7 +55,9 @@ def paged_attention(
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[1]
     outs = []
-    if meta.num_decode:
+    if meta.num_decode and meta.decode_shared_len:
+        outs.append(_shared_prefix_decode(q[:meta.num_decode], k_cache, v_cache, meta))
+    elif meta.num_decode:
         b, kv_len = meta.decode_kv_index.shape
         flat = meta.decode_kv_index.view(-1)
         kk = k_cache.index_select(0, flat).view(b, kv_len, num_kv_heads, head_dim).transpose(1, 2)
@@ -75,3 +78,40 @@ def paged_attention(
         o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         outs.append(o[0].transpose(0, 1).reshape(q_len, num_heads * head_dim))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _shared_prefix_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          meta: AttentionMetadata) -> torch.Tensor:
+    """Decode attention when every row starts with the same cached prefix (cascade attention).
+
+    The shared prefix's K/V are read once and multiplied against all rows' queries in one GEMM per
+    KV head, instead of being gathered and read once per row; only the short per-row suffixes are
+    gathered. One softmax runs over [prefix scores | suffix scores], so the result is exact attention.
+    """
+    b, num_heads, head_dim = q.shape
+    num_kv = k_cache.shape[1]
+    group = num_heads // num_kv
+    shared = meta.decode_shared_len
+    index = meta.decode_kv_index
+    suffix_len = index.shape[1] - shared
+    scale = head_dim ** -0.5
+    qh = q.view(b, num_kv, group, head_dim)
+    # prefix: [kv, b*group, d] x [kv, d, shared]
+    prefix = index[0, :shared]
+    kp = k_cache.index_select(0, prefix).permute(1, 2, 0)
+    vp = v_cache.index_select(0, prefix).transpose(0, 1)
+    q_by_head = qh.transpose(0, 1).reshape(num_kv, b * group, head_dim)
+    scores_p = torch.matmul(q_by_head, kp).view(num_kv, b, group, shared).transpose(0, 1)
+    # suffix: per row
+    suffix = index[:, shared:].reshape(-1)
+    ks = k_cache.index_select(0, suffix).view(b, suffix_len, num_kv, head_dim).permute(0, 2, 3, 1)
+    vs = v_cache.index_select(0, suffix).view(b, suffix_len, num_kv, head_dim).transpose(1, 2)
+    scores_s = torch.matmul(qh, ks)
+    scores = torch.cat((scores_p, scores_s), dim=-1).float().mul_(scale)
+    if meta.decode_mask is not None:
+        scores.masked_fill_(~meta.decode_mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype)
+    probs_p = probs[..., :shared].transpose(0, 1).reshape(num_kv, b * group, shared)
+    out = torch.matmul(probs_p, vp).view(num_kv, b, group, head_dim).transpose(0, 1)
+    out = out + torch.matmul(probs[..., shared:], vs)
+    return out.reshape(b, num_heads * head_dim)
