@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kestrel.model.attention import AttentionMetadata, paged_attention
+from kestrel.model.linear import Linear, can_prepack
 from kestrel.model.model_config import ModelConfig
 
 
@@ -51,6 +52,13 @@ class DecoderLayer(nn.Module):
         self.post_norm = nn.Parameter(torch.ones(h))
         self.gate_up = nn.Parameter(torch.empty(2 * cfg.intermediate_size, h))
         self.down = nn.Parameter(torch.empty(h, cfg.intermediate_size))
+        self.fast: tuple[Linear, Linear, Linear, Linear] | None = None  # qkv, o, gate_up, down
+
+    def linears(self) -> tuple[Linear, Linear, Linear, Linear]:
+        if self.fast is None:
+            return (Linear(self.qkv, self.qkv_bias, False), Linear(self.o, None, False),
+                    Linear(self.gate_up, None, False), Linear(self.down, None, False))
+        return self.fast
 
 
 class LlamaForCausalLM(nn.Module):
@@ -63,6 +71,24 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.inv_freq = rope_inv_freq(cfg)  # float32, deliberately not a buffer: .to(bf16) must not round it
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._lm_head: Linear | None = None
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Prepare for inference after loading: pre-pack weights where that is exact and faster.
+
+        Packed weights replace the dense ones (the embedding stays dense for lookups), so the model's
+        weights cannot be reloaded afterwards.
+        """
+        pack = can_prepack(self.embed)
+        for layer in self.layers:
+            layer.fast = (Linear(layer.qkv, layer.qkv_bias, pack), Linear(layer.o, None, pack),
+                          Linear(layer.gate_up, None, pack), Linear(layer.down, None, pack))
+            if pack:
+                for name in ("qkv", "o", "gate_up", "down"):
+                    getattr(layer, name).data = torch.empty(0, dtype=self.embed.dtype)
+        head = self.embed if self.lm_head is None else self.lm_head
+        self._lm_head = Linear(head, None, pack)
 
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for every position, computed in float32 as HF does, then cast to the model dtype."""
@@ -92,22 +118,25 @@ class LlamaForCausalLM(nn.Module):
         hidden = F.embedding(input_ids, self.embed)
         norm_shape = (cfg.hidden_size,)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears()
             x = F.rms_norm(hidden, norm_shape, layer.input_norm, eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = qkv_proj(x)
             qk = qkv[:, : (nh + nkv) * d].view(num_tokens, nh + nkv, d)
             # rotate_half in one cat: (-x2, x1)
             rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
             qk = qk * cos + rotated * sin
             v = qkv[:, (nh + nkv) * d:].view(num_tokens, nkv, d)
             attn = paged_attention(qk[:, :nh], qk[:, nh:], v, k_cache, v_cache, meta)
-            hidden = hidden + F.linear(attn, layer.o)
+            hidden = hidden + o_proj(attn)
             x = F.rms_norm(hidden, norm_shape, layer.post_norm, eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = gate_up_proj(x).chunk(2, dim=-1)
+            hidden = hidden + down_proj(F.silu(gate) * up)
         return F.rms_norm(hidden, norm_shape, self.norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given hidden rows."""
+        if self._lm_head is not None:
+            return self._lm_head(hidden).float()
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(hidden, head).float()
 

@@ -62,7 +62,9 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> Llam
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device=device)
     model.load_hf_weights(iter_safetensors(model_dir))
-    return model.to(dtype).eval().requires_grad_(False)
+    model = model.to(dtype).eval().requires_grad_(False)
+    model.freeze()
+    return model
 
 
 def load_tokenizer(model_dir: str):
