@@ -65,7 +65,7 @@ def vllm_run(python: str, prompts, max_tokens, prefix_caching: bool, model_dir: 
 import json, sys, time
 from vllm import LLM, SamplingParams, TokensPrompt
 prompts = json.load(sys.stdin)
-llm = LLM(model={model_dir!r}, dtype="bfloat16", enable_prefix_caching={prefix_caching}, max_model_len=4096)
+llm = LLM(model={model_dir!r}, dtype="bfloat16", enable_prefix_caching={prefix_caching}, max_model_len=2048)
 sp = SamplingParams(max_tokens={max_tokens}, temperature=0.0, ignore_eos=True)
 llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[:2]], SamplingParams(max_tokens=4), use_tqdm=False)
 llm.reset_prefix_cache()
@@ -75,7 +75,8 @@ wall = time.perf_counter() - t
 n = sum(len(o.outputs[0].token_ids) for o in outs)
 print("RESULT" + json.dumps(dict(wall_s=wall, output_tokens=n, output_tok_s=n / wall)))
 """
-    proc = subprocess.run([python, "-c", script], input=json.dumps(prompts), capture_output=True, text=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    proc = subprocess.run([python, "-c", script], input=json.dumps(prompts), capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT"):
             return json.loads(line[6:])

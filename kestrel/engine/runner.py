@@ -41,7 +41,7 @@ class ModelRunner:
             pos = seq.num_computed
             sample_at.append(len(ids))
             sample_seqs.append(seq)
-            ids.append(seq.all_ids[pos])
+            ids.append(seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1])  # the one pending token
             positions.append(pos)
             token_rows.append(seq.row)
         num_decode = len(ids)

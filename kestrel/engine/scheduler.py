@@ -71,7 +71,16 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
+        """The next step's batch, with its KV slots already assigned in the req-to-token table."""
         self.new_token_ratio = max(BASE_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        while True:
+            batch = self._schedule_once()
+            # Running prefills that all stalled on memory would wait for each other forever: retract one.
+            if not batch.empty or len(self.running) <= 1:
+                return batch
+            self.retract(self.running[-1])
+
+    def _schedule_once(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         # 1. every decoding sequence needs one slot; retract until they all fit
         while True:
