@@ -84,6 +84,17 @@ print("RESULT" + json.dumps(dict(wall_s=wall, output_tokens=n, output_tok_s=n / 
     return None
 
 
+def versus_vllm(section: dict, rows: list, python: str, prompts, max_tokens, prefix_caching, model_dir, ours) -> None:
+    """Run the peer on the same prompts; the ratio is Kestrel's throughput over vLLM's (same tokens)."""
+    v = vllm_run(python, prompts, max_tokens, prefix_caching, model_dir)
+    if v:
+        section["vllm"] = v
+        section["ratio_vs_vllm"] = ours["output_tok_s"] / v["output_tok_s"]
+        label = "vLLM" + (" + prefix caching" if prefix_caching else "")
+        rows.append(("", "", f"{label} {v['output_tok_s']:.0f} tok/s ({v['wall_s']:.1f}s)",
+                     f"{section['ratio_vs_vllm']:.2f}x"))
+
+
 def decode1(max_tokens: int = 128) -> dict:
     engine = Engine()
     prompt = random_batch(engine.tokenizer, 1, 200)[0]
@@ -135,11 +146,7 @@ def main() -> None:
         rows.append(("batch 32x200->128", f"kestrel {k['output_tok_s']:.0f} tok/s", f"HF {h['output_tok_s']:.0f} tok/s",
                      f"{k['output_tok_s'] / h['output_tok_s']:.2f}x"))
         if args.vllm_python:
-            v = vllm_run(args.vllm_python, prompts, 128, False, model_dir)
-            if v:
-                results["batch"]["vllm"] = v
-                results["batch"]["ratio_vs_vllm"] = k["output_tok_s"] / v["output_tok_s"]
-                rows.append(("", "", f"vLLM {v['output_tok_s']:.0f} tok/s", f"{k['output_tok_s'] / v['output_tok_s']:.2f}x"))
+            versus_vllm(results["batch"], rows, args.vllm_python, prompts, 128, False, model_dir, k)
     if "shared" in sections:
         prompts = shared_prefix_batch(tok, 32, 1000, 40)
         on = kestrel_run(prompts, 64)
@@ -148,11 +155,7 @@ def main() -> None:
         rows.append(("shared-prefix 32x(1000+40)->64", f"radix on {on['wall_s']:.1f}s (hit {on['hit_rate']:.0%})",
                      f"off {off['wall_s']:.1f}s", f"{off['wall_s'] / on['wall_s']:.2f}x"))
         if args.vllm_python:
-            v = vllm_run(args.vllm_python, prompts, 64, True, model_dir)
-            if v:
-                results["shared"]["vllm"] = v
-                results["shared"]["ratio_vs_vllm"] = v["wall_s"] / on["wall_s"]
-                rows.append(("", "", f"vLLM+prefix cache {v['wall_s']:.1f}s", f"{v['wall_s'] / on['wall_s']:.2f}x"))
+            versus_vllm(results["shared"], rows, args.vllm_python, prompts, 64, True, model_dir, on)
     if "decode1" in sections:
         d = decode1()
         results["decode1"] = d

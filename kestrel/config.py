@@ -15,7 +15,7 @@ class EngineConfig:
     model: Optional[str] = field(default=None, metadata={"help": "HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)"})
     dtype: str = field(default="auto", metadata={"help": "bfloat16 | float32 | float16 | auto (bfloat16 on CPU)"})
     device: str = field(default="auto", metadata={"help": "cpu | cuda | auto"})
-    max_total_tokens: Optional[int] = field(default=None, metadata={"help": "KV-cache pool size in tokens (default: from --mem-fraction-budget)"})
+    max_total_tokens: Optional[int] = field(default=None, metadata={"help": "KV-cache pool size in tokens (default: from --kv-cache-memory-gb)"})
     kv_cache_memory_gb: float = field(default=1.0, metadata={"help": "KV-cache memory budget in GiB when --max-total-tokens is not given"})
     max_running_requests: int = field(default=64, metadata={"help": "most requests decoding at once"})
     chunked_prefill_size: int = field(default=1024, metadata={"help": "prefill tokens per step; longer prompts are split into chunks"})
