@@ -1,4 +1,4 @@
-"""`kestrel` command line: generate (more subcommands arrive with their issues)."""
+"""`kestrel` command line: generate, serve."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    from kestrel.server.api import Server, build_app
+    from kestrel.server.engine_process import EngineClient
+
+    config = engine_config_from_args(args)
+    print("kestrel: starting the engine process (loading the model)...", file=sys.stderr, flush=True)
+    client = EngineClient(config)
+    try:
+        server = Server(client, args.served_model_name, args.api_key,
+                        max_queued=config.max_running_requests + args.max_queued_requests)
+        app = build_app(server)
+        url = f"http://{args.host}:{args.port}"
+        print(f"kestrel: serving {args.served_model_name!r} at {url}/v1\n"
+              f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+              f"""-d '{{"model":"{args.served_model_name}","messages":[{{"role":"user","content":"Hi"}}]}}'""",
+              file=sys.stderr, flush=True)
+        http = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                             timeout_graceful_shutdown=30))
+
+        def stop(*_):  # stop accepting, let in-flight requests finish, then exit 0 (uvicorn would re-raise)
+            http.should_exit = True
+
+        http.capture_signals = contextlib.nullcontext
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        http.run()
+    finally:
+        client.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kestrel", description="Kestrel LLM serving system")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,10 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--raw", action="store_true", help="send prompts as plain text, without the chat template")
     add_engine_args(gen)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=30000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--served-model-name", default="default", help="the model id clients send")
+    serve.add_argument("--max-queued-requests", type=int, default=256,
+                       help="requests beyond the running batch that may wait; more get 503")
+    serve.add_argument("--log-level", default="warning")
+    add_engine_args(serve)
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

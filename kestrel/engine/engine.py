@@ -27,12 +27,16 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 @dataclass
 class StreamDelta:
-    """An increment of one streamed completion."""
+    """An increment of one completion since the previous delta."""
 
+    request_id: str
+    index: int
     text: str
     token_ids: list[int]
+    logprobs: list
     finished: bool
     finish_reason: Optional[str]
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -249,6 +253,21 @@ class Engine:
             conversations = [conversations]
         return self.generate([self.apply_chat_template(c) for c in conversations], sampling_params, use_tqdm)
 
+    def take_deltas(self, request_ids) -> list[StreamDelta]:
+        """What each completion of these requests produced since the last call (for streaming)."""
+        out = []
+        for rid in request_ids:
+            for seq in self._requests.get(rid, ()):
+                visible = self.output.visible_text(seq)
+                sent_text, sent_ids = seq.sent
+                if len(visible) > sent_text or len(seq.output_ids) > sent_ids or (seq.finished and not seq.sent_final):
+                    out.append(StreamDelta(rid, seq.index, visible[sent_text:], seq.output_ids[sent_ids:],
+                                           seq.logprobs[sent_ids:] if seq.params.logprobs is not None else [],
+                                           seq.finished, seq.finish_reason, seq.cached_tokens))
+                    seq.sent = (len(visible), len(seq.output_ids))
+                    seq.sent_final = seq.finished
+        return out
+
     def stream(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None) -> Iterator[StreamDelta]:
         """Yield text increments of one completion as they are generated (n must be 1)."""
         params = sampling_params or SamplingParams()
@@ -256,18 +275,11 @@ class Engine:
             raise ValueError("stream() returns one completion; use n=1")
         rid = self.add_request(prompt, params)
         seq = self._requests[rid][0]
-        sent_text, sent_ids = 0, 0
         try:
-            while True:
+            while not seq.sent_final:
                 if not seq.finished:
                     self.step()
-                visible = self.output.visible_text(seq)
-                if len(visible) > sent_text or len(seq.output_ids) > sent_ids or seq.finished:
-                    delta = StreamDelta(visible[sent_text:], seq.output_ids[sent_ids:], seq.finished, seq.finish_reason)
-                    sent_text, sent_ids = len(visible), len(seq.output_ids)
-                    yield delta
-                if seq.finished:
-                    break
+                yield from self.take_deltas([rid])
         finally:
             if not seq.finished:
                 self.abort(rid)

@@ -1,0 +1,373 @@
+"""The OpenAI-compatible API process: validation, tokenization, chat templates, SSE streaming."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kestrel.engine.sampling_params import SamplingParams
+from kestrel.server.engine_process import EngineClient
+from kestrel.server.metrics import Metrics
+from kestrel.server.protocol import (AbortRequest, APIError, ChatCompletionRequest, CompletionRequest,
+                                     DetokenizeRequest, GenerateRequest, TokenizeRequest)
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class Choice:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: Optional[str] = None
+
+
+@dataclass
+class Result:
+    choices: list[Choice]
+    prompt_tokens: int
+    cached_tokens: int = 0
+
+
+class Server:
+    def __init__(self, client: EngineClient, served_model_name: str, api_key: Optional[str], max_queued: int):
+        from kestrel.model.loader import load_tokenizer
+
+        self.client = client
+        self.tokenizer = load_tokenizer(client.info["model_dir"])
+        self.model_name = served_model_name
+        self.api_key = api_key
+        self.max_inflight = max_queued
+        self.inflight = 0
+        self.metrics = Metrics()
+        client.add_listener(lambda deltas, load: self.metrics.on_engine_load(load))
+        self.created = int(time.time())
+
+    # ---- shared steps -------------------------------------------------------------------
+    def check_model(self, model: str) -> None:
+        if model not in (self.model_name, "default"):
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                           "model", code="model_not_found")
+
+    def prompt_ids(self, prompt, param: str) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt).input_ids
+        else:
+            ids = list(prompt)
+            vocab = self.client.info["vocab_size"]
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"token ids must be in [0, {vocab})", param)
+        if not ids:
+            raise APIError(400, "the prompt is empty", param)
+        return ids
+
+    def limits(self, n_prompt: int, max_tokens: Optional[int], param: str) -> int:
+        """The max_tokens to use, or a 400 when the request cannot fit the context or the KV pool."""
+        limit = min(self.client.info["context_length"], self.client.info["max_total_tokens"])
+        if max_tokens is None:
+            max_tokens = limit - n_prompt
+            if max_tokens < 1:
+                raise APIError(400, f"the prompt has {n_prompt} tokens; this model's context length is {limit}", param)
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise APIError(400, f"max_tokens must be an integer >= 1, got {max_tokens}", "max_tokens")
+        if n_prompt + max_tokens > limit:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens; the request has {n_prompt} "
+                                f"prompt tokens and asks for {max_tokens} more", "max_tokens",
+                           code="context_length_exceeded")
+        return max_tokens
+
+    def validate(self, params: SamplingParams) -> None:
+        try:
+            params.validate(self.client.info["vocab_size"])
+        except ValueError as e:
+            raise APIError(400, str(e), str(e).split(" ")[0]) from None
+
+    def admit(self) -> None:
+        if self.inflight >= self.max_inflight:
+            raise APIError(503, "the server is over its queue limit; retry shortly", kind="service_unavailable",
+                           headers={"Retry-After": "1"})
+
+    async def run(self, ids: list[int], params: SamplingParams, rid: str) -> AsyncIterator:
+        """Submit to the engine; yields StreamDelta objects until all n completions have finished.
+        `rid` is the response id the client sees, so POST /abort can name it."""
+        self.admit()
+        self.inflight += 1
+        start = time.monotonic()
+        first: Optional[float] = None
+        done: set[int] = set()
+        out_tokens = 0
+        cached, reason = 0, None
+        q = self.client.submit(rid, ids, params)
+        try:
+            while len(done) < params.n:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    raise APIError(400, str(item), str(item).split(" ")[0])
+                if first is None and item.token_ids:
+                    first = time.monotonic() - start
+                out_tokens += len(item.token_ids)
+                cached = item.cached_tokens
+                if item.finished:
+                    done.add(item.index)
+                    reason = item.finish_reason
+                yield rid, item
+        finally:
+            self.inflight -= 1
+            self.client.release(rid, abort=len(done) < params.n)
+            if len(done) == params.n:
+                self.metrics.on_request_done(len(ids), cached, out_tokens, first, time.monotonic() - start, reason)
+
+    async def collect(self, ids: list[int], params: SamplingParams, rid: str) -> Result:
+        result = Result([Choice() for _ in range(params.n)], len(ids))
+        async for _, d in self.run(ids, params, rid):
+            c = result.choices[d.index]
+            c.text += d.text
+            c.token_ids += d.token_ids
+            c.logprobs += d.logprobs
+            c.finish_reason = d.finish_reason or c.finish_reason
+            result.cached_tokens = d.cached_tokens
+        return result
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def token_str(self, token_id: int) -> str:
+        return self.tokenizer.convert_ids_to_tokens(token_id) or ""
+
+    def chat_logprobs(self, lps: list) -> dict:
+        def entry(tid, lp):
+            tok = self.tokenizer.decode([tid])
+            return {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8"))}
+        return {"content": [dict(entry(x.token_id, x.logprob),
+                                 top_logprobs=[entry(t, v) for t, v in x.top.items()]) for x in lps]}
+
+    def completion_logprobs(self, lps: list) -> dict:
+        tokens = [self.tokenizer.decode([x.token_id]) for x in lps]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
+                "top_logprobs": [{self.tokenizer.decode([t]): v for t, v in x.top.items()} for x in lps],
+                "text_offset": offsets}
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def build_app(server: Server) -> FastAPI:
+    app = FastAPI(title="Kestrel", version="0.1.0")
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = loc[0] if loc else None
+        msg = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid request')}"
+        if err.get("type") == "json_invalid":
+            msg, param = "the request body is not valid JSON", None
+        return JSONResponse(APIError(400, msg, param).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, e: Exception):
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}").body(), status_code=500)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if server.api_key and request.url.path.startswith("/v1"):
+            if request.headers.get("authorization", "") != f"Bearer {server.api_key}":
+                return JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer ...)").body(),
+                                    status_code=401)
+        if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
+            # `curl -d '{...}'` sends form encoding; every body here is JSON, so read it as JSON
+            request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + [
+                (b"content-type", b"application/json")]
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return JSONResponse(APIError(413, f"request body over {MAX_BODY_BYTES} bytes").body(), status_code=413)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if not server.client.alive:
+            return JSONResponse({"status": "engine down"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
+                                            "owned_by": "kestrel",
+                                            "max_model_len": server.client.info["context_length"]}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(server.metrics.registry).decode(),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest):
+        server.check_model(req.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        ids = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
+        max_tokens = server.limits(len(ids), req.max_completion_tokens or req.max_tokens, "messages")
+        params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        server.validate(params)
+        created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        head = {"id": cid, "created": created, "model": server.model_name}
+        if req.stream:
+            return StreamingResponse(chat_stream(req, ids, params, head), media_type="text/event-stream")
+        r = await server.collect(ids, params, cid)
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": server.chat_logprobs(c.logprobs) if req.logprobs else None,
+                    "finish_reason": c.finish_reason} for i, c in enumerate(r.choices)]
+        n_out = sum(len(c.token_ids) for c in r.choices)
+        return dict(head, object="chat.completion", choices=choices,
+                    usage=server.usage(r.prompt_tokens, n_out, r.cached_tokens))
+
+    async def chat_stream(req, ids, params, head) -> AsyncIterator[str]:
+        chunk = dict(head, object="chat.completion.chunk")
+        n_out, cached = 0, 0
+        try:
+            for i in range(params.n):
+                yield sse(dict(chunk, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]))
+            async for _, d in server.run(ids, params, head["id"]):
+                n_out += len(d.token_ids)
+                cached = d.cached_tokens
+                if d.text or d.logprobs:
+                    yield sse(dict(chunk, choices=[{"index": d.index, "delta": {"content": d.text},
+                                                    "logprobs": server.chat_logprobs(d.logprobs) if req.logprobs else None,
+                                                    "finish_reason": None}]))
+                if d.finished:
+                    yield sse(dict(chunk, choices=[{"index": d.index, "delta": {}, "logprobs": None,
+                                                    "finish_reason": d.finish_reason}]))
+            if req.stream_options and req.stream_options.include_usage:
+                yield sse(dict(chunk, choices=[], usage=server.usage(len(ids), n_out, cached)))
+        except APIError as e:
+            yield sse(e.body())
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        server.check_model(req.model)
+        prompts = req.prompt
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise APIError(400, "the prompt is empty", "prompt")
+        if req.stream and len(prompts) > 1:
+            raise APIError(400, "streaming supports a single prompt", "prompt")
+        all_ids = [server.prompt_ids(p, "prompt") for p in prompts]
+        jobs = []
+        for ids in all_ids:
+            max_tokens = server.limits(len(ids), req.max_tokens, "prompt")
+            params = req.sampling_params(max_tokens, req.logprobs)
+            server.validate(params)
+            jobs.append((ids, params))
+        created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+        head = {"id": cid, "created": created, "model": server.model_name}
+        if req.stream:
+            return StreamingResponse(completion_stream(req, *jobs[0], head), media_type="text/event-stream")
+        results = await asyncio.gather(*(server.collect(ids, p, f"{cid}-{i}" if i else cid)
+                                         for i, (ids, p) in enumerate(jobs)))
+        choices, n_prompt, n_out, cached = [], 0, 0, 0
+        for ids, r in zip(all_ids, results):
+            prefix = server.tokenizer.decode(ids) if req.echo else ""
+            for c in r.choices:
+                choices.append({"index": len(choices), "text": prefix + c.text, "finish_reason": c.finish_reason,
+                                "logprobs": server.completion_logprobs(c.logprobs) if req.logprobs is not None else None})
+                n_out += len(c.token_ids)
+            n_prompt += r.prompt_tokens
+            cached += r.cached_tokens
+        return dict(head, object="text_completion", choices=choices, usage=server.usage(n_prompt, n_out, cached))
+
+    async def completion_stream(req, ids, params, head) -> AsyncIterator[str]:
+        chunk = dict(head, object="text_completion")
+        n_out, cached = 0, 0
+        try:
+            if req.echo:
+                for i in range(params.n):
+                    yield sse(dict(chunk, choices=[{"index": i, "text": server.tokenizer.decode(ids),
+                                                    "logprobs": None, "finish_reason": None}]))
+            async for _, d in server.run(ids, params, head["id"]):
+                n_out += len(d.token_ids)
+                cached = d.cached_tokens
+                if d.text or d.finished:
+                    yield sse(dict(chunk, choices=[{"index": d.index, "text": d.text, "finish_reason": d.finish_reason,
+                                                    "logprobs": server.completion_logprobs(d.logprobs)
+                                                    if req.logprobs is not None else None}]))
+            if req.stream_options and req.stream_options.include_usage:
+                yield sse(dict(chunk, choices=[], usage=server.usage(len(ids), n_out, cached)))
+        except APIError as e:
+            yield sse(e.body())
+        yield "data: [DONE]\n\n"
+
+    @app.post("/generate")
+    async def generate(req: GenerateRequest):
+        if (req.text is None) == (req.input_ids is None):
+            raise APIError(400, "give exactly one of text or input_ids", "text")
+        ids = server.prompt_ids(req.text if req.text is not None else req.input_ids,
+                                "text" if req.text is not None else "input_ids")
+        sp = dict(req.sampling_params)
+        if "max_new_tokens" in sp:
+            sp["max_tokens"] = sp.pop("max_new_tokens")
+        try:
+            params = SamplingParams(**sp)
+        except TypeError as e:
+            raise APIError(400, f"sampling_params: {e}", "sampling_params") from None
+        params.max_tokens = server.limits(len(ids), params.max_tokens, "text")
+        server.validate(params)
+        r = await server.collect(ids, params, f"gen-{uuid.uuid4().hex}")
+        outs = [{"text": c.text, "output_ids": c.token_ids,
+                 "meta_info": {"prompt_tokens": r.prompt_tokens, "completion_tokens": len(c.token_ids),
+                               "cached_tokens": r.cached_tokens, "finish_reason": c.finish_reason}}
+                for c in r.choices]
+        return outs[0] if params.n == 1 else outs
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        if req.messages is not None:
+            ids = server.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages],
+                                                       add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        elif req.prompt is not None:
+            ids = server.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+        else:
+            raise APIError(400, "give prompt or messages", "prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.client.info["context_length"]}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        vocab = server.client.info["vocab_size"]
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", "tokens")
+        return {"prompt": server.tokenizer.decode(req.tokens)}
+
+    @app.post("/abort")
+    async def abort(req: AbortRequest):
+        server.client.release(req.request_id, abort=True)
+        return {"aborted": req.request_id}
+
+    return app

@@ -1,0 +1,121 @@
+"""The OpenAI-compatible server, driven by the real `openai` client over real HTTP."""
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.server_utils import ServerProcess
+
+MSG = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerProcess("--max-total-tokens", "16384")
+    yield srv
+    assert srv.stop() == 0, "SIGTERM should shut the server down cleanly"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+
+
+def test_models(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["default"]
+
+
+def test_chat_and_stream_agree(client):
+    full = client.chat.completions.create(model="default", messages=MSG, max_tokens=24, temperature=0)
+    text = full.choices[0].message.content
+    assert text and full.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.chat.completions.create(model="default", messages=MSG, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [full.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_usage_counts_match_tokenizer(server, client):
+    r = client.chat.completions.create(model="default", messages=MSG, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    count = httpx.post(server.url + "/tokenize", json={"messages": MSG}).json()["count"]
+    assert r.usage.prompt_tokens == count and r.usage.completion_tokens == 5
+    assert r.usage.total_tokens == count + 5
+
+
+def test_completions_forms(client):
+    one = client.completions.create(model="default", prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert one.choices[0].text
+    many = client.completions.create(model="default", prompt=["Hello", "The capital of France is"], max_tokens=6,
+                                     temperature=0)
+    assert len(many.choices) == 2 and many.choices[1].text == one.choices[0].text
+    ids = client.completions.create(model="default", prompt=[504, 3575, 282, 4649, 314], max_tokens=3, temperature=0)
+    assert ids.usage.prompt_tokens == 5
+    echo = client.completions.create(model="default", prompt="The capital of France is", max_tokens=6, temperature=0,
+                                     echo=True)
+    assert echo.choices[0].text == "The capital of France is" + one.choices[0].text
+
+
+def test_n_and_seed(client):
+    kw = dict(model="default", messages=MSG, max_tokens=16, temperature=1.0, seed=42)
+    a = client.chat.completions.create(n=2, **kw)
+    b = client.chat.completions.create(n=2, **kw)
+    assert len(a.choices) == 2
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.choices[0].message.content != a.choices[1].message.content
+
+
+def test_stop(client):
+    base = client.completions.create(model="default", prompt="Count: 1, 2, 3,", max_tokens=16, temperature=0)
+    text = base.choices[0].text
+    stop = text[4:7]
+    cut = client.completions.create(model="default", prompt="Count: 1, 2, 3,", max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_logprobs(client):
+    r = client.chat.completions.create(model="default", messages=MSG, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)
+    c = client.completions.create(model="default", prompt="Hello", max_tokens=3, temperature=0, logprobs=2)
+    assert len(c.choices[0].logprobs.token_logprobs) == 3
+
+
+def test_native_generate_tokenize_detokenize(server):
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}).json()["tokens"]
+    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"] == "Hello world"
+    r = httpx.post(server.url + "/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 4,
+                                                                                         "temperature": 0}}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["output_ids"]) <= 4
+
+
+def test_disconnect_aborts_and_frees_kv(server):
+    body = {"model": "default", "messages": MSG, "max_tokens": 2000, "stream": True,
+            "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        seen = 0
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                seen += 1
+            if seen >= 5:
+                break
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if server.metric("kestrel:num_requests_running") == 0 and server.metric("kestrel:kv_cache_usage_perc") == 0:
+            break
+        time.sleep(0.2)
+    assert server.metric("kestrel:num_requests_running") == 0
+    assert server.metric("kestrel:kv_cache_usage_perc") == 0.0
+    assert server.metric("kestrel:generation_tokens_total") > 0
