@@ -1,4 +1,4 @@
-"""`kestrel` command line: generate, serve."""
+"""`kestrel` command line: generate, serve, bench."""
 from __future__ import annotations
 
 import argparse
@@ -115,12 +115,20 @@ def main(argv: list[str] | None = None) -> int:
                        help="requests beyond the running batch that may wait; more get 503")
     serve.add_argument("--log-level", default="warning")
     add_engine_args(serve)
+    from kestrel.bench.client import add_bench_args
+    bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible server under load")
+    add_bench_args(bench)
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "bench":
+            from kestrel.bench.client import print_summary, run_bench
+            summary = run_bench(args)
+            print_summary(summary)
+            return 0 if summary["completed"] else 1
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -119,3 +119,22 @@ def test_disconnect_aborts_and_frees_kv(server):
     assert server.metric("kestrel:num_requests_running") == 0
     assert server.metric("kestrel:kv_cache_usage_perc") == 0.0
     assert server.metric("kestrel:generation_tokens_total") > 0
+
+
+@pytest.mark.parametrize("workload", ["random", "shared-prefix", "multi-turn"])
+def test_bench_against_the_server(server, tmp_path, workload):
+    import json
+    import subprocess
+    import sys
+    out, png = tmp_path / "r.json", tmp_path / "p.png"
+    proc = subprocess.run([sys.executable, "-m", "kestrel.cli", "bench", "--base-url", server.url, "--workload", workload,
+                           "--num-requests", "6", "--request-rate", "20", "--input-len", "40", "--output-len", "8",
+                           "--system-prompt-len", "100", "--num-groups", "2", "--turns", "2", "--slo-ttft", "60",
+                           "--output", str(out), "--plot", str(png)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["failed"] == 0 and result["completed"] == 6
+    assert all(r["output_tokens"] == 8 for r in result["requests_detail"])
+    assert result["ttft"]["p50_ms"] > 0 and result["e2e_latency"]["p99_ms"] >= result["e2e_latency"]["p50_ms"]
+    assert result["goodput"] > 0 and png.stat().st_size > 1000
+    assert "output tok/s" in proc.stdout

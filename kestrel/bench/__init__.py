@@ -1,0 +1,1 @@
+"""Serving benchmark client: workloads, load generation, latency statistics."""
