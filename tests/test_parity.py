@@ -97,3 +97,25 @@ def test_shared_prefix_decode_matches_hf(embedded_dir, tokenizer):
     outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0))
     assert [o.token_ids for o in outs] == ref
     assert engine.runner.shared_prefix_steps > 0, "the cascade path was meant to run"
+
+
+def test_prompt_logprobs_match_hf(tiny_llama_dir):
+    """Logprobs of given prompt tokens (what `select` scores continuations with), also after a cached prefix."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    prompt = _random_prompts(1, seed=3)[0] + list(range(100, 140))
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0, :-1].float(), -1)
+    expected = ref.gather(1, torch.tensor(prompt[1:]).view(-1, 1)).view(-1).tolist()
+    engine = Engine(tiny_llama_dir, dtype="float32", chunked_prefill_size=16)
+    out = engine.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=2))[0]
+    assert out.prompt_logprobs[0] is None
+    assert [x.logprob for x in out.prompt_logprobs[1:]] == pytest.approx(expected, abs=1e-4)
+    assert all(len(x.top) == 2 for x in out.prompt_logprobs[1:])
+    # the prefix is cached now; asking from position 30 on still computes what is needed
+    start = 30
+    again = engine.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0, logprob_start_len=start))[0]
+    assert again.cached_tokens == start - 1
+    assert all(x is None for x in again.prompt_logprobs[:start])
+    assert [x.logprob for x in again.prompt_logprobs[start:]] == pytest.approx(expected[start - 1:], abs=1e-4)

@@ -138,3 +138,16 @@ def test_bench_against_the_server(server, tmp_path, workload):
     assert result["ttft"]["p50_ms"] > 0 and result["e2e_latency"]["p99_ms"] >= result["e2e_latency"]["p50_ms"]
     assert result["goodput"] > 0 and png.stat().st_size > 1000
     assert "output tok/s" in proc.stdout
+
+
+def test_generate_logprobs_of_a_given_continuation(server):
+    prefix = httpx.post(server.url + "/tokenize", json={"prompt": "The capital of France is"}).json()["tokens"]
+    cont = httpx.post(server.url + "/tokenize", json={"prompt": " Paris"}).json()["tokens"]
+    r = httpx.post(server.url + "/generate", json={"input_ids": prefix + cont, "return_logprob": True,
+                                                   "logprob_start_len": len(prefix),
+                                                   "sampling_params": {"max_new_tokens": 1, "temperature": 0}},
+                   timeout=60).json()
+    lps = r["meta_info"]["input_token_logprobs"]
+    assert [x[1] for x in lps] == cont and all(x[0] <= 0 for x in lps)
+    assert len(r["meta_info"]["output_token_logprobs"]) == 1
+    assert "kestrel:request_queue_time_seconds_count" in httpx.get(server.url + "/metrics").text

@@ -13,7 +13,7 @@ from kestrel.cache.radix_cache import RadixCache
 from kestrel.config import EngineConfig
 from kestrel.engine.output_processor import OutputProcessor
 from kestrel.engine.policy import make_policy
-from kestrel.engine.request import CompletionOutput, RequestOutput, Sequence, Status
+from kestrel.engine.request import CompletionOutput, RequestOutput, Sequence, Status, TokenLogprob
 from kestrel.engine.runner import ModelRunner
 from kestrel.engine.sampler import Sampler
 from kestrel.engine.sampling_params import SamplingParams
@@ -37,6 +37,8 @@ class StreamDelta:
     finished: bool
     finish_reason: Optional[str]
     cached_tokens: int = 0
+    prompt_logprobs: Optional[list] = None  # on the final delta of a request that asked for them
+    queue_time: Optional[float] = None  # on the final delta
 
 
 @dataclass
@@ -158,6 +160,8 @@ class Engine:
         self.stats.forward_time += time.perf_counter() - t1
         self.scheduler.advance(batch)
         self.scheduler.cache_prefilled(batch)
+        if self.runner.prompt_logprob_rows is not None:
+            self._record_prompt_logprobs(*self.runner.prompt_logprob_rows)
         touched = {s.request_id for s, _ in batch.prefill}
         if seqs:
             tokens, logprobs = self.sampler(logits, seqs)
@@ -172,6 +176,18 @@ class Engine:
         self.stats.steps += 1
         self.stats.step_time += time.perf_counter() - t0
         return touched
+
+    @staticmethod
+    def _record_prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> None:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        targets = torch.tensor([seq.prompt_ids[pos] for seq, pos in rows], device=logits.device)
+        chosen = logprobs.gather(1, targets.view(-1, 1)).view(-1).tolist()
+        k = max(1, max(seq.params.prompt_logprobs for seq, _ in rows))
+        top_vals, top_ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
+        for i, (seq, pos) in enumerate(rows):
+            n = seq.params.prompt_logprobs
+            seq.prompt_logprobs[pos] = TokenLogprob(seq.prompt_ids[pos], chosen[i],
+                                                    dict(zip(top_ids[i][:n], top_vals[i][:n])))
 
     def _release_siblings(self, leader: Sequence) -> None:
         self.scheduler.share_prompt(leader)
@@ -206,7 +222,8 @@ class Engine:
         ttft = lead.first_token_time - lead.arrival_time if lead.first_token_time else None
         end = max((s.finish_time or 0.0) for s in seqs)
         out = RequestOutput(request_id, lead.prompt_ids, outs, lead.cached_tokens, finished, ttft,
-                            end - lead.arrival_time if finished and end else None)
+                            end - lead.arrival_time if finished and end else None, lead.prompt_logprob_list(),
+                            lead.first_admit_time - lead.arrival_time if lead.first_admit_time else None)
         if pop:
             self.stats.cached_tokens += lead.cached_tokens
         return out
@@ -263,7 +280,10 @@ class Engine:
                 if len(visible) > sent_text or len(seq.output_ids) > sent_ids or (seq.finished and not seq.sent_final):
                     out.append(StreamDelta(rid, seq.index, visible[sent_text:], seq.output_ids[sent_ids:],
                                            seq.logprobs[sent_ids:] if seq.params.logprobs is not None else [],
-                                           seq.finished, seq.finish_reason, seq.cached_tokens))
+                                           seq.finished, seq.finish_reason, seq.cached_tokens,
+                                           seq.prompt_logprob_list() if seq.finished else None,
+                                           seq.first_admit_time - seq.arrival_time
+                                           if seq.finished and seq.first_admit_time else None))
                     seq.sent = (len(visible), len(seq.output_ids))
                     seq.sent_final = seq.finished
         return out

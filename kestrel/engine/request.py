@@ -48,6 +48,8 @@ class Sequence:
     text: str = ""
     finish_reason: Optional[str] = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # prompt position -> logprob
+    first_admit_time: Optional[float] = None
     first_token_time: Optional[float] = None
     finish_time: Optional[float] = None
     detok: object = None  # incremental detokenizer
@@ -71,6 +73,16 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def prompt_logprob_start(self) -> int:
+        """First prompt position whose logprob is wanted (position 0 has none)."""
+        return max(1, self.params.logprob_start_len)
+
+    def prompt_logprob_list(self) -> Optional[list[Optional[TokenLogprob]]]:
+        if self.params.prompt_logprobs is None:
+            return None
+        return [self.prompt_logprobs.get(i) for i in range(len(self.prompt_ids))]
 
 
 @dataclass
@@ -97,6 +109,8 @@ class RequestOutput:
     finished: bool
     time_to_first_token: Optional[float] = None  # seconds from arrival
     latency: Optional[float] = None
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # per prompt token (None where not computed)
+    queue_time: Optional[float] = None  # seconds from arrival to first admission
 
     @property
     def text(self) -> str:

@@ -28,6 +28,7 @@ class ModelRunner:
         self.table = table
         self.device = device
         self.shared_prefix_steps = 0  # decode steps that used cascade attention over a shared prefix
+        self.prompt_logprob_rows = None  # (logits, [(seq, prompt position)]) of the last forward
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
@@ -37,6 +38,8 @@ class ModelRunner:
         token_rows: list[int] = []
         sample_at: list[int] = []
         sample_seqs: list[Sequence] = []
+        prompt_lp_at: list[int] = []  # rows whose logits score a prompt token (prompt_logprobs)
+        prompt_lp_for: list[tuple[Sequence, int]] = []
         for seq in batch.decode:
             pos = seq.num_computed
             sample_at.append(len(ids))
@@ -54,6 +57,11 @@ class ModelRunner:
             positions.extend(range(start, end))
             token_rows.extend([seq.row] * chunk)
             multi.append(MultiTokenRow(first, first + chunk, table[seq.row, :end]))
+            if seq.params.prompt_logprobs is not None:
+                # position p's logits score prompt token p + 1
+                for pos in range(max(start, seq.prompt_logprob_start - 1), min(end, len(seq.prompt_ids) - 1)):
+                    prompt_lp_at.append(first + pos - start)
+                    prompt_lp_for.append((seq, pos + 1))
             if end == seq.total_len:  # the chunk reaches the end: its last logits give the next token
                 sample_at.append(first + chunk - 1)
                 sample_seqs.append(seq)
@@ -74,6 +82,10 @@ class ModelRunner:
                 mask = torch.arange(max_len, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
                 meta.decode_mask = mask.view(num_decode, 1, 1, max_len)
         hidden = self.model(ids_t, pos_t, meta, self.pool.caches)
+        self.prompt_logprob_rows = None
+        if prompt_lp_for:
+            lp_logits = self.model.logits(hidden[torch.tensor(prompt_lp_at, device=dev)])
+            self.prompt_logprob_rows = (lp_logits, prompt_lp_for)
         if not sample_at:
             return hidden.new_empty(0, 0), []
         rows = hidden if len(sample_at) == len(ids) else hidden[torch.tensor(sample_at, device=dev)]

@@ -22,6 +22,8 @@ class SamplingParams:
     n: int = 1
     logprobs: Optional[int] = None  # number of top alternatives per token (0 = only the sampled token's)
     skip_special_tokens: bool = True
+    prompt_logprobs: Optional[int] = None  # logprobs of the prompt's own tokens (top alternatives per token)
+    logprob_start_len: int = 0  # prompt logprobs from this position on (e.g. where a continuation starts)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -54,6 +56,11 @@ class SamplingParams:
             bad("n", "must be an integer in [1, 128]")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad("logprobs", "must be an integer in [0, 20]")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            bad("prompt_logprobs", "must be an integer in [0, 20]")
+        if not isinstance(self.logprob_start_len, int) or self.logprob_start_len < 0:
+            bad("logprob_start_len", "must be an integer >= 0")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "must be an integer")
         if any(not isinstance(s, str) or not s for s in self.stop):

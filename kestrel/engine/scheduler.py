@@ -7,6 +7,7 @@ admitted sequence is retracted and later recomputed (its computed tokens stay in
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -126,7 +127,10 @@ class Scheduler:
                 continue
             if len(self.running) >= self.config.max_running_requests or self.table.num_free == 0 or budget <= 0:
                 break
-            prefix, node = self.cache.match_prefix(seq.all_ids[:-1], shared=seq.index > 0)
+            key = seq.all_ids[:-1]
+            if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt_ids) - seq.prompt_logprob_start:
+                key = key[: seq.prompt_logprob_start - 1]  # logits of those positions must be computed, not reused
+            prefix, node = self.cache.match_prefix(key, shared=seq.index > 0)
             self.cache.lock(node)
             pending = seq.total_len - len(prefix)
             chunk = min(pending, budget)
@@ -145,6 +149,7 @@ class Scheduler:
             if not seq.admitted_once:
                 seq.cached_tokens = min(len(prefix), len(seq.prompt_ids))
                 seq.admitted_once = True
+                seq.first_admit_time = time.monotonic()
             self.table.write(seq.row, 0, prefix)
             self.running.append(seq)
             batch.prefill.append((seq, chunk))

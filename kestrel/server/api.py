@@ -36,6 +36,7 @@ class Result:
     choices: list[Choice]
     prompt_tokens: int
     cached_tokens: int = 0
+    prompt_logprobs: Optional[list] = None
 
 
 class Server:
@@ -105,7 +106,7 @@ class Server:
         first: Optional[float] = None
         done: set[int] = set()
         out_tokens = 0
-        cached, reason = 0, None
+        cached, reason, queue_time = 0, None, None
         q = self.client.submit(rid, ids, params)
         try:
             while len(done) < params.n:
@@ -119,12 +120,14 @@ class Server:
                 if item.finished:
                     done.add(item.index)
                     reason = item.finish_reason
+                    queue_time = item.queue_time if item.queue_time is not None else queue_time
                 yield rid, item
         finally:
             self.inflight -= 1
             self.client.release(rid, abort=len(done) < params.n)
             if len(done) == params.n:
-                self.metrics.on_request_done(len(ids), cached, out_tokens, first, time.monotonic() - start, reason)
+                self.metrics.on_request_done(len(ids), cached, out_tokens, first, time.monotonic() - start, reason,
+                                             queue_time)
 
     async def collect(self, ids: list[int], params: SamplingParams, rid: str) -> Result:
         result = Result([Choice() for _ in range(params.n)], len(ids))
@@ -135,6 +138,8 @@ class Server:
             c.logprobs += d.logprobs
             c.finish_reason = d.finish_reason or c.finish_reason
             result.cached_tokens = d.cached_tokens
+            if d.prompt_logprobs is not None:
+                result.prompt_logprobs = d.prompt_logprobs
         return result
 
     def usage(self, prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
@@ -246,28 +251,19 @@ def build_app(server: Server) -> FastAPI:
         return dict(head, object="chat.completion", choices=choices,
                     usage=server.usage(r.prompt_tokens, n_out, r.cached_tokens))
 
-    async def chat_stream(req, ids, params, head) -> AsyncIterator[str]:
-        chunk = dict(head, object="chat.completion.chunk")
-        n_out, cached = 0, 0
-        try:
-            for i in range(params.n):
-                yield sse(dict(chunk, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]))
-            async for _, d in server.run(ids, params, head["id"]):
-                n_out += len(d.token_ids)
-                cached = d.cached_tokens
-                if d.text or d.logprobs:
-                    yield sse(dict(chunk, choices=[{"index": d.index, "delta": {"content": d.text},
-                                                    "logprobs": server.chat_logprobs(d.logprobs) if req.logprobs else None,
-                                                    "finish_reason": None}]))
-                if d.finished:
-                    yield sse(dict(chunk, choices=[{"index": d.index, "delta": {}, "logprobs": None,
-                                                    "finish_reason": d.finish_reason}]))
-            if req.stream_options and req.stream_options.include_usage:
-                yield sse(dict(chunk, choices=[], usage=server.usage(len(ids), n_out, cached)))
-        except APIError as e:
-            yield sse(e.body())
-        yield "data: [DONE]\n\n"
+    def chat_stream(req, ids, params, head) -> AsyncIterator[str]:
+        def render(d):
+            out = []
+            if d.text or d.logprobs:
+                out.append({"index": d.index, "delta": {"content": d.text}, "finish_reason": None,
+                            "logprobs": server.chat_logprobs(d.logprobs) if req.logprobs else None})
+            if d.finished:
+                out.append({"index": d.index, "delta": {}, "logprobs": None, "finish_reason": d.finish_reason})
+            return out
+
+        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                   for i in range(params.n)]
+        return sse_stream(req, ids, params, dict(head, object="chat.completion.chunk"), opening, render)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -303,21 +299,29 @@ def build_app(server: Server) -> FastAPI:
             cached += r.cached_tokens
         return dict(head, object="text_completion", choices=choices, usage=server.usage(n_prompt, n_out, cached))
 
-    async def completion_stream(req, ids, params, head) -> AsyncIterator[str]:
-        chunk = dict(head, object="text_completion")
+    def completion_stream(req, ids, params, head) -> AsyncIterator[str]:
+        def render(d):
+            if not (d.text or d.finished):
+                return []
+            return [{"index": d.index, "text": d.text, "finish_reason": d.finish_reason,
+                     "logprobs": server.completion_logprobs(d.logprobs) if req.logprobs is not None else None}]
+
+        echo = server.tokenizer.decode(ids) if req.echo else None
+        opening = [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}
+                   for i in range(params.n)] if req.echo else []
+        return sse_stream(req, ids, params, dict(head, object="text_completion"), opening, render)
+
+    async def sse_stream(req, ids, params, chunk: dict, opening: list, render) -> AsyncIterator[str]:
+        """SSE in OpenAI's shape: opening chunks, rendered deltas, optional usage, then [DONE]."""
         n_out, cached = 0, 0
         try:
-            if req.echo:
-                for i in range(params.n):
-                    yield sse(dict(chunk, choices=[{"index": i, "text": server.tokenizer.decode(ids),
-                                                    "logprobs": None, "finish_reason": None}]))
-            async for _, d in server.run(ids, params, head["id"]):
+            for choice in opening:
+                yield sse(dict(chunk, choices=[choice]))
+            async for _, d in server.run(ids, params, chunk["id"]):
                 n_out += len(d.token_ids)
                 cached = d.cached_tokens
-                if d.text or d.finished:
-                    yield sse(dict(chunk, choices=[{"index": d.index, "text": d.text, "finish_reason": d.finish_reason,
-                                                    "logprobs": server.completion_logprobs(d.logprobs)
-                                                    if req.logprobs is not None else None}]))
+                for choice in render(d):
+                    yield sse(dict(chunk, choices=[choice]))
             if req.stream_options and req.stream_options.include_usage:
                 yield sse(dict(chunk, choices=[], usage=server.usage(len(ids), n_out, cached)))
         except APIError as e:
@@ -338,12 +342,23 @@ def build_app(server: Server) -> FastAPI:
         except TypeError as e:
             raise APIError(400, f"sampling_params: {e}", "sampling_params") from None
         params.max_tokens = server.limits(len(ids), params.max_tokens, "text")
+        if req.return_logprob:
+            params.prompt_logprobs = params.logprobs = req.top_logprobs_num
+            params.logprob_start_len = req.logprob_start_len
         server.validate(params)
         r = await server.collect(ids, params, f"gen-{uuid.uuid4().hex}")
-        outs = [{"text": c.text, "output_ids": c.token_ids,
-                 "meta_info": {"prompt_tokens": r.prompt_tokens, "completion_tokens": len(c.token_ids),
-                               "cached_tokens": r.cached_tokens, "finish_reason": c.finish_reason}}
-                for c in r.choices]
+
+        def pairs(lps):  # SGLang's shape: [logprob, token_id, top {token_id: logprob}]
+            return [[x.logprob, x.token_id, {str(t): v for t, v in x.top.items()}] for x in lps if x is not None]
+
+        outs = []
+        for c in r.choices:
+            meta = {"prompt_tokens": r.prompt_tokens, "completion_tokens": len(c.token_ids),
+                    "cached_tokens": r.cached_tokens, "finish_reason": c.finish_reason}
+            if req.return_logprob:
+                meta["input_token_logprobs"] = pairs(r.prompt_logprobs or [])
+                meta["output_token_logprobs"] = pairs(c.logprobs)
+            outs.append({"text": c.text, "output_ids": c.token_ids, "meta_info": meta})
         return outs[0] if params.n == 1 else outs
 
     @app.post("/tokenize")

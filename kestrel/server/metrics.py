@@ -26,6 +26,8 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("kestrel:e2e_request_latency_seconds", "End-to-end request latency",
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("kestrel:request_queue_time_seconds", "Time from arrival to admission",
+                                    buckets=LATENCY_BUCKETS, registry=r)
         self._retractions_seen = 0
 
     def on_engine_load(self, load: dict) -> None:
@@ -39,7 +41,9 @@ class Metrics:
             self._retractions_seen = load["retractions"]
 
     def on_request_done(self, prompt_tokens: int, cached_tokens: int, output_tokens: int, ttft: float | None,
-                        latency: float, reason: str) -> None:
+                        latency: float, reason: str, queue_time: float | None = None) -> None:
+        if queue_time is not None:
+            self.queue_time.observe(queue_time)
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(output_tokens)
         self.prefix_queries.inc(prompt_tokens)

@@ -105,6 +105,9 @@ class GenerateRequest(BaseModel):
     input_ids: Optional[list[int]] = None
     sampling_params: dict[str, Any] = Field(default_factory=dict)
     stream: bool = False
+    return_logprob: bool = False  # logprobs of the prompt from logprob_start_len on, and of the output
+    logprob_start_len: int = 0  # e.g. where a given continuation starts inside the prompt
+    top_logprobs_num: int = 0
 
 
 class TokenizeRequest(BaseModel):
