@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kestrel.engine.sampling_params import SamplingParams
-from kestrel.server.engine_process import EngineClient
+from kestrel.server.engine_process import EngineClient, EngineDead
 from kestrel.server.metrics import Metrics
 from kestrel.server.protocol import (AbortRequest, APIError, ChatCompletionRequest, CompletionRequest,
                                      DetokenizeRequest, GenerateRequest, TokenizeRequest)
@@ -93,6 +93,9 @@ class Server:
             raise APIError(400, str(e), str(e).split(" ")[0]) from None
 
     def admit(self) -> None:
+        if not self.client.alive:
+            raise APIError(503, f"engine unavailable: {self.client.failure or 'the engine process exited'}",
+                           kind="service_unavailable")
         if self.inflight >= self.max_inflight:
             raise APIError(503, "the server is over its queue limit; retry shortly", kind="service_unavailable",
                            headers={"Retry-After": "1"})
@@ -111,6 +114,8 @@ class Server:
         try:
             while len(done) < params.n:
                 item = await q.get()
+                if isinstance(item, EngineDead):
+                    raise APIError(503, f"engine unavailable: {item}", kind="service_unavailable")
                 if isinstance(item, Exception):
                     raise APIError(400, str(item), str(item).split(" ")[0])
                 if first is None and item.token_ids:
@@ -214,8 +219,8 @@ def build_app(server: Server) -> FastAPI:
     @app.get("/health")
     async def health():
         if not server.client.alive:
-            return JSONResponse({"status": "engine down"}, status_code=503)
-        return {"status": "ok"}
+            return JSONResponse({"status": "engine down", "reason": server.client.failure}, status_code=503)
+        return {"status": "ok", "engine_pid": server.client.process.pid}
 
     @app.get("/v1/models")
     async def models():

@@ -11,10 +11,7 @@ import asyncio
 import multiprocessing as mp
 import queue
 import threading
-import time
-from dataclasses import asdict
-from typing import Optional
-
+import traceback
 from kestrel.config import EngineConfig
 
 ENGINE_START_TIMEOUT = 600.0
@@ -51,7 +48,12 @@ def _engine_loop(config: EngineConfig, inbox, outbox) -> None:
                 if engine.abort(msg[1]):
                     touched.add(msg[1])
         if engine.has_unfinished():
-            touched |= engine.step()
+            try:
+                touched |= engine.step()
+            except Exception:  # a bug, not bad input (that is rejected at add): fail loudly, never hang clients
+                traceback.print_exc()
+                outbox.put(("fatal", "the engine failed while running a step; see the server log"))
+                return
         if touched:
             deltas = engine.take_deltas(touched)
             for rid in touched:
@@ -67,6 +69,10 @@ def _load(engine) -> dict:
     used = engine.pool.size - engine.pool.num_free - engine.cache.evictable_size
     return dict(running=len(s.running), waiting=len(s.waiting), kv_used=used, kv_size=engine.pool.size,
                 kv_cached=engine.cache.total_size, retractions=s.num_retractions)
+
+
+class EngineDead(RuntimeError):
+    """The engine process is gone; requests cannot be served until the server restarts."""
 
 
 class EngineClient:
@@ -85,6 +91,7 @@ class EngineClient:
         self.info: dict = rest[0]
         self.load: dict = dict(running=0, waiting=0, kv_used=0, kv_size=self.info["max_total_tokens"], retractions=0)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.failure: str | None = None
         self._listeners = []
         self._reader = threading.Thread(target=self._read, daemon=True, name="kestrel-engine-reader")
         self._reader.start()
@@ -96,8 +103,17 @@ class EngineClient:
     def _read(self) -> None:
         while True:
             try:
-                msg = self._outbox.get()
+                msg = self._outbox.get(timeout=1.0)
+            except queue.Empty:
+                if self.process.is_alive():
+                    continue
+                msg = ("fatal", "the engine process exited")
             except (EOFError, OSError):
+                msg = ("fatal", "the engine process is unreachable")
+            if msg[0] == "fatal":
+                self.failure = msg[1]
+                for rid in list(self._streams):
+                    self._deliver(rid, EngineDead(msg[1]))
                 return
             if msg[0] == "deltas":
                 _, deltas, load = msg
@@ -128,7 +144,7 @@ class EngineClient:
 
     @property
     def alive(self) -> bool:
-        return self.process.is_alive()
+        return self.failure is None and self.process.is_alive()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         if self.process.is_alive():
