@@ -19,7 +19,7 @@ from kestrel.engine.sampler import Sampler
 from kestrel.engine.sampling_params import SamplingParams
 from kestrel.engine.scheduler import Scheduler
 from kestrel.engine.allocator import tune_allocator
-from kestrel.model.loader import load_model, load_tokenizer, resolve_model_dir
+from kestrel.model.loader import chat_template_ids, load_model, load_tokenizer, resolve_model_dir
 
 Prompt = Union[str, list[int]]
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -257,10 +257,7 @@ class Engine:
         for m in conversation:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError("each message must be a dict with 'role' and 'content'")
-        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return chat_template_ids(self.tokenizer, conversation)
 
     def chat(self, conversations: Union[list[dict], Seq[list[dict]]],
              sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,

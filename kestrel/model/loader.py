@@ -70,3 +70,9 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> Llam
 def load_tokenizer(model_dir: str):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+def chat_template_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation rendered by the model's chat template, ready for the assistant's turn."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding

@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kestrel.engine.sampling_params import SamplingParams
+from kestrel.model.loader import chat_template_ids
 from kestrel.server.engine_process import EngineClient, EngineDead
 from kestrel.server.metrics import Metrics
 from kestrel.server.protocol import (AbortRequest, APIError, ChatCompletionRequest, CompletionRequest,
@@ -237,8 +238,7 @@ def build_app(server: Server) -> FastAPI:
     async def chat(req: ChatCompletionRequest):
         server.check_model(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        ids = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        ids = chat_template_ids(server.tokenizer, messages)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
         max_tokens = server.limits(len(ids), req.max_completion_tokens or req.max_tokens, "messages")
@@ -369,9 +369,7 @@ def build_app(server: Server) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
         if req.messages is not None:
-            ids = server.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages],
-                                                       add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            ids = chat_template_ids(server.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
         elif req.prompt is not None:
             ids = server.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
         else:

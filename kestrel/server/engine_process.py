@@ -26,7 +26,7 @@ def _engine_loop(config: EngineConfig, inbox, outbox) -> None:
     while True:
         idle = not engine.has_unfinished()
         try:
-            messages = [inbox.get(timeout=1.0 if idle else 0)] if idle else []
+            messages = [inbox.get(timeout=1.0)] if idle else []  # block only while idle
         except queue.Empty:
             messages = []
         while True:
