@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-POLICIES = ("fcfs", "lpm")
+POLICIES = ("fcfs", "lpm", "priority", "vtc")
 
 
 @dataclass
@@ -20,6 +20,8 @@ class EngineConfig:
     max_running_requests: int = field(default=64, metadata={"help": "most requests decoding at once"})
     chunked_prefill_size: int = field(default=1024, metadata={"help": "prefill tokens per step; longer prompts are split into chunks"})
     policy: str = field(default="fcfs", metadata={"help": "scheduling policy: " + " | ".join(POLICIES)})
+    vtc_input_weight: float = field(default=1.0, metadata={"help": "vtc: service charged per prompt token processed"})
+    vtc_output_weight: float = field(default=2.0, metadata={"help": "vtc: service charged per output token generated"})
     disable_radix_cache: bool = field(default=False, metadata={"help": "turn off prefix reuse across requests"})
     seed: int = field(default=0, metadata={"help": "seed of the engine's sampling generator (per-request seeds override it)"})
     context_length: Optional[int] = field(default=None, metadata={"help": "override the model's context length"})
@@ -33,6 +35,8 @@ class EngineConfig:
         for name in ("max_running_requests", "chunked_prefill_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.vtc_input_weight < 0 or self.vtc_output_weight < 0:
+            raise ValueError("vtc_input_weight and vtc_output_weight must be >= 0")
         if self.max_total_tokens is not None and self.max_total_tokens < 2:
             raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
 

@@ -19,6 +19,7 @@ from kestrel.engine.sampler import Sampler
 from kestrel.engine.sampling_params import SamplingParams
 from kestrel.engine.scheduler import Scheduler
 from kestrel.engine.allocator import tune_allocator
+from kestrel.engine.clients import ANONYMOUS
 from kestrel.model.loader import chat_template_ids, load_model, load_tokenizer, resolve_model_dir
 
 Prompt = Union[str, list[int]]
@@ -79,7 +80,7 @@ class Engine:
         self.pool = KVPool(size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
         self.table = ReqToTokenTable(cfg.max_running_requests, self.context_length + 1, self.device)
         self.cache = RadixCache(self.pool, enabled=not cfg.disable_radix_cache)
-        self.scheduler = Scheduler(cfg, self.pool, self.table, self.cache, make_policy(cfg.policy))
+        self.scheduler = Scheduler(cfg, self.pool, self.table, self.cache, make_policy(cfg))
         self.runner = ModelRunner(self.model, self.pool, self.table, self.device)
         self.sampler = Sampler(self.device, cfg.seed)
         eos = set(mc.eos_token_ids)
@@ -103,10 +104,18 @@ class Engine:
         return list(prompt)
 
     def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
-                    request_id: Optional[str] = None) -> str:
-        """Queue a request; returns its id. Raises ValueError/TypeError for invalid input."""
+                    request_id: Optional[str] = None, client: Optional[str] = None, priority: int = 0) -> str:
+        """Queue a request; returns its id. Raises ValueError/TypeError for invalid input.
+
+        `client` names who sent it (the vtc policy shares the engine fairly between clients; default:
+        one anonymous client); `priority` orders requests under the priority policy, and within a
+        client under vtc (lower first)."""
         params = params or SamplingParams()
         params.validate(self.vocab_size)
+        if client is not None and (not isinstance(client, str) or not client):
+            raise ValueError(f"client must be a non-empty string, got {client!r}")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
         ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("prompt is empty: give at least one token")
@@ -125,7 +134,8 @@ class Engine:
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
         now = time.monotonic()
-        seqs = [Sequence(rid, i, ids, params, arrival_time=now, waits_for_leader=i > 0) for i in range(params.n)]
+        seqs = [Sequence(rid, i, ids, params, arrival_time=now, client=client or ANONYMOUS, priority=priority,
+                         waits_for_leader=i > 0) for i in range(params.n)]
         self._requests[rid] = seqs
         for s in seqs:
             self.scheduler.add(s)
@@ -231,18 +241,22 @@ class Engine:
     # ---- convenience APIs ---------------------------------------------------------------
     def generate(self, prompts: Union[Prompt, Seq[Prompt]],
                  sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate for each prompt (strings or token-id lists); outputs in prompt order."""
+                 use_tqdm: bool = False, client: Union[str, Seq[str], None] = None,
+                 priority: Union[int, Seq[int]] = 0) -> list[RequestOutput]:
+        """Generate for each prompt (strings or token-id lists); outputs in prompt order.
+        `client` and `priority` are one value for all prompts or one per prompt (see add_request)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
+        clients = _per_prompt(client, len(prompts), "client")
+        priorities = _per_prompt(priority, len(prompts), "priority")
         rids = []
         try:
-            for p, sp in zip(prompts, sampling_params):
-                rids.append(self.add_request(p, sp))
+            for p, sp, c, pr in zip(prompts, sampling_params, clients, priorities):
+                rids.append(self.add_request(p, sp, client=c, priority=pr))
         except Exception:
             for r in rids:
                 self.abort(r)
@@ -250,6 +264,10 @@ class Engine:
             raise
         self.run_until_done(rids, progress=use_tqdm)
         return [self.get_output(r, pop=True) for r in rids]
+
+    def client_usage(self) -> dict[str, tuple[float, int, int, int]]:
+        """Per client: (weighted service received, prompt tokens processed, output tokens, waiting)."""
+        return {c: u.snapshot() for c, u in self.scheduler.clients.usage.items()}
 
     def apply_chat_template(self, conversation: list[dict]) -> list[int]:
         if not conversation:
@@ -261,11 +279,13 @@ class Engine:
 
     def chat(self, conversations: Union[list[dict], Seq[list[dict]]],
              sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+             use_tqdm: bool = False, client: Union[str, Seq[str], None] = None,
+             priority: Union[int, Seq[int]] = 0) -> list[RequestOutput]:
         """Generate replies to chat conversations (lists of {"role", "content"} messages)."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        return self.generate([self.apply_chat_template(c) for c in conversations], sampling_params, use_tqdm)
+        return self.generate([self.apply_chat_template(c) for c in conversations], sampling_params, use_tqdm,
+                             client=client, priority=priority)
 
     def take_deltas(self, request_ids) -> list[StreamDelta]:
         """What each completion of these requests produced since the last call (for streaming)."""
@@ -301,3 +321,11 @@ class Engine:
             if not seq.finished:
                 self.abort(rid)
             self._requests.pop(rid, None)
+
+
+def _per_prompt(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"got {n} prompts but {len(value)} values of {name}")
+        return list(value)
+    return [value] * n

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from kestrel.engine.clients import ANONYMOUS
 from kestrel.engine.sampling_params import SamplingParams
 
 
@@ -33,6 +34,8 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    client: str = ANONYMOUS  # who sent it (fair scheduling, per-client metrics)
+    priority: int = 0  # lower is served first by the priority and vtc policies
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     # KV state: the first `num_computed` tokens of prompt+output have K/V in the pool.

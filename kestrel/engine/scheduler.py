@@ -15,6 +15,7 @@ import torch
 from kestrel.cache.kv_pool import KVPool, ReqToTokenTable
 from kestrel.cache.radix_cache import RadixCache
 from kestrel.config import EngineConfig
+from kestrel.engine.clients import ClientLedger, ServiceCost
 from kestrel.engine.policy import SchedulePolicy
 from kestrel.engine.request import Sequence, Status
 
@@ -48,10 +49,13 @@ class Scheduler:
         self.running: list[Sequence] = []  # admitted, in admission order
         self.new_token_ratio = BASE_NEW_TOKEN_RATIO
         self.num_retractions = 0
+        self.clients = ClientLedger(ServiceCost(config.vtc_input_weight, config.vtc_output_weight))
 
     # ---- queue --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        self.policy.on_enqueue(seq, self.waiting)
         self.waiting.append(seq)
+        self.clients.queued(seq.client, +1)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -79,7 +83,7 @@ class Scheduler:
             # Running prefills that all stalled on memory would wait for each other forever: retract one.
             if not batch.empty or len(self.running) <= 1:
                 return batch
-            self.retract(self.running[-1])
+            self.retract(self.policy.victim(self.running))
 
     def _schedule_once(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -88,7 +92,7 @@ class Scheduler:
             decode = [s for s in self.running if s.pending == 1]
             if self._ensure_free(len(decode)) or len(self.running) <= 1:
                 break
-            self.retract(self.running[-1])
+            self.retract(self.policy.victim(self.running))
         if len(decode) > self.pool.num_free:
             raise RuntimeError("KV pool exhausted by a single sequence; admission validation should prevent this")
         need = len(decode)
@@ -143,6 +147,8 @@ class Scheduler:
                 self.cache.unlock(node)
                 break
             self.waiting.remove(seq)
+            self.clients.queued(seq.client, -1)
+            self.policy.on_admit(seq)
             seq.status = Status.RUNNING
             seq.row = self.table.alloc()
             seq.prefix_node, seq.prefix_len, seq.num_computed = node, len(prefix), len(prefix)
@@ -166,10 +172,14 @@ class Scheduler:
         """Record the K/V computed by a finished step."""
         for seq in batch.decode:
             seq.num_computed += 1
-            self.policy.account(seq, 0, 1)
+            self._account(seq, 0, 1)
         for seq, chunk in batch.prefill:
             seq.num_computed += chunk
-            self.policy.account(seq, chunk, 0)
+            self._account(seq, chunk, int(seq.num_computed == seq.total_len))  # the end of a prefill samples
+
+    def _account(self, seq: Sequence, input_tokens: int, output_tokens: int) -> None:
+        self.clients.charge(seq.client, input_tokens, output_tokens)
+        self.policy.account(seq, input_tokens, output_tokens)
 
     def share_prompt(self, leader: Sequence) -> None:
         """Hand the leader's prompt K/V to the cache so its n-1 siblings reuse it instead of recomputing."""
@@ -224,6 +234,7 @@ class Scheduler:
         self.num_retractions += 1
         self.new_token_ratio = 1.0
         self.waiting.append(seq)
+        self.clients.queued(seq.client, +1)
 
     def finish(self, seq: Sequence) -> None:
         self.release(seq)
@@ -232,4 +243,5 @@ class Scheduler:
     def abort(self, seq: Sequence) -> None:
         if seq in self.waiting:
             self.waiting.remove(seq)
+            self.clients.queued(seq.client, -1)
         self.finish(seq)
