@@ -70,7 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     client = EngineClient(config)
     try:
         server = Server(client, args.served_model_name, args.api_key,
-                        max_queued=config.max_running_requests + args.max_queued_requests)
+                        max_queued=config.max_running_requests + args.max_queued_requests,
+                        max_client_labels=args.max_client_labels)
         app = build_app(server)
         url = f"http://{args.host}:{args.port}"
         print(f"kestrel: serving {args.served_model_name!r} at {url}/v1\n"
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--served-model-name", default="default", help="the model id clients send")
     serve.add_argument("--max-queued-requests", type=int, default=256,
                        help="requests beyond the running batch that may wait; more get 503")
+    serve.add_argument("--max-client-labels", type=int, default=32,
+                       help="clients (the `user` field / X-Kestrel-Client header) named in per-client metrics; "
+                            "later ones are counted as 'other'")
     serve.add_argument("--log-level", default="warning")
     add_engine_args(serve)
     from kestrel.bench.client import add_bench_args

@@ -32,6 +32,14 @@ class Choice:
     finish_reason: Optional[str] = None
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Who sent a request (fair scheduling, per-client metrics) and how urgent it is."""
+
+    client: Optional[str] = None  # None: the anonymous client
+    priority: int = 0
+
+
 @dataclass
 class Result:
     choices: list[Choice]
@@ -41,7 +49,8 @@ class Result:
 
 
 class Server:
-    def __init__(self, client: EngineClient, served_model_name: str, api_key: Optional[str], max_queued: int):
+    def __init__(self, client: EngineClient, served_model_name: str, api_key: Optional[str], max_queued: int,
+                 max_client_labels: int = 32):
         from kestrel.model.loader import load_tokenizer
 
         self.client = client
@@ -50,7 +59,7 @@ class Server:
         self.api_key = api_key
         self.max_inflight = max_queued
         self.inflight = 0
-        self.metrics = Metrics()
+        self.metrics = Metrics(max_client_labels)
         client.add_listener(lambda deltas, load: self.metrics.on_engine_load(load))
         self.created = int(time.time())
 
@@ -101,7 +110,16 @@ class Server:
             raise APIError(503, "the server is over its queue limit; retry shortly", kind="service_unavailable",
                            headers={"Retry-After": "1"})
 
-    async def run(self, ids: list[int], params: SamplingParams, rid: str) -> AsyncIterator:
+    def origin(self, body, request: Request) -> Origin:
+        """The client is the OpenAI `user` field, else the X-Kestrel-Client header, else anonymous."""
+        client = getattr(body, "user", None) or request.headers.get("x-kestrel-client") or None
+        priority = getattr(body, "priority", 0) or 0
+        if priority and self.client.info["policy"] not in ("priority", "vtc"):
+            raise APIError(400, f"priority needs a server started with --policy priority or vtc; this one uses "
+                                f"{self.client.info['policy']!r}", "priority")
+        return Origin(client, priority)
+
+    async def run(self, ids: list[int], params: SamplingParams, rid: str, origin: Origin = Origin()) -> AsyncIterator:
         """Submit to the engine; yields StreamDelta objects until all n completions have finished.
         `rid` is the response id the client sees, so POST /abort can name it."""
         self.admit()
@@ -111,7 +129,7 @@ class Server:
         done: set[int] = set()
         out_tokens = 0
         cached, reason, queue_time = 0, None, None
-        q = self.client.submit(rid, ids, params)
+        q = self.client.submit(rid, ids, params, origin.client, origin.priority)
         try:
             while len(done) < params.n:
                 item = await q.get()
@@ -135,9 +153,9 @@ class Server:
                 self.metrics.on_request_done(len(ids), cached, out_tokens, first, time.monotonic() - start, reason,
                                              queue_time)
 
-    async def collect(self, ids: list[int], params: SamplingParams, rid: str) -> Result:
+    async def collect(self, ids: list[int], params: SamplingParams, rid: str, origin: Origin = Origin()) -> Result:
         result = Result([Choice() for _ in range(params.n)], len(ids))
-        async for _, d in self.run(ids, params, rid):
+        async for _, d in self.run(ids, params, rid, origin):
             c = result.choices[d.index]
             c.text += d.text
             c.token_ids += d.token_ids
@@ -235,8 +253,9 @@ def build_app(server: Server) -> FastAPI:
                                  media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest):
+    async def chat(req: ChatCompletionRequest, request: Request):
         server.check_model(req.model)
+        origin = server.origin(req, request)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         ids = chat_template_ids(server.tokenizer, messages)
         if req.top_logprobs is not None and not req.logprobs:
@@ -247,8 +266,8 @@ def build_app(server: Server) -> FastAPI:
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": cid, "created": created, "model": server.model_name}
         if req.stream:
-            return StreamingResponse(chat_stream(req, ids, params, head), media_type="text/event-stream")
-        r = await server.collect(ids, params, cid)
+            return StreamingResponse(chat_stream(req, ids, params, head, origin), media_type="text/event-stream")
+        r = await server.collect(ids, params, cid, origin)
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                     "logprobs": server.chat_logprobs(c.logprobs) if req.logprobs else None,
                     "finish_reason": c.finish_reason} for i, c in enumerate(r.choices)]
@@ -256,7 +275,7 @@ def build_app(server: Server) -> FastAPI:
         return dict(head, object="chat.completion", choices=choices,
                     usage=server.usage(r.prompt_tokens, n_out, r.cached_tokens))
 
-    def chat_stream(req, ids, params, head) -> AsyncIterator[str]:
+    def chat_stream(req, ids, params, head, origin) -> AsyncIterator[str]:
         def render(d):
             out = []
             if d.text or d.logprobs:
@@ -268,11 +287,12 @@ def build_app(server: Server) -> FastAPI:
 
         opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                    for i in range(params.n)]
-        return sse_stream(req, ids, params, dict(head, object="chat.completion.chunk"), opening, render)
+        return sse_stream(req, ids, params, dict(head, object="chat.completion.chunk"), opening, render, origin)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         server.check_model(req.model)
+        origin = server.origin(req, request)
         prompts = req.prompt
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -290,8 +310,8 @@ def build_app(server: Server) -> FastAPI:
         created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
         head = {"id": cid, "created": created, "model": server.model_name}
         if req.stream:
-            return StreamingResponse(completion_stream(req, *jobs[0], head), media_type="text/event-stream")
-        results = await asyncio.gather(*(server.collect(ids, p, f"{cid}-{i}" if i else cid)
+            return StreamingResponse(completion_stream(req, *jobs[0], head, origin), media_type="text/event-stream")
+        results = await asyncio.gather(*(server.collect(ids, p, f"{cid}-{i}" if i else cid, origin)
                                          for i, (ids, p) in enumerate(jobs)))
         choices, n_prompt, n_out, cached = [], 0, 0, 0
         for ids, r in zip(all_ids, results):
@@ -304,7 +324,7 @@ def build_app(server: Server) -> FastAPI:
             cached += r.cached_tokens
         return dict(head, object="text_completion", choices=choices, usage=server.usage(n_prompt, n_out, cached))
 
-    def completion_stream(req, ids, params, head) -> AsyncIterator[str]:
+    def completion_stream(req, ids, params, head, origin) -> AsyncIterator[str]:
         def render(d):
             if not (d.text or d.finished):
                 return []
@@ -314,15 +334,15 @@ def build_app(server: Server) -> FastAPI:
         echo = server.tokenizer.decode(ids) if req.echo else None
         opening = [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}
                    for i in range(params.n)] if req.echo else []
-        return sse_stream(req, ids, params, dict(head, object="text_completion"), opening, render)
+        return sse_stream(req, ids, params, dict(head, object="text_completion"), opening, render, origin)
 
-    async def sse_stream(req, ids, params, chunk: dict, opening: list, render) -> AsyncIterator[str]:
+    async def sse_stream(req, ids, params, chunk: dict, opening: list, render, origin: Origin) -> AsyncIterator[str]:
         """SSE in OpenAI's shape: opening chunks, rendered deltas, optional usage, then [DONE]."""
         n_out, cached = 0, 0
         try:
             for choice in opening:
                 yield sse(dict(chunk, choices=[choice]))
-            async for _, d in server.run(ids, params, chunk["id"]):
+            async for _, d in server.run(ids, params, chunk["id"], origin):
                 n_out += len(d.token_ids)
                 cached = d.cached_tokens
                 for choice in render(d):
@@ -334,7 +354,7 @@ def build_app(server: Server) -> FastAPI:
         yield "data: [DONE]\n\n"
 
     @app.post("/generate")
-    async def generate(req: GenerateRequest):
+    async def generate(req: GenerateRequest, request: Request):
         if (req.text is None) == (req.input_ids is None):
             raise APIError(400, "give exactly one of text or input_ids", "text")
         ids = server.prompt_ids(req.text if req.text is not None else req.input_ids,
@@ -351,7 +371,7 @@ def build_app(server: Server) -> FastAPI:
             params.prompt_logprobs = params.logprobs = req.top_logprobs_num
             params.logprob_start_len = req.logprob_start_len
         server.validate(params)
-        r = await server.collect(ids, params, f"gen-{uuid.uuid4().hex}")
+        r = await server.collect(ids, params, f"gen-{uuid.uuid4().hex}", server.origin(req, request))
 
         def pairs(lps):  # SGLang's shape: [logprob, token_id, top {token_id: logprob}]
             return [[x.logprob, x.token_id, {str(t): v for t, v in x.top.items()}] for x in lps if x is not None]

@@ -2,7 +2,8 @@
 
 The API process must answer health checks and accept connections while the engine computes, so the
 engine loop runs in a child process and talks through two multiprocessing queues:
-  to the engine:   ("add", request_id, prompt_ids, SamplingParams) | ("abort", request_id) | ("stop",)
+  to the engine:   ("add", request_id, prompt_ids, SamplingParams, client, priority) | ("abort", request_id)
+                   | ("stop",)
   from the engine: ("ready", info) | ("deltas", [StreamDelta], load) | ("error", request_id, message)
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ def _engine_loop(config: EngineConfig, inbox, outbox) -> None:
 
     engine = Engine(config=config)
     outbox.put(("ready", dict(model_dir=engine.model_dir, context_length=engine.context_length,
-                              vocab_size=engine.vocab_size, max_total_tokens=engine.pool.size)))
+                              vocab_size=engine.vocab_size, max_total_tokens=engine.pool.size,
+                              policy=config.policy)))
     while True:
         idle = not engine.has_unfinished()
         try:
@@ -39,9 +41,9 @@ def _engine_loop(config: EngineConfig, inbox, outbox) -> None:
             if msg[0] == "stop":
                 return
             if msg[0] == "add":
-                _, rid, ids, params = msg
+                _, rid, ids, params, client, priority = msg
                 try:
-                    engine.add_request(ids, params, request_id=rid)
+                    engine.add_request(ids, params, request_id=rid, client=client, priority=priority)
                 except (ValueError, TypeError) as e:
                     outbox.put(("error", rid, str(e)))
             elif msg[0] == "abort":
@@ -68,7 +70,7 @@ def _load(engine) -> dict:
     # "used" = held by requests (incl. locked prefixes); unlocked cached prefixes are free to evict
     used = engine.pool.size - engine.pool.num_free - engine.cache.evictable_size
     return dict(running=len(s.running), waiting=len(s.waiting), kv_used=used, kv_size=engine.pool.size,
-                kv_cached=engine.cache.total_size, retractions=s.num_retractions)
+                kv_cached=engine.cache.total_size, retractions=s.num_retractions, clients=s.clients.take_changed())
 
 
 class EngineDead(RuntimeError):
@@ -131,10 +133,10 @@ class EngineClient:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, item)
 
-    def submit(self, rid: str, prompt_ids: list[int], params) -> asyncio.Queue:
+    def submit(self, rid: str, prompt_ids: list[int], params, client=None, priority: int = 0) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
-        self._inbox.put(("add", rid, prompt_ids, params))
+        self._inbox.put(("add", rid, prompt_ids, params, client, priority))
         return q
 
     def release(self, rid: str, abort: bool) -> None:

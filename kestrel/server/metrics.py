@@ -6,8 +6,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 
 
+OTHER_CLIENTS = "other"
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, max_client_labels: int = 32) -> None:
         r = self.registry = CollectorRegistry()
         self.running = Gauge("kestrel:num_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("kestrel:num_requests_waiting", "Requests waiting for admission", registry=r)
@@ -29,6 +32,19 @@ class Metrics:
         self.queue_time = Histogram("kestrel:request_queue_time_seconds", "Time from arrival to admission",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self._retractions_seen = 0
+        # per client, labelled by name for the first `max_client_labels` clients seen; the rest as "other"
+        self.max_client_labels = max_client_labels
+        self.client_service = Counter("kestrel:client_service", "Weighted tokens of service a client received "
+                                      "(vtc weights: prompt tokens processed and output tokens)", ["client"], registry=r)
+        self.client_prompt_tokens = Counter("kestrel:client_prompt_tokens", "Prompt tokens processed for a client",
+                                            ["client"], registry=r)
+        self.client_generation_tokens = Counter("kestrel:client_generation_tokens", "Tokens generated for a client",
+                                                ["client"], registry=r)
+        self.client_waiting = Gauge("kestrel:client_requests_waiting", "A client's sequences waiting for admission",
+                                    ["client"], registry=r)
+        self._client_seen: dict[str, tuple[float, int, int, int]] = {}  # last totals reported per client
+        self._labelled: set[str] = set()
+        self._other_waiting: dict[str, int] = {}
 
     def on_engine_load(self, load: dict) -> None:
         self.running.set(load["running"])
@@ -39,6 +55,30 @@ class Metrics:
         if new > 0:
             self.preemptions.inc(new)
             self._retractions_seen = load["retractions"]
+        for client, totals in load.get("clients", {}).items():
+            self.on_client(client, totals)
+
+    def on_client(self, client: str, totals: tuple[float, int, int, int]) -> None:
+        """Turn the engine's running totals (service, prompt tokens, output tokens, waiting) into metrics."""
+        if client not in self._labelled and len(self._labelled) < self.max_client_labels:
+            self._labelled.add(client)
+        label = client if client in self._labelled else OTHER_CLIENTS
+        old = self._client_seen.get(client, (0.0, 0, 0, 0))
+        self._client_seen[client] = totals
+        service, prompt, output, waiting = (new - was for new, was in zip(totals, old))
+        if service > 0:
+            self.client_service.labels(client=label).inc(service)
+        if prompt > 0:
+            self.client_prompt_tokens.labels(client=label).inc(prompt)
+        if output > 0:
+            self.client_generation_tokens.labels(client=label).inc(output)
+        if label == OTHER_CLIENTS:
+            self._other_waiting[client] = totals[3]
+            if not totals[3]:
+                del self._other_waiting[client]
+            self.client_waiting.labels(client=label).set(sum(self._other_waiting.values()))
+        else:
+            self.client_waiting.labels(client=label).set(totals[3])
 
     def on_request_done(self, prompt_tokens: int, cached_tokens: int, output_tokens: int, ttft: float | None,
                         latency: float, reason: str, queue_time: float | None = None) -> None:

@@ -66,6 +66,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: Optional[float] = None
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None
+    priority: int = 0  # vLLM's extra: lower is served first (--policy priority, or within a client under vtc)
     response_format: Optional[dict[str, Any]] = None
 
     def sampling_params(self, max_tokens: int, logprobs: Optional[int]) -> SamplingParams:
@@ -108,6 +109,8 @@ class GenerateRequest(BaseModel):
     return_logprob: bool = False  # logprobs of the prompt from logprob_start_len on, and of the output
     logprob_start_len: int = 0  # e.g. where a given continuation starts inside the prompt
     top_logprobs_num: int = 0
+    user: Optional[str] = None  # the client, for fair scheduling (as in the OpenAI APIs)
+    priority: int = 0
 
 
 class TokenizeRequest(BaseModel):
