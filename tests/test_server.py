@@ -1,6 +1,8 @@
 """The OpenAI-compatible server, driven by the real `openai` client over real HTTP."""
 from __future__ import annotations
 
+import json
+import re
 import time
 
 import httpx
@@ -151,3 +153,38 @@ def test_generate_logprobs_of_a_given_continuation(server):
     assert [x[1] for x in lps] == cont and all(x[0] <= 0 for x in lps)
     assert len(r["meta_info"]["output_token_logprobs"]) == 1
     assert "kestrel:request_queue_time_seconds_count" in httpx.get(server.url + "/metrics").text
+
+
+def test_structured_outputs(server, client):
+    schema = {"type": "object", "properties": {"city": {"type": "string"},
+                                               "population": {"type": "integer", "minimum": 0, "maximum": 10**8}},
+              "required": ["city", "population"]}
+    msgs = [{"role": "user", "content": "The largest city in Japan, as JSON."}]
+    r = client.chat.completions.create(model="default", messages=msgs, max_tokens=64, temperature=0.0,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "city", "schema": schema}})
+    data = json.loads(r.choices[0].message.content)
+    assert list(data) == ["city", "population"] and isinstance(data["population"], int)
+    stream = client.chat.completions.create(model="default", messages=msgs, max_tokens=64, temperature=0.0,
+                                            stream=True, response_format={"type": "json_schema",
+                                                                          "json_schema": {"name": "c", "schema": schema}})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == r.choices[0].message.content
+    r = client.chat.completions.create(model="default", messages=msgs, max_tokens=96, temperature=1.0, seed=3,
+                                       response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    r = client.chat.completions.create(model="default", messages=msgs, max_tokens=8, temperature=1.0,
+                                       extra_body={"guided_choice": ["Tokyo", "Osaka", "Kyoto"]})
+    assert r.choices[0].message.content in ("Tokyo", "Osaka", "Kyoto")
+    r = client.completions.create(model="default", prompt="A date: ", max_tokens=16, temperature=1.0,
+                                  extra_body={"guided_regex": r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-2][0-9]"})
+    assert re.fullmatch(r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-2][0-9]", r.choices[0].text)
+    r = client.completions.create(model="default", prompt="Answer: ", max_tokens=16,
+                                  extra_body={"guided_grammar": 'root ::= ("yes" | "no") "."'})
+    assert r.choices[0].text in ("yes.", "no.")
+    g = httpx.post(server.url + "/generate", json={"text": "Pick a color:", "sampling_params": {
+        "max_new_tokens": 8, "temperature": 0.0, "regex": "(red|green|blue)"}}).json()
+    assert g["text"] in ("red", "green", "blue")
+    g = httpx.post(server.url + "/generate", json={"text": "Say yes:", "sampling_params": {
+        "max_new_tokens": 8, "ebnf": 'root ::= "yes" | "YES"'}}).json()
+    assert g["text"] in ("yes", "YES")

@@ -11,6 +11,7 @@ import torch
 from kestrel.cache.kv_pool import KVPool, ReqToTokenTable
 from kestrel.cache.radix_cache import RadixCache
 from kestrel.config import EngineConfig
+from kestrel.decoding.grammar import GrammarCompiler, GrammarSpec, GrammarState
 from kestrel.engine.output_processor import OutputProcessor
 from kestrel.engine.policy import make_policy
 from kestrel.engine.request import CompletionOutput, RequestOutput, Sequence, Status, TokenLogprob
@@ -50,6 +51,7 @@ class EngineStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     output_tokens: int = 0
+    forced_tokens: int = 0  # output tokens appended by jump-forward, without a forward step each
 
 
 class Engine:
@@ -88,6 +90,7 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = eos
         self.output = OutputProcessor(self.tokenizer, eos, self.context_length)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, eos)
         self._requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
@@ -133,9 +136,12 @@ class Engine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
+        spec = GrammarSpec.from_params(params)
+        grammar = self.grammars.compile(spec) if spec else None  # cached; raises ValueError if invalid
         now = time.monotonic()
         seqs = [Sequence(rid, i, ids, params, arrival_time=now, client=client or ANONYMOUS, priority=priority,
-                         waits_for_leader=i > 0) for i in range(params.n)]
+                         waits_for_leader=i > 0, grammar=GrammarState(grammar.deep_copy()) if grammar else None)
+                for i in range(params.n)]
         self._requests[rid] = seqs
         for s in seqs:
             self.scheduler.add(s)
@@ -181,11 +187,33 @@ class Engine:
                 touched.add(seq.request_id)
                 if seq.index == 0 and seq.params.n > 1 and len(seq.output_ids) == 1:
                     self._release_siblings(seq)
+                if seq.grammar is not None and seq.finish_reason is None:
+                    self._advance_grammar(seq, token)
                 if seq.finish_reason is not None:
                     self.scheduler.finish(seq)
         self.stats.steps += 1
         self.stats.step_time += time.perf_counter() - t0
         return touched
+
+    def _advance_grammar(self, seq: Sequence, token: int) -> None:
+        """Move the sequence's grammar past the sampled token; finish it when only EOS can follow, and
+        jump forward over tokens the grammar forces (they join the next step as one multi-token chunk)."""
+        g = seq.grammar
+        if not g.accept(token):  # cannot happen for a sampled token (the mask allowed it); stop, don't loop
+            self.output.finish(seq, "stop", time.monotonic())
+            return
+        if seq.params.jump_forward and seq.params.logprobs is None:  # forced tokens have no logprobs
+            for t in g.forced_tokens():
+                if not g.accept(t):
+                    break
+                self.output.append(seq, t, None)
+                seq.forced_tokens += 1
+                self.stats.forced_tokens += 1
+                self.stats.output_tokens += 1
+                if seq.finish_reason is not None:
+                    return
+        if g.done and seq.finish_reason is None:
+            self.output.finish(seq, "stop", time.monotonic())
 
     @staticmethod
     def _record_prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> None:
@@ -233,7 +261,8 @@ class Engine:
         end = max((s.finish_time or 0.0) for s in seqs)
         out = RequestOutput(request_id, lead.prompt_ids, outs, lead.cached_tokens, finished, ttft,
                             end - lead.arrival_time if finished and end else None, lead.prompt_logprob_list(),
-                            lead.first_admit_time - lead.arrival_time if lead.first_admit_time else None)
+                            lead.first_admit_time - lead.arrival_time if lead.first_admit_time else None,
+                            sum(s.forced_tokens for s in seqs))
         if pop:
             self.stats.cached_tokens += lead.cached_tokens
         return out

@@ -29,7 +29,7 @@ class OutputProcessor:
         if seq.detok is None:
             seq.detok = DecodeStream(ids=seq.prompt_ids[-DETOK_CONTEXT:], skip_special_tokens=p.skip_special_tokens)
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            self._finish(seq, "stop", now)
+            self.finish(seq, "stop", now)
             return
         piece = seq.detok.step(self.backend, token)
         if piece:
@@ -41,13 +41,13 @@ class OutputProcessor:
                 hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
                 if hits:
                     seq.text = seq.text[: min(hits)]
-                    self._finish(seq, "stop", now)
+                    self.finish(seq, "stop", now)
                     return
         if len(seq.output_ids) >= p.max_tokens or seq.total_len >= self.context_length:
-            self._finish(seq, "length", now)
+            self.finish(seq, "length", now)
 
     @staticmethod
-    def _finish(seq: Sequence, reason: str, now: float) -> None:
+    def finish(seq: Sequence, reason: str, now: float) -> None:
         seq.finish_reason = reason
         seq.finish_time = now
 

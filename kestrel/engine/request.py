@@ -47,6 +47,8 @@ class Sequence:
     admitted_once: bool = False
     waits_for_leader: bool = False  # an n > 1 sibling waits until seq 0 has prefilled the prompt
     generator: Optional[torch.Generator] = None
+    grammar: object = None  # GrammarState when the output is constrained
+    forced_tokens: int = 0  # output tokens appended by jump-forward (no forward step of their own)
     # output state
     text: str = ""
     finish_reason: Optional[str] = None
@@ -114,6 +116,7 @@ class RequestOutput:
     latency: Optional[float] = None
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # per prompt token (None where not computed)
     queue_time: Optional[float] = None  # seconds from arrival to first admission
+    forced_tokens: int = 0  # output tokens that constrained decoding's jump-forward appended
 
     @property
     def text(self) -> str:

@@ -5,6 +5,7 @@ from typing import Optional, Sequence as Seq
 
 import torch
 
+from kestrel.decoding.grammar import apply_bitmask, new_bitmask
 from kestrel.engine.request import Sequence, TokenLogprob
 
 
@@ -13,6 +14,7 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[Optional[TokenLogprob]]]:
         """logits: float32 [rows, vocab], one row per sequence. Returns sampled ids and logprob records."""
         params = [s.params for s in seqs]
@@ -20,6 +22,12 @@ class Sampler:
         raw_logprobs = None
         if any(p.logprobs is not None for p in params):
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # the model's distribution, as vLLM reports
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if constrained:
+            bitmask = new_bitmask(len(constrained), logits.shape[1])
+            for row, i in enumerate(constrained):
+                seqs[i].grammar.fill_bitmask(bitmask, row)
+            apply_bitmask(logits, bitmask, constrained)
         if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
             logits = self._apply_penalties(logits.clone(), seqs)
         if all(p.temperature == 0.0 for p in params):

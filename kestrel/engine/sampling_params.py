@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 
 @dataclass
@@ -24,12 +24,26 @@ class SamplingParams:
     skip_special_tokens: bool = True
     prompt_logprobs: Optional[int] = None  # logprobs of the prompt's own tokens (top alternatives per token)
     logprob_start_len: int = 0  # prompt logprobs from this position on (e.g. where a continuation starts)
+    # constrained decoding (at most one): the output matches a regex, a JSON schema (dict, JSON text or a
+    # pydantic model class), an EBNF grammar (llama.cpp GBNF or Lark), one of `choices`, or any JSON object
+    regex: Optional[str] = None
+    json_schema: Optional[Union[str, dict[str, Any], type]] = None
+    grammar: Optional[str] = None
+    choices: Optional[list[str]] = None
+    json_object: bool = False
+    jump_forward: bool = True  # append tokens the grammar forces without a forward step each
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.json_schema, type) and hasattr(self.json_schema, "model_json_schema"):
+            self.json_schema = self.json_schema.model_json_schema()  # a pydantic model
+
+    @property
+    def constrained(self) -> bool:
+        return any(v is not None for v in (self.regex, self.json_schema, self.grammar, self.choices)) or self.json_object
 
     def validate(self, vocab_size: Optional[int] = None) -> None:
         """Raise ValueError naming the offending parameter."""
@@ -67,6 +81,18 @@ class SamplingParams:
             bad("stop", "must be non-empty strings")
         if vocab_size is not None and any(not 0 <= t < vocab_size for t in self.stop_token_ids):
             bad("stop_token_ids", f"must be token ids in [0, {vocab_size})")
+        given = [n for n in ("regex", "json_schema", "grammar", "choices") if getattr(self, n) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) > 1:
+            raise ValueError(f"give at most one output constraint, got {', '.join(given)}")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and (not isinstance(getattr(self, name), str) or not getattr(self, name)):
+                bad(name, "must be a non-empty string")
+        if self.json_schema is not None and not isinstance(self.json_schema, (str, dict)):
+            bad("json_schema", "must be a dict, a JSON string or a pydantic model class")
+        if self.choices is not None and (not isinstance(self.choices, (list, tuple)) or not self.choices
+                                         or any(not isinstance(c, str) or not c for c in self.choices)):
+            bad("choices", "must be a non-empty list of non-empty strings")
 
     @property
     def greedy(self) -> bool:

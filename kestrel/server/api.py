@@ -360,8 +360,9 @@ def build_app(server: Server) -> FastAPI:
         ids = server.prompt_ids(req.text if req.text is not None else req.input_ids,
                                 "text" if req.text is not None else "input_ids")
         sp = dict(req.sampling_params)
-        if "max_new_tokens" in sp:
-            sp["max_tokens"] = sp.pop("max_new_tokens")
+        for sglang_name, name in (("max_new_tokens", "max_tokens"), ("ebnf", "grammar")):  # SGLang's names
+            if sglang_name in sp:
+                sp[name] = sp.pop(sglang_name)
         try:
             params = SamplingParams(**sp)
         except TypeError as e:

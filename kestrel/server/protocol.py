@@ -68,18 +68,42 @@ class SamplingFields(BaseModel):
     stop_token_ids: Optional[list[int]] = None
     priority: int = 0  # vLLM's extra: lower is served first (--policy priority, or within a client under vtc)
     response_format: Optional[dict[str, Any]] = None
+    # vLLM's structured-output extras
+    guided_json: Union[str, dict[str, Any], None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+
+    def constraint(self) -> dict[str, Any]:
+        """The output constraint as SamplingParams fields (OpenAI's response_format or vLLM's guided_*)."""
+        given = {k: v for k, v in (("json_schema", self.guided_json), ("regex", self.guided_regex),
+                                   ("choices", self.guided_choice), ("grammar", self.guided_grammar)) if v is not None}
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                given["json_object"] = True
+            elif kind == "json_schema":
+                spec = rf.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                    raise APIError(400, "response_format.json_schema.schema must be a JSON schema object",
+                                   "response_format")
+                given["json_schema"] = spec["schema"]
+            elif kind not in (None, "text"):
+                raise APIError(400, f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+                               "response_format")
+        if len(given) > 1:
+            raise APIError(400, f"give one output constraint, got {sorted(given)}", "response_format")
+        return given
 
     def sampling_params(self, max_tokens: int, logprobs: Optional[int]) -> SamplingParams:
-        if self.response_format is not None and self.response_format.get("type") not in (None, "text"):
-            raise APIError(400, "response_format is not supported yet (constrained decoding is coming)",
-                           "response_format")
         opt = lambda v, d: d if v is None else v  # noqa: E731
         params = SamplingParams(
             max_tokens=max_tokens, temperature=opt(self.temperature, 1.0), top_p=opt(self.top_p, 1.0),
             top_k=opt(self.top_k, -1), min_p=opt(self.min_p, 0.0), repetition_penalty=opt(self.repetition_penalty, 1.0),
             frequency_penalty=opt(self.frequency_penalty, 0.0), presence_penalty=opt(self.presence_penalty, 0.0),
             seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
-            n=self.n, logprobs=logprobs)
+            n=self.n, logprobs=logprobs, **self.constraint())
         return params
 
 

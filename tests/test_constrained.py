@@ -1,0 +1,127 @@
+"""Constrained decoding: every output matches its regex / validates against its schema, at any temperature."""
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from pydantic import BaseModel
+
+from kestrel import Engine, SamplingParams
+
+# ---- generated constraints ------------------------------------------------------------------------
+NAMES = st.sampled_from(["id", "name", "tags", "score", "ok", "kind", "items", "note"])
+LEAF_SCHEMAS = st.one_of(
+    st.integers(1, 12).map(lambda n: {"type": "string", "maxLength": n}),
+    st.tuples(st.integers(-1000, 0), st.integers(0, 1000)).map(
+        lambda b: {"type": "integer", "minimum": b[0], "maximum": b[1]}),
+    # (no "number": its fraction digits are unbounded by design, and a random model may never stop writing them)
+    st.just({"type": "boolean"}),
+    st.just({"type": "null"}),
+    st.lists(st.sampled_from(["red", "green", "blue", "a b", "x"]), min_size=1, max_size=4, unique=True).map(
+        lambda e: {"enum": e}),
+)
+
+
+def _object(children):
+    return st.dictionaries(NAMES, children, min_size=1, max_size=4).flatmap(
+        lambda props: st.lists(st.sampled_from(sorted(props)), unique=True).map(
+            lambda req: {"type": "object", "properties": props, "required": req}))
+
+
+def _array(children):
+    return st.tuples(children, st.integers(0, 2), st.integers(0, 2)).map(
+        lambda t: {"type": "array", "items": t[0], "minItems": t[1], "maxItems": t[1] + t[2]})
+
+
+SCHEMAS = _object(st.recursive(LEAF_SCHEMAS, lambda c: _object(c) | _array(c), max_leaves=6))
+
+REGEX_PIECES = st.sampled_from([  # bounded: a random model need not stop on its own
+                               r"[a-z]{1,6}", r"\d{1,4}", r"(yes|no|maybe)", r"[A-Z][a-z]{0,5}", r"-", r", ",
+                                r"(ab)?c", r"[0-9a-f]{2}", r"x{1,3}?y", r"\.", r" ", r"(cat|dog)s?"])
+REGEXES = st.lists(REGEX_PIECES, min_size=1, max_size=5).map("".join)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return Engine(tiny_llama_dir, dtype="float32")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schemas=st.lists(SCHEMAS, min_size=4, max_size=4), temperature=st.sampled_from([0.0, 1.0]),
+       jump_forward=st.booleans())
+def test_json_schema_outputs_always_validate(tiny, schemas, temperature, jump_forward):
+    prompts = [f"Give me JSON number {i}:" for i in range(len(schemas))]
+    params = [SamplingParams(max_tokens=400, temperature=temperature, json_schema=s, jump_forward=jump_forward, seed=i)
+              for i, s in enumerate(schemas)]
+    for schema, out in zip(schemas, tiny.generate(prompts, params)):
+        assert out.finish_reason == "stop", (schema, out.text)
+        jsonschema.validate(json.loads(out.text), schema)
+        assert list(json.loads(out.text)) == [k for k in schema["properties"] if k in json.loads(out.text)]  # key order
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(regexes=st.lists(REGEXES, min_size=4, max_size=4), temperature=st.sampled_from([0.0, 1.0]))
+def test_regex_outputs_always_match(tiny, regexes, temperature):
+    params = [SamplingParams(max_tokens=200, temperature=temperature, regex=r, seed=i) for i, r in enumerate(regexes)]
+    for regex, out in zip(regexes, tiny.generate(["Say something:"] * len(regexes), params)):
+        assert out.finish_reason == "stop", (regex, out.text)
+        assert re.fullmatch(regex, out.text), (regex, out.text)
+
+
+def test_choices_grammar_and_json_object(tiny):
+    outs = tiny.generate(["Pick:"] * 6, [
+        SamplingParams(max_tokens=20, temperature=1.0, seed=s, choices=["alpha", "beta gamma", "delta"]) for s in range(3)
+    ] + [
+        SamplingParams(max_tokens=60, temperature=1.0, seed=1,
+                       grammar='root ::= "Name: " [A-Z] [a-z]{1,8} ", age " [1-9] [0-9]?'),
+        SamplingParams(max_tokens=60, temperature=1.0, seed=2, grammar='start: "n=" INT ("." INT)?\n%import common.INT'),
+        SamplingParams(max_tokens=200, temperature=0.0, json_object=True),
+    ])
+    assert all(o.text in ("alpha", "beta gamma", "delta") for o in outs[:3])
+    assert re.fullmatch(r"Name: [A-Z][a-z]{1,8}, age [1-9][0-9]?", outs[3].text), outs[3].text
+    assert re.fullmatch(r"n=\d+(\.\d+)?", outs[4].text), outs[4].text
+    if outs[5].finish_reason == "stop":
+        assert isinstance(json.loads(outs[5].text), dict)
+
+
+def test_invalid_constraints_say_what_is_wrong(tiny):
+    cases = [(dict(regex="a(b"), "(?s)regex is invalid.*unclosed group"),
+             (dict(json_schema={"type": "nonsense"}), "json_schema is invalid.*nonsense"),
+             (dict(json_schema="{not json"), "json_schema is invalid.*not valid JSON"),
+             (dict(grammar='root ::= ("a"'), "grammar is invalid"),
+             (dict(choices=[]), "choices"),
+             (dict(regex="a", choices=["a"]), "at most one")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            tiny.generate("x", SamplingParams(**kwargs))
+    assert not tiny.has_unfinished()
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+    city: str
+
+
+PERSON_PROMPTS = ["Describe Alice, 30, from Paris, as JSON.", "Bob is 41 and lives in Oslo. Give his record as JSON.",
+                  "Make up a person as JSON.", "JSON for Carla (age 25, Rome)."]
+
+
+def test_jump_forward_saves_steps_and_keeps_the_text(embedded_dir):
+    engine = Engine(embedded_dir, dtype="float32")
+    convs = [[{"role": "user", "content": p}] for p in PERSON_PROMPTS]
+    outs = {}
+    for jf in (False, True):
+        steps = engine.stats.steps
+        outs[jf] = engine.chat(convs, SamplingParams(max_tokens=64, temperature=0.0, json_schema=Person, jump_forward=jf))
+        outs[jf, "steps"] = engine.stats.steps - steps
+    for plain, fast in zip(outs[False], outs[True]):
+        Person.model_validate_json(fast.text)
+        assert list(json.loads(fast.text)) == ["name", "age", "city"]
+        assert fast.text == plain.text
+        assert fast.forced_tokens >= 6 and plain.forced_tokens == 0  # '{"name": "', '", "age": ', ...
+    assert outs[True, "steps"] < outs[False, "steps"]
+    assert engine.grammars.compiles == 1  # one schema, compiled once, shared by 8 requests
