@@ -372,7 +372,10 @@ def build_app(server: Server) -> FastAPI:
             params.prompt_logprobs = params.logprobs = req.top_logprobs_num
             params.logprob_start_len = req.logprob_start_len
         server.validate(params)
-        r = await server.collect(ids, params, f"gen-{uuid.uuid4().hex}", server.origin(req, request))
+        rid, origin = f"gen-{uuid.uuid4().hex}", server.origin(req, request)
+        if req.stream:
+            return StreamingResponse(generate_stream(ids, params, rid, origin), media_type="text/event-stream")
+        r = await server.collect(ids, params, rid, origin)
 
         def pairs(lps):  # SGLang's shape: [logprob, token_id, top {token_id: logprob}]
             return [[x.logprob, x.token_id, {str(t): v for t, v in x.top.items()}] for x in lps if x is not None]
@@ -387,10 +390,25 @@ def build_app(server: Server) -> FastAPI:
             outs.append({"text": c.text, "output_ids": c.token_ids, "meta_info": meta})
         return outs[0] if params.n == 1 else outs
 
+    async def generate_stream(ids, params, rid, origin) -> AsyncIterator[str]:
+        """SGLang's stream shape: each event carries a completion's text so far and its meta_info."""
+        texts, out_ids = [""] * params.n, [[] for _ in range(params.n)]
+        try:
+            async for _, d in server.run(ids, params, rid, origin):
+                texts[d.index] += d.text
+                out_ids[d.index] += d.token_ids
+                meta = {"prompt_tokens": len(ids), "completion_tokens": len(out_ids[d.index]),
+                        "cached_tokens": d.cached_tokens, "finish_reason": d.finish_reason}
+                yield sse({"index": d.index, "text": texts[d.index], "output_ids": out_ids[d.index], "meta_info": meta})
+        except APIError as e:
+            yield sse(e.body())
+        yield "data: [DONE]\n\n"
+
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
         if req.messages is not None:
-            ids = chat_template_ids(server.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
+            ids = chat_template_ids(server.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages],
+                                    req.add_generation_prompt)
         elif req.prompt is not None:
             ids = server.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
         else:

@@ -142,6 +142,7 @@ class TokenizeRequest(BaseModel):
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
     add_special_tokens: bool = True
+    add_generation_prompt: bool = True  # with messages: end ready for the assistant's turn (vLLM's default)
 
 
 class DetokenizeRequest(BaseModel):
