@@ -37,6 +37,9 @@ def _array(children):
 
 
 SCHEMAS = _object(st.recursive(LEAF_SCHEMAS, lambda c: _object(c) | _array(c), max_leaves=6))
+NUMBER_LEAVES = LEAF_SCHEMAS | st.tuples(st.integers(-100, 0), st.integers(1, 100)).map(
+    lambda b: {"type": "number", "minimum": b[0], "maximum": b[1]})
+REAL_MODEL_SCHEMAS = _object(st.recursive(NUMBER_LEAVES, lambda c: _object(c) | _array(c), max_leaves=4))
 
 REGEX_PIECES = st.sampled_from([  # bounded: a random model need not stop on its own
                                r"[a-z]{1,6}", r"\d{1,4}", r"(yes|no|maybe)", r"[A-Z][a-z]{0,5}", r"-", r", ",
@@ -60,6 +63,23 @@ def test_json_schema_outputs_always_validate(tiny, schemas, temperature, jump_fo
         assert out.finish_reason == "stop", (schema, out.text)
         jsonschema.validate(json.loads(out.text), schema)
         assert list(json.loads(out.text)) == [k for k in schema["properties"] if k in json.loads(out.text)]  # key order
+
+
+@pytest.fixture(scope="module")
+def embedded(embedded_dir):
+    return Engine(embedded_dir)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schemas=st.lists(REAL_MODEL_SCHEMAS, min_size=4, max_size=4), temperature=st.sampled_from([0.0, 1.0]))
+def test_json_schemas_with_numbers_validate_on_the_real_model(embedded, schemas, temperature):
+    """Numbers' digits are unbounded in JSON, so this runs on a model that knows when a number ends."""
+    convs = [[{"role": "user", "content": f"Fill in this JSON schema with a realistic example: {json.dumps(s)}"}]
+             for s in schemas]
+    params = [SamplingParams(max_tokens=200, temperature=temperature, json_schema=s, seed=i) for i, s in enumerate(schemas)]
+    for schema, out in zip(schemas, embedded.chat(convs, params)):
+        assert out.finish_reason == "stop", (schema, out.text)
+        jsonschema.validate(json.loads(out.text), schema)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
