@@ -147,7 +147,25 @@ def test_engine_accounts_per_client_and_vtc_keeps_outputs_exact(tiny_llama_dir):
     assert usage["b"][1] == 4 * 24 and usage["b"][2] == 4 * 12
     assert usage["a"][0] == pytest.approx(1.0 * 24 + 2.0 * 12)
     assert all(u[3] == 0 for u in usage.values())
+    by_priority = Engine(tiny_llama_dir, dtype="float32", policy="priority", max_running_requests=2)
+    assert [o.token_ids for o in by_priority.generate(prompts, params, priority=[3, 2, 1, 0, 5, 4])] == expected
     with pytest.raises(ValueError, match="client"):
         engine.generate(prompts[:2], params, client=["a"])
     with pytest.raises(ValueError, match="priority"):
         engine.add_request(prompts[0], params, priority="high")
+
+
+def test_priority_preempts_less_important_running_work():
+    for policy in ("priority", "fcfs"):
+        sim = Simulator(EngineConfig(policy=policy, max_total_tokens=POOL, max_running_requests=2))
+        low = [sim.add(list(range(10 + i, 42 + i)), 200, priority=5) for i in range(2)]
+        for _ in range(5):
+            sim.step()
+        urgent = sim.add(list(range(900, 932)), 20, priority=0)
+        while sim.has_work():
+            sim.step()
+        if policy == "priority":  # it displaced a low-priority request and finished long before both
+            assert urgent.finish < min(r.finish for r in low)
+            assert sum(r.seq.num_preemptions for r in low) == 1
+        else:
+            assert urgent.finish > min(r.finish for r in low)

@@ -9,7 +9,7 @@ from openai import AsyncOpenAI
 
 from server_utils import ServerProcess
 
-WARMUP_TOKENS, WINDOW_TOKENS = 96, 640  # measure once the load runs, over this many generated tokens
+WARMUP_TOKENS, WINDOW_TOKENS = 96, 800  # measure once the load runs, over this many generated tokens
 
 
 def client_tokens(server: ServerProcess) -> dict[str, float]:

@@ -44,6 +44,11 @@ class SchedulePolicy:
         """The running sequence to preempt when memory runs out (running is in admission order)."""
         return running[-1]
 
+    def preempt_for(self, waiting: list[Sequence], running: list[Sequence], fits) -> Optional[Sequence]:
+        """A running sequence to give way to a waiting one that cannot be admitted (`fits(seq)` is
+        False), or None. Only the priority policy preempts for waiting work."""
+        return None
+
 
 class FCFSPolicy(SchedulePolicy):
     """First come, first served (by arrival time; preempted sequences keep their place)."""
@@ -85,6 +90,18 @@ class PriorityPolicy(SchedulePolicy):
 
     def victim(self, running):
         return max(enumerate(running), key=lambda t: (t[1].priority, t[0]))[1]
+
+    def preempt_for(self, waiting, running, fits):
+        """As vLLM's priority scheduling: a waiting request that does not fit displaces the least
+        important running one, if that one is strictly less important."""
+        ready = [s for s in waiting if not s.waits_for_leader]
+        if not ready or not running:
+            return None
+        best = min(ready, key=priority_key)
+        worst = self.victim(running)
+        if worst.priority > best.priority and not fits(best):
+            return worst
+        return None
 
 
 class VTCPolicy(SchedulePolicy):

@@ -78,6 +78,11 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         """The next step's batch, with its KV slots already assigned in the req-to-token table."""
         self.new_token_ratio = max(BASE_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        for _ in range(len(self.running)):  # the policy may make room for more important waiting work
+            victim = self.policy.preempt_for(self.waiting, self.running, self._fits)
+            if victim is None:
+                break
+            self.retract(victim)
         while True:
             batch = self._schedule_once()
             # Running prefills that all stalled on memory would wait for each other forever: retract one.
@@ -163,6 +168,13 @@ class Scheduler:
             budget -= chunk
             reserved += want
         return used
+
+    def _fits(self, seq: Sequence) -> bool:
+        """Whether seq could be admitted now next to the running batch (ignoring cache hits)."""
+        if len(self.running) >= self.config.max_running_requests or self.table.num_free == 0:
+            return False
+        reserved = sum(self._reserve(s) for s in self.running)
+        return self.available() >= reserved + self._reserve_for_new(seq, 0)
 
     def _reserve_for_new(self, seq: Sequence, prefix_len: int) -> float:
         return (seq.total_len - prefix_len) + self.new_token_ratio * (seq.params.max_tokens - len(seq.output_ids))
