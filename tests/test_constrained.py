@@ -64,6 +64,7 @@ def test_json_schema_outputs_always_validate(tiny, schemas, temperature, jump_fo
     for schema, out in zip(schemas, tiny.generate(prompts, params)):
         assert out.finish_reason == "stop", (schema, out.text)
         jsonschema.validate(json.loads(out.text), schema)
+        assert tiny.tokenizer.decode(out.token_ids, skip_special_tokens=True) == out.text  # tokens and text agree
         assert list(json.loads(out.text)) == [k for k in schema["properties"] if k in json.loads(out.text)]  # key order
 
 
@@ -147,3 +148,28 @@ def test_jump_forward_saves_steps_and_keeps_the_text(embedded_dir):
         assert fast.forced_tokens >= 6 and plain.forced_tokens == 0  # '{"name": "', '", "age": ', ...
     assert outs[True, "steps"] < outs[False, "steps"]
     assert engine.grammars.compiles == 1  # one schema, compiled once, shared by 8 requests
+
+
+def test_jump_forward_retokenizes_the_boundary_with_the_sampled_token(tiny):
+    """A lone `"` sampled before the forced `, "age": ` is replaced by the canonical `",` ` "` `age` `":`."""
+    from kestrel.decoding.grammar import GrammarSpec
+
+    tok = tiny.tokenizer
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    state = tiny.grammars.state(GrammarSpec("json_schema", json.dumps(schema)))
+    for t in tok('{"name": "Bob', add_special_tokens=False).input_ids:
+        assert state.accept(t)
+    (quote,) = tok('"', add_special_tokens=False).input_ids
+    assert state.accept(quote)
+    canonical = state.retokenize_boundary(quote)
+    text = tok.decode(canonical)
+    assert canonical[0] != quote and text.startswith('", "age":') and '", "age": '.startswith(text)
+    assert canonical == tok(text, add_special_tokens=False).input_ids
+    for t in tok(' 42}', add_special_tokens=False).input_ids:  # the matcher moved past them
+        assert state.accept(t)
+    assert state.done
+    # a clean boundary is left alone
+    state = tiny.grammars.state(GrammarSpec("json_schema", json.dumps(schema)))
+    (opening,) = tok('{"', add_special_tokens=False).input_ids
+    assert state.accept(opening) and state.retokenize_boundary(opening) is None

@@ -95,8 +95,9 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return matcher
 
-    def matcher(self, spec: GrammarSpec) -> "GrammarState":
-        return GrammarState(self.compile(spec).deep_copy())
+    def state(self, spec: GrammarSpec) -> "GrammarState":
+        """A fresh position at the start of spec's grammar, for one sequence."""
+        return GrammarState(self.compile(spec).deep_copy(), self.lltokenizer)
 
 
 def _to_llguidance(spec: GrammarSpec) -> str:
@@ -137,8 +138,9 @@ def _closed_objects(schema):
 class GrammarState:
     """One sequence's position in its grammar."""
 
-    def __init__(self, matcher):
+    def __init__(self, matcher, lltokenizer):
         self.matcher = matcher
+        self.lltokenizer = lltokenizer
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         v = bitmask[row]
@@ -148,8 +150,32 @@ class GrammarState:
         return self.matcher.consume_token(token)
 
     def forced_tokens(self) -> list[int]:
-        """Tokens the grammar allows as the only continuation (jump-forward), safe at the boundary."""
+        """Tokens the grammar allows as the only continuation (jump-forward). The last token that could
+        still merge with what follows is left out, so the far boundary is tokenized correctly."""
         return self.matcher.compute_ff_tokens()
+
+    def retokenize_boundary(self, last: int) -> Optional[list[int]]:
+        """The near boundary of jump-forward: if the just-sampled token `last` and the text the grammar
+        now forces tokenize differently together (a lone `"` then `, "age": ` is canonically `",` ` "`
+        ...), return the canonical tokens that replace `last` and cover the forced text (but its last
+        token) and move the matcher past them. None if the boundary is already clean. `last` must not
+        have been through a forward step yet, so replacing it costs nothing."""
+        forced = self.matcher.compute_ff_bytes()
+        if not forced:
+            return None
+        tok = self.lltokenizer
+        own = tok.decode_bytes([last])
+        tokens = tok.tokenize_bytes(own + forced)
+        if len(tokens) < 2 or tokens[0] == last:
+            return None
+        tokens = tokens[:-1]
+        if len(tok.decode_bytes(tokens)) <= len(own) or not self.matcher.rollback(1):
+            return None
+        if self.matcher.validate_tokens(tokens) != len(tokens):
+            self.matcher.consume_token(last)  # back to where it was
+            return None
+        self.matcher.consume_tokens(tokens)
+        return tokens
 
     @property
     def done(self) -> bool:

@@ -11,7 +11,7 @@ import torch
 from kestrel.cache.kv_pool import KVPool, ReqToTokenTable
 from kestrel.cache.radix_cache import RadixCache
 from kestrel.config import EngineConfig
-from kestrel.decoding.grammar import GrammarCompiler, GrammarSpec, GrammarState
+from kestrel.decoding.grammar import GrammarCompiler, GrammarSpec
 from kestrel.engine.output_processor import OutputProcessor
 from kestrel.engine.policy import make_policy
 from kestrel.engine.request import CompletionOutput, RequestOutput, Sequence, Status, TokenLogprob
@@ -137,10 +137,11 @@ class Engine:
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
         spec = GrammarSpec.from_params(params)
-        grammar = self.grammars.compile(spec) if spec else None  # cached; raises ValueError if invalid
+        if spec is not None:
+            self.grammars.compile(spec)  # cached; raises ValueError if invalid
         now = time.monotonic()
         seqs = [Sequence(rid, i, ids, params, arrival_time=now, client=client or ANONYMOUS, priority=priority,
-                         waits_for_leader=i > 0, grammar=GrammarState(grammar.deep_copy()) if grammar else None)
+                         waits_for_leader=i > 0, grammar=self.grammars.state(spec) if spec else None)
                 for i in range(params.n)]
         self._requests[rid] = seqs
         for s in seqs:
@@ -203,6 +204,14 @@ class Engine:
             self.output.finish(seq, "stop", time.monotonic())
             return
         if seq.params.jump_forward and seq.params.logprobs is None:  # forced tokens have no logprobs
+            canonical = g.retokenize_boundary(token)
+            if canonical is not None:
+                self.output.replace_last(seq, canonical)
+                seq.forced_tokens += len(canonical) - 1
+                self.stats.forced_tokens += len(canonical) - 1
+                self.stats.output_tokens += len(canonical) - 1
+                if seq.finish_reason is not None:
+                    return
             for t in g.forced_tokens():
                 if not g.accept(t):
                     break

@@ -23,6 +23,7 @@ class OutputProcessor:
         now = time.monotonic()
         if seq.first_token_time is None:
             seq.first_token_time = now
+        seq.text_mark = len(seq.text)
         seq.output_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -45,6 +46,18 @@ class OutputProcessor:
                     return
         if len(seq.output_ids) >= p.max_tokens or seq.total_len >= self.context_length:
             self.finish(seq, "length", now)
+
+    def replace_last(self, seq: Sequence, tokens: list[int]) -> None:
+        """Swap the last output token for `tokens` that spell the same text and more (jump-forward's
+        retokenized boundary); the last token has not been through a forward step yet."""
+        seq.output_ids.pop()
+        seq.text = seq.text[: seq.text_mark]
+        seq.detok = DecodeStream(ids=(seq.prompt_ids + seq.output_ids)[-DETOK_CONTEXT:],
+                                 skip_special_tokens=seq.params.skip_special_tokens)
+        for t in tokens:
+            self.append(seq, t, None)
+            if seq.finish_reason is not None:
+                return
 
     @staticmethod
     def finish(seq: Sequence, reason: str, now: float) -> None:

@@ -51,6 +51,7 @@ class Sequence:
     forced_tokens: int = 0  # output tokens appended by jump-forward (no forward step of their own)
     # output state
     text: str = ""
+    text_mark: int = 0  # len(text) before the last token was appended
     finish_reason: Optional[str] = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # prompt position -> logprob
