@@ -173,3 +173,22 @@ def test_jump_forward_retokenizes_the_boundary_with_the_sampled_token(tiny):
     state = tiny.grammars.state(GrammarSpec("json_schema", json.dumps(schema)))
     (opening,) = tok('{"', add_special_tokens=False).input_ids
     assert state.accept(opening) and state.retokenize_boundary(opening) is None
+
+
+def test_compile_queue_holds_requests_until_their_grammar_is_ready(tiny):
+    """What keeps compiles off the engine loops (server and in-process language backend)."""
+    import time
+
+    from kestrel.decoding.grammar import CompileQueue
+
+    queue = CompileQueue(tiny.grammars)
+    params = SamplingParams(regex="[a-z]{3}-[0-9]{5}-held")
+    assert queue.hold(params, "ok") and queue.hold(SamplingParams(regex="a(b"), "bad") and queue
+    got, deadline = {}, time.monotonic() + 30
+    while queue and time.monotonic() < deadline:
+        got.update(queue.ready())
+        time.sleep(0.01)
+    assert got["ok"] is None and isinstance(got["bad"], ValueError) and "unclosed group" in str(got["bad"])
+    assert not queue.hold(params, "again")  # compiled once, now a cache hit: goes straight to the engine
+    assert not queue.hold(SamplingParams(), "unconstrained")
+    queue.shutdown()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -95,9 +96,48 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return matcher
 
+    def cached(self, spec: GrammarSpec) -> bool:
+        with self._lock:
+            return spec in self._cache
+
     def state(self, spec: GrammarSpec) -> "GrammarState":
         """A fresh position at the start of spec's grammar, for one sequence."""
         return GrammarState(self.compile(spec).deep_copy(), self.lltokenizer)
+
+
+class CompileQueue:
+    """Requests held back while their grammar compiles on a side thread (llguidance releases the GIL),
+    so an engine loop never stalls its running batch on a large schema. Once compiled, adding the
+    request to the engine is a cache hit."""
+
+    def __init__(self, compiler: GrammarCompiler):
+        self.compiler = compiler
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kestrel-grammar")
+        self._held: list[tuple[Future, object]] = []
+
+    def hold(self, params, item) -> bool:
+        """Hold `item` if params need a grammar that is not compiled yet; False if it can go ahead now."""
+        spec = GrammarSpec.from_params(params) if params.constrained else None
+        if spec is None or self.compiler.cached(spec):
+            return False
+        self._held.append((self._pool.submit(self.compiler.compile, spec), item))
+        return True
+
+    def ready(self) -> list[tuple[object, Optional[Exception]]]:
+        """Held items whose compile finished, with the compile error if there was one."""
+        done = [(f, item) for f, item in self._held if f.done()]
+        if done:
+            self._held = [(f, item) for f, item in self._held if not f.done()]
+        return [(item, f.exception()) for f, item in done]
+
+    def drop(self, keep) -> None:
+        self._held = [(f, item) for f, item in self._held if keep(item)]
+
+    def __bool__(self) -> bool:
+        return bool(self._held)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _to_llguidance(spec: GrammarSpec) -> str:

@@ -90,25 +90,43 @@ class EngineBackend(Backend):
         self._inbox.put((prompt, params, fut, on_text))
         return fut
 
+    def _add(self, item) -> None:
+        prompt, params, fut, on_text = item
+        try:
+            rid = self.engine.add_request(prompt, params)
+        except (ValueError, TypeError) as e:
+            fut.set_exception(e)
+            return
+        self._pending[rid] = (fut, on_text)
+
     def _loop(self) -> None:
+        from kestrel.decoding.grammar import CompileQueue
+
         engine = self.engine
+        compiling = CompileQueue(engine.grammars)
         while True:
-            items = [] if engine.has_unfinished() else [self._inbox.get()]
+            items = []
+            if not engine.has_unfinished():
+                try:
+                    items.append(self._inbox.get(timeout=0.005 if compiling else None))
+                except queue.Empty:
+                    pass
             while True:
                 try:
                     items.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
+            for item, error in compiling.ready():
+                if error is not None:
+                    item[2].set_exception(error)
+                else:
+                    self._add(item)
             for item in items:
                 if item is None:
+                    compiling.shutdown()
                     return
-                prompt, params, fut, on_text = item
-                try:
-                    rid = engine.add_request(prompt, params)
-                except (ValueError, TypeError) as e:
-                    fut.set_exception(e)
-                    continue
-                self._pending[rid] = (fut, on_text)
+                if not compiling.hold(item[1], item):
+                    self._add(item)
             if not engine.has_unfinished():
                 continue
             try:

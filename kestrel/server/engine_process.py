@@ -19,19 +19,22 @@ ENGINE_START_TIMEOUT = 600.0
 
 
 def _engine_loop(config: EngineConfig, inbox, outbox) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from kestrel.decoding.grammar import GrammarSpec
+    from kestrel.decoding.grammar import CompileQueue
     from kestrel.engine.engine import Engine
 
     engine = Engine(config=config)
     outbox.put(("ready", dict(model_dir=engine.model_dir, context_length=engine.context_length,
                               vocab_size=engine.vocab_size, max_total_tokens=engine.pool.size,
                               policy=config.policy)))
-    # Grammars compile in a thread (llguidance releases the GIL), so a large schema never stalls the
-    # running batch; the request joins the engine once its grammar is ready (then a cache hit).
-    compiler = ThreadPoolExecutor(1, thread_name_prefix="kestrel-grammar")
-    compiling: list[tuple] = []  # (future, add message)
+    compiling = CompileQueue(engine.grammars)
+
+    def add(msg) -> None:
+        _, rid, ids, params, client, priority = msg
+        try:
+            engine.add_request(ids, params, request_id=rid, client=client, priority=priority)
+        except (ValueError, TypeError) as e:
+            outbox.put(("error", rid, str(e)))
+
     while True:
         idle = not engine.has_unfinished()
         try:
@@ -44,28 +47,19 @@ def _engine_loop(config: EngineConfig, inbox, outbox) -> None:
             except queue.Empty:
                 break
         touched: set[str] = set()
-        ready = [(None, m) for m in messages]
-        if compiling:
-            ready += [c for c in compiling if c[0].done()]
-            compiling = [c for c in compiling if not c[0].done()]
-        for future, msg in ready:
+        for msg, error in compiling.ready():
+            if error is not None:
+                outbox.put(("error", msg[1], str(error)))
+            else:
+                add(msg)
+        for msg in messages:
             if msg[0] == "stop":
-                compiler.shutdown(cancel_futures=True)
+                compiling.shutdown()
                 return
-            if msg[0] == "add":
-                _, rid, ids, params, client, priority = msg
-                spec = GrammarSpec.from_params(params) if future is None and params.constrained else None
-                if spec is not None:
-                    compiling.append((compiler.submit(engine.grammars.compile, spec), msg))
-                    continue
-                try:
-                    if future is not None:
-                        future.result()  # raises the compile error, if any
-                    engine.add_request(ids, params, request_id=rid, client=client, priority=priority)
-                except (ValueError, TypeError) as e:
-                    outbox.put(("error", rid, str(e)))
+            if msg[0] == "add" and not compiling.hold(msg[3], msg):
+                add(msg)
             elif msg[0] == "abort":
-                compiling = [c for c in compiling if c[1][1] != msg[1]]
+                compiling.drop(lambda held: held[1] != msg[1])
                 if engine.abort(msg[1]):
                     touched.add(msg[1])
         if engine.has_unfinished():
