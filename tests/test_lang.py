@@ -57,12 +57,20 @@ def test_programs_agree_between_backends(local, remote):
 
 
 def test_fork_heavy_program_reuses_prefixes(local):
+    stats = local.engine.stats
+    local.engine.cache.evict(local.engine.cache.evictable_size)  # start cold
+    prompt0, cached0 = stats.prompt_tokens, stats.cached_tokens
     states = fork_heavy.run_batch([{"text": t} for t in ("Cheap and cheerful.", "Broke on day one.")],
                                   backend=local, num_threads=1)
     calls = [c for s in states for c in s.calls]
     later = calls[1:]
     hit = sum(c["cached_tokens"] for c in later) / sum(c["prompt_tokens"] for c in later)
     assert hit >= 0.8, hit
+    # the engine's own counters agree (they also count the priming calls fork and select make)
+    first = calls[0]
+    engine_hit = ((stats.cached_tokens - cached0 - first["cached_tokens"])
+                  / (stats.prompt_tokens - prompt0 - first["prompt_tokens"]))
+    assert engine_hit >= 0.8, engine_hit
     assert all(s["label"] in ("positive", "negative", "neutral") for s in states)
 
 
