@@ -130,6 +130,8 @@ def test_jump_forward_saves_steps_and_keeps_the_text(embedded_dir):
         assert fast.text == plain.text
         assert fast.forced_tokens >= 6 and plain.forced_tokens == 0  # '{"name": "', '", "age": ', ...
     assert outs[True, "steps"] < outs[False, "steps"]
+    # a client is charged for every output token, forced or sampled, once
+    assert engine.client_usage()["anonymous"][2] == sum(o.output_tokens for jf in (False, True) for o in outs[jf])
     assert engine.grammars.compiles == 1  # one schema, compiled once, shared by 8 requests
 
 

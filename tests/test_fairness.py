@@ -167,5 +167,7 @@ def test_priority_preempts_less_important_running_work():
         if policy == "priority":  # it displaced a low-priority request and finished long before both
             assert urgent.finish < min(r.finish for r in low)
             assert sum(r.seq.num_preemptions for r in low) == 1
+            usage = sim.scheduler.clients.usage["anonymous"]  # the preempted one is not charged twice
+            assert (usage.input_tokens, usage.output_tokens) == (3 * 32, 2 * 200 + 20)
         else:
             assert urgent.finish > min(r.finish for r in low)

@@ -60,6 +60,8 @@ class Sequence:
     finish_time: Optional[float] = None
     detok: object = None  # incremental detokenizer
     num_preemptions: int = 0
+    prompt_charged: int = 0  # prompt tokens and output tokens already charged to the client's service
+    outputs_charged: int = 0
     sent: tuple[int, int] = (0, 0)  # (visible text chars, output tokens) already handed out as deltas
     sent_final: bool = False
 

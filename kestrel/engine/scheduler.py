@@ -157,6 +157,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             seq.row = self.table.alloc()
             seq.prefix_node, seq.prefix_len, seq.num_computed = node, len(prefix), len(prefix)
+            seq.prompt_charged = max(seq.prompt_charged, min(len(prefix), len(seq.prompt_ids)))  # cache hits are free
             if not seq.admitted_once:
                 seq.cached_tokens = min(len(prefix), len(seq.prompt_ids))
                 seq.admitted_once = True
@@ -181,17 +182,25 @@ class Scheduler:
 
     # ---- after a step -------------------------------------------------------------------
     def advance(self, batch: ScheduledBatch) -> None:
-        """Record the K/V computed by a finished step."""
+        """Record the K/V computed by a finished step, and charge each client for it."""
         for seq in batch.decode:
             seq.num_computed += 1
-            self._account(seq, 0, 1)
+            self._account(seq, samples=True)
         for seq, chunk in batch.prefill:
             seq.num_computed += chunk
-            self._account(seq, chunk, int(seq.num_computed == seq.total_len))  # the end of a prefill samples
+            self._account(seq, samples=seq.num_computed == seq.total_len)  # the end of a prefill samples
 
-    def _account(self, seq: Sequence, input_tokens: int, output_tokens: int) -> None:
-        self.clients.charge(seq.client, input_tokens, output_tokens)
-        self.policy.account(seq, input_tokens, output_tokens)
+    def _account(self, seq: Sequence, samples: bool) -> None:
+        """Charge prompt tokens the first time they are computed (cache hits and recomputation after a
+        preemption are free) and output tokens once each: the one sampled in this step, and any that
+        jump-forward appended since."""
+        prompt = max(0, min(seq.num_computed, len(seq.prompt_ids)) - seq.prompt_charged)
+        output = len(seq.output_ids) + samples - seq.outputs_charged
+        seq.prompt_charged += prompt
+        seq.outputs_charged += output
+        if prompt or output:
+            self.clients.charge(seq.client, prompt, output)
+            self.policy.account(seq, prompt, output)
 
     def share_prompt(self, leader: Sequence) -> None:
         """Hand the leader's prompt K/V to the cache so its n-1 siblings reuse it instead of recomputing."""
@@ -249,6 +258,7 @@ class Scheduler:
         self.clients.queued(seq.client, +1)
 
     def finish(self, seq: Sequence) -> None:
+        self._account(seq, samples=False)  # output tokens jump-forward appended at the very end
         self.release(seq)
         seq.status = Status.FINISHED
 
