@@ -14,6 +14,10 @@ class ServiceCost:
     input_weight: float = 1.0
     output_weight: float = 2.0
 
+    @staticmethod
+    def from_config(config) -> "ServiceCost":
+        return ServiceCost(config.vtc_input_weight, config.vtc_output_weight)
+
     def __call__(self, input_tokens: int, output_tokens: int) -> float:
         return self.input_weight * input_tokens + self.output_weight * output_tokens
 

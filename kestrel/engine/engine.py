@@ -137,12 +137,11 @@ class Engine:
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
         spec = GrammarSpec.from_params(params)
-        if spec is not None:
-            self.grammars.compile(spec)  # cached; raises ValueError if invalid
+        # one grammar position per sequence; compiling (cached) raises ValueError for an invalid constraint
+        grammars = [self.grammars.state(spec) for _ in range(params.n)] if spec else [None] * params.n
         now = time.monotonic()
         seqs = [Sequence(rid, i, ids, params, arrival_time=now, client=client or ANONYMOUS, priority=priority,
-                         waits_for_leader=i > 0, grammar=self.grammars.state(spec) if spec else None)
-                for i in range(params.n)]
+                         waits_for_leader=i > 0, grammar=grammars[i]) for i in range(params.n)]
         self._requests[rid] = seqs
         for s in seqs:
             self.scheduler.add(s)
@@ -207,22 +206,23 @@ class Engine:
             canonical = g.retokenize_boundary(token)
             if canonical is not None:
                 self.output.replace_last(seq, canonical)
-                seq.forced_tokens += len(canonical) - 1
-                self.stats.forced_tokens += len(canonical) - 1
-                self.stats.output_tokens += len(canonical) - 1
+                self._count_forced(seq, len(canonical) - 1)
                 if seq.finish_reason is not None:
                     return
             for t in g.forced_tokens():
                 if not g.accept(t):
                     break
                 self.output.append(seq, t, None)
-                seq.forced_tokens += 1
-                self.stats.forced_tokens += 1
-                self.stats.output_tokens += 1
+                self._count_forced(seq, 1)
                 if seq.finish_reason is not None:
                     return
         if g.done and seq.finish_reason is None:
             self.output.finish(seq, "stop", time.monotonic())
+
+    def _count_forced(self, seq: Sequence, n: int) -> None:
+        seq.forced_tokens += n
+        self.stats.forced_tokens += n
+        self.stats.output_tokens += n
 
     @staticmethod
     def _record_prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> None:

@@ -171,12 +171,10 @@ class VTCPolicy(SchedulePolicy):
         return max(enumerate(running), key=lambda t: (self.counter(t[1].client), t[1].priority, t[0]))[1]
 
 
-def make_policy(config: EngineConfig | str) -> SchedulePolicy:
-    name = config if isinstance(config, str) else config.policy
-    cost = ServiceCost() if isinstance(config, str) else ServiceCost(config.vtc_input_weight, config.vtc_output_weight)
+def make_policy(config: EngineConfig) -> SchedulePolicy:
     simple = {"fcfs": FCFSPolicy, "lpm": LPMPolicy, "priority": PriorityPolicy}
-    if name in simple:
-        return simple[name]()
-    if name == "vtc":
-        return VTCPolicy(cost)
-    raise ValueError(f"unknown policy {name!r}; choose one of {sorted([*simple, 'vtc'])}")
+    if config.policy in simple:
+        return simple[config.policy]()
+    if config.policy == "vtc":
+        return VTCPolicy(ServiceCost.from_config(config))
+    raise ValueError(f"unknown policy {config.policy!r}; choose one of {sorted([*simple, 'vtc'])}")

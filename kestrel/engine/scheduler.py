@@ -49,7 +49,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # admitted, in admission order
         self.new_token_ratio = BASE_NEW_TOKEN_RATIO
         self.num_retractions = 0
-        self.clients = ClientLedger(ServiceCost(config.vtc_input_weight, config.vtc_output_weight))
+        self.clients = ClientLedger(ServiceCost.from_config(config))
 
     # ---- queue --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -128,13 +128,19 @@ class Scheduler:
         batch.decode = decode
         return batch
 
+    def _room_for_another(self) -> bool:
+        return len(self.running) < self.config.max_running_requests and self.table.num_free > 0
+
+    def _reserved(self) -> float:
+        return sum(self._reserve(s) for s in self.running)
+
     def _admit(self, budget: int, need: int, batch: ScheduledBatch) -> int:
-        reserved = sum(self._reserve(s) for s in self.running)
+        reserved = self._reserved()
         used = 0
         for seq in self.policy.order(self.waiting, self.cache):
             if seq.waits_for_leader:
                 continue
-            if len(self.running) >= self.config.max_running_requests or self.table.num_free == 0 or budget <= 0:
+            if not self._room_for_another() or budget <= 0:
                 break
             key = seq.all_ids[:-1]
             if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt_ids) - seq.prompt_logprob_start:
@@ -172,23 +178,26 @@ class Scheduler:
 
     def _fits(self, seq: Sequence) -> bool:
         """Whether seq could be admitted now next to the running batch (ignoring cache hits)."""
-        if len(self.running) >= self.config.max_running_requests or self.table.num_free == 0:
-            return False
-        reserved = sum(self._reserve(s) for s in self.running)
-        return self.available() >= reserved + self._reserve_for_new(seq, 0)
+        return self._room_for_another() and self.available() >= self._reserved() + self._reserve_for_new(seq, 0)
 
     def _reserve_for_new(self, seq: Sequence, prefix_len: int) -> float:
         return (seq.total_len - prefix_len) + self.new_token_ratio * (seq.params.max_tokens - len(seq.output_ids))
 
     # ---- after a step -------------------------------------------------------------------
-    def advance(self, batch: ScheduledBatch) -> None:
-        """Record the K/V computed by a finished step, and charge each client for it."""
+    def advance(self, batch: ScheduledBatch) -> list[Sequence]:
+        """Record the K/V computed by a finished step and charge each client for it. Returns the
+        sequences that sample a token from this step: every decode, and prefills that reached the end."""
         for seq in batch.decode:
             seq.num_computed += 1
             self._account(seq, samples=True)
+        sampling = list(batch.decode)
         for seq, chunk in batch.prefill:
             seq.num_computed += chunk
-            self._account(seq, samples=seq.num_computed == seq.total_len)  # the end of a prefill samples
+            ends = seq.num_computed == seq.total_len
+            self._account(seq, samples=ends)
+            if ends:
+                sampling.append(seq)
+        return sampling
 
     def _account(self, seq: Sequence, samples: bool) -> None:
         """Charge prompt tokens the first time they are computed (cache hits and recomputation after a

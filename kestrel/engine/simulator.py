@@ -69,10 +69,9 @@ class Simulator:
         self.now += self.step_cost + self.token_cost * batch.num_tokens
         if batch.empty:
             return batch
-        self.scheduler.advance(batch)
+        sampling = self.scheduler.advance(batch)
         self.scheduler.cache_prefilled(batch)
-        sampled = list(batch.decode) + [s for s, _ in batch.prefill if s.num_computed == s.total_len]
-        for seq in sampled:
+        for seq in sampling:
             seq.output_ids.append(self.output_token)
             req = self._active[id(seq)]
             if req.first_token is None:

@@ -118,6 +118,10 @@ class ProgramState:
         try:
             self._run(expr)
         except BaseException as e:  # surfaced at the next read
+            self._keep_error(e)
+
+    def _keep_error(self, e: BaseException) -> None:
+        if self._error is None:
             self._error = e
 
     def _append(self, text: str) -> None:
@@ -173,12 +177,6 @@ class ProgramState:
             if self._stream is not None:
                 self._stream.put(None)
 
-    def _finish_quietly(self) -> None:
-        try:
-            self._finish()
-        except BaseException:  # the error is kept in self._error for the reader
-            pass
-
 
 class Function:
     """A program: `@kestrel.function def f(s, ...)`. Call `run` or `run_batch`."""
@@ -197,24 +195,23 @@ class Function:
         `state.text_iter()`)."""
         state = ProgramState(backend or get_default_backend(), stream=stream)
         if stream:
-            threading.Thread(target=self._execute, args=(state, args, kwargs, True), daemon=True).start()
+            threading.Thread(target=self._execute, args=(state, args, kwargs), daemon=True).start()
             return state
         self._execute(state, args, kwargs)
+        if state._error is not None:
+            raise state._error
         return state
 
-    def _execute(self, state: ProgramState, args, kwargs, swallow: bool = False) -> None:
+    def _execute(self, state: ProgramState, args, kwargs) -> None:
+        """Run the program body, then wait for the state and its forks; the first error stays on the state."""
         try:
             self.fn(state, *args, **kwargs)
         except BaseException as e:
-            if state._error is None:
-                state._error = e
-            if not swallow:
-                state._finish_quietly()
-                raise
-        if swallow:
-            state._finish_quietly()
-        else:
+            state._keep_error(e)
+        try:
             state._finish()
+        except BaseException as e:
+            state._keep_error(e)
 
     def run_batch(self, batch_kwargs: list[dict], backend: Optional[Backend] = None, num_threads: int = 64,
                   progress_bar: bool = False) -> list[ProgramState]:

@@ -65,7 +65,7 @@ class Metrics:
         label = client if client in self._labelled else OTHER_CLIENTS
         old = self._client_seen.get(client, (0.0, 0, 0, 0))
         self._client_seen[client] = totals
-        service, prompt, output, waiting = (new - was for new, was in zip(totals, old))
+        service, prompt, output = (new - was for new, was in zip(totals[:3], old[:3]))
         if service > 0:
             self.client_service.labels(client=label).inc(service)
         if prompt > 0:
