@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from kestrel.engine.sampling_params import InvalidParameter
+
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 KINDS = ("regex", "json_schema", "json_object", "grammar", "choices")
 
@@ -82,13 +84,13 @@ class GrammarCompiler:
         try:
             grammar = _to_llguidance(spec)
         except ValueError as e:
-            raise ValueError(f"{spec.kind} is invalid: {e}") from None
+            raise InvalidParameter(spec.kind, f"is invalid: {e}") from None
         error = llg.LLMatcher.validate_grammar(grammar, lltok)
         if error:
-            raise ValueError(f"{spec.kind} is invalid: {error.strip()}")
+            raise InvalidParameter(spec.kind, f"is invalid: {error.strip()}")
         matcher = llg.LLMatcher(lltok, grammar, log_level=0)
         if matcher.is_error():
-            raise ValueError(f"{spec.kind} is invalid: {matcher.get_error()}")
+            raise InvalidParameter(spec.kind, f"is invalid: {matcher.get_error()}")
         with self._lock:
             self.compiles += 1
             self._cache[spec] = matcher
@@ -130,8 +132,12 @@ class CompileQueue:
             self._held = [(f, item) for f, item in self._held if not f.done()]
         return [(item, f.exception()) for f, item in done]
 
-    def drop(self, keep) -> None:
-        self._held = [(f, item) for f, item in self._held if keep(item)]
+    def remove(self, which) -> list:
+        """Take the held items for which `which(item)` is true out of the queue; returns them."""
+        out = [item for _, item in self._held if which(item)]
+        if out:
+            self._held = [(f, item) for f, item in self._held if not which(item)]
+        return out
 
     def __bool__(self) -> bool:
         return bool(self._held)

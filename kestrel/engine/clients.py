@@ -1,6 +1,7 @@
 """Who sent a request, and how much service each client has received (for fair scheduling and metrics)."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 ANONYMOUS = "anonymous"  # the client of requests that name none
@@ -34,13 +35,22 @@ class ClientUsage:
 
 
 class ClientLedger:
-    """Per-client totals kept by the scheduler whatever the policy. `take_changed` hands out only the
-    clients touched since the last call, so reporting costs nothing for idle clients."""
+    """Per-client totals kept by the scheduler whatever the policy.
 
-    def __init__(self, cost: ServiceCost):
+    `take_changed` hands out what each client received since the last call (so reporting costs nothing
+    for idle clients and a forgotten client's last increments are still reported). A client with no
+    sequence in the scheduler is idle; idle clients are forgotten after `idle_timeout` seconds, or
+    sooner when more than `max_idle` are idle (least recently active first), so a stream of distinct
+    client names cannot grow memory without bound."""
+
+    def __init__(self, cost: ServiceCost, idle_timeout: float = 300.0, max_idle: int = 4096):
         self.cost = cost
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
         self.usage: dict[str, ClientUsage] = {}
-        self._changed: set[str] = set()
+        self._live: dict[str, int] = {}  # sequences in the scheduler (waiting or running) per client
+        self._idle: OrderedDict[str, float] = OrderedDict()  # client -> when it became idle, oldest first
+        self._unreported: dict[str, list] = {}  # client -> [service, input tokens, output tokens] not yet taken
 
     def get(self, client: str) -> ClientUsage:
         u = self.usage.get(client)
@@ -48,18 +58,55 @@ class ClientLedger:
             u = self.usage[client] = ClientUsage()
         return u
 
+    def arrived(self, client: str) -> None:
+        """A sequence of this client entered the scheduler."""
+        self._live[client] = self._live.get(client, 0) + 1
+        self._idle.pop(client, None)
+        self.get(client)
+
+    def left(self, client: str, now: float) -> None:
+        """A sequence of this client finished."""
+        n = self._live.get(client, 0) - 1
+        if n > 0:
+            self._live[client] = n
+            return
+        self._live.pop(client, None)
+        self._idle[client] = now
+        self._idle.move_to_end(client)
+
+    def forget_idle(self, now: float) -> list[str]:
+        """Forget clients idle for longer than idle_timeout, and the oldest idle ones beyond max_idle."""
+        gone = []
+        while self._idle:
+            client, since = next(iter(self._idle.items()))
+            if now - since < self.idle_timeout and len(self._idle) <= self.max_idle:
+                break
+            del self._idle[client]
+            self.usage.pop(client, None)
+            gone.append(client)
+        return gone
+
     def charge(self, client: str, input_tokens: int, output_tokens: int) -> None:
         u = self.get(client)
-        u.service += self.cost(input_tokens, output_tokens)
+        service = self.cost(input_tokens, output_tokens)
+        u.service += service
         u.input_tokens += input_tokens
         u.output_tokens += output_tokens
-        self._changed.add(client)
+        pending = self._unreported.setdefault(client, [0.0, 0, 0])
+        pending[0] += service
+        pending[1] += input_tokens
+        pending[2] += output_tokens
 
     def queued(self, client: str, delta: int) -> None:
         self.get(client).waiting += delta
-        self._changed.add(client)
+        self._unreported.setdefault(client, [0.0, 0, 0])
 
     def take_changed(self) -> dict[str, tuple[float, int, int, int]]:
-        out = {c: self.usage[c].snapshot() for c in self._changed}
-        self._changed.clear()
+        """Per client changed since the last call: (service, prompt tokens, output tokens) received since
+        then, and the sequences waiting now."""
+        out = {}
+        for c, (service, prompt, output) in self._unreported.items():
+            u = self.usage.get(c)
+            out[c] = (service, prompt, output, u.waiting if u is not None else 0)
+        self._unreported = {}
         return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence as Seq, Union
@@ -18,13 +19,14 @@ from kestrel.engine.request import CompletionOutput, RequestOutput, Sequence, St
 from kestrel.engine.runner import ModelRunner
 from kestrel.engine.sampler import Sampler
 from kestrel.engine.sampling_params import SamplingParams
-from kestrel.engine.scheduler import Scheduler
+from kestrel.engine.scheduler import ScheduledBatch, Scheduler
 from kestrel.engine.allocator import tune_allocator
 from kestrel.engine.clients import ANONYMOUS
+from kestrel.engine.hardware import place
 from kestrel.model.loader import chat_template_ids, load_model, load_tokenizer, resolve_model_dir
 
 Prompt = Union[str, list[int]]
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+log = logging.getLogger("kestrel.engine")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class StreamDelta:
     cached_tokens: int = 0
     prompt_logprobs: Optional[list] = None  # on the final delta of a request that asked for them
     queue_time: Optional[float] = None  # on the final delta
+    error: Optional[str] = None  # on the final delta when finish_reason is "error"
 
 
 @dataclass
@@ -65,12 +68,8 @@ class Engine:
         self.config = config or EngineConfig(model=model, **kwargs)
         cfg = self.config
         tune_allocator()
-        if cfg.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(cfg.device)
-        dtype_name = cfg.dtype if cfg.dtype != "auto" else "bfloat16"
-        self.dtype = DTYPES[dtype_name]
+        self.placement = place(cfg.device, cfg.dtype, cfg.num_threads)
+        self.device, self.dtype = self.placement.device, self.placement.dtype
         self.model_dir = resolve_model_dir(cfg.model, cfg.cache_dir)
         self.model = load_model(self.model_dir, self.dtype, self.device)
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -162,38 +161,107 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def is_finished(self, request_id: str) -> bool:
+        """Whether the request is known and all its completions have finished (its output not yet taken)."""
+        seqs = self._requests.get(request_id)
+        return bool(seqs) and all(s.finished for s in seqs)
+
+    def request_ids(self) -> list[str]:
+        """Requests whose output has not been taken yet (running, waiting or finished)."""
+        return list(self._requests)
+
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> set[str]:
-        """Run one scheduling step and forward; returns the ids of requests that progressed."""
+        """Run one scheduling step and forward; returns the ids of requests that progressed (or failed).
+
+        If computing the step raises, the batch is halved until the sequences that make it raise are
+        found; only their requests fail (finish_reason "error", KV freed) and the rest of the batch goes on.
+        An exception from here means the engine's own state is broken (see `fail_all`)."""
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch.empty:
             return set()
-        t1 = time.perf_counter()
-        logits, seqs = self.runner.forward(batch)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.stats.forward_time += time.perf_counter() - t1
-        self.scheduler.advance(batch)
-        self.scheduler.cache_prefilled(batch)
-        if self.runner.prompt_logprob_rows is not None:
-            self._record_prompt_logprobs(*self.runner.prompt_logprob_rows)
-        touched = {s.request_id for s, _ in batch.prefill}
-        if seqs:
-            tokens, logprobs = self.sampler(logits, seqs)
-            for seq, token, lp in zip(seqs, tokens, logprobs):
-                self.output.append(seq, token, lp)
-                self.stats.output_tokens += 1
-                touched.add(seq.request_id)
-                if seq.index == 0 and seq.params.n > 1 and len(seq.output_ids) == 1:
-                    self._release_siblings(seq)
-                if seq.grammar is not None and seq.finish_reason is None:
-                    self._advance_grammar(seq, token)
-                if seq.finish_reason is not None:
-                    self.scheduler.finish(seq)
+        touched = {s.request_id for s in batch.sequences}
+        self._run(batch)
         self.stats.steps += 1
         self.stats.step_time += time.perf_counter() - t0
         return touched
+
+    def _run(self, batch: ScheduledBatch) -> None:
+        batch = batch.unfinished()  # a request may have failed in another part of the batch
+        if batch.empty:
+            return
+        try:
+            result = self._compute(batch)
+        except Exception as e:  # noqa: BLE001 - isolate whatever it is to the requests that cause it
+            seqs = batch.sequences
+            if len(seqs) > 1:
+                for half in batch.halves():
+                    self._run(half)
+                return
+            log.exception("request %s failed in a step", seqs[0].request_id)
+            self._fail_request(seqs[0].request_id, e)  # frees the slots of its unfinished step too
+            return
+        self._commit(batch, *result)
+
+    def _compute(self, batch: ScheduledBatch):
+        """The forward and sampling of a step; changes nothing but the K/V of the batch's own slots (and the
+        sampling generators), so it can run again on part of the batch."""
+        t1 = time.perf_counter()
+        logits, seqs, prompt_logits = self.runner.forward(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.stats.forward_time += time.perf_counter() - t1
+        tokens, logprobs = self.sampler(logits, seqs) if seqs else ([], [])
+        return seqs, tokens, logprobs, prompt_logits
+
+    def _commit(self, batch: ScheduledBatch, seqs, tokens, logprobs, prompt_logits) -> None:
+        self.scheduler.advance(batch)
+        self.scheduler.cache_prefilled(batch)
+        if prompt_logits is not None:
+            self._record_prompt_logprobs(*prompt_logits)
+        for seq, token, lp in zip(seqs, tokens, logprobs):
+            if seq.finished:  # a sibling's failure failed the whole request
+                continue
+            try:
+                self._append(seq, token, lp)
+            except Exception as e:  # noqa: BLE001 - detokenizing or grammar: this request only
+                log.exception("request %s failed after sampling", seq.request_id)
+                self._fail_request(seq.request_id, e)
+
+    def _append(self, seq: Sequence, token: int, lp) -> None:
+        self.output.append(seq, token, lp)
+        self.stats.output_tokens += 1
+        if seq.index == 0 and seq.params.n > 1 and len(seq.output_ids) == 1:
+            self._release_siblings(seq)
+        if seq.grammar is not None and seq.finish_reason is None:
+            self._advance_grammar(seq, token)
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+
+    def _fail_request(self, request_id: str, error: BaseException) -> None:
+        """Finish every sequence of the request with finish_reason "error" and free its memory."""
+        message = f"the engine failed on this request: {type(error).__name__}: {error}"[:500]
+        now = time.monotonic()
+        for seq in self._requests.get(request_id, ()):
+            if not seq.finished:
+                seq.error = message
+                self.output.finish(seq, "error", now)
+                self.scheduler.abort(seq)
+
+    def fail_all(self, error: BaseException) -> set[str]:
+        """Fail every unfinished request (after an error that leaves the engine's state in doubt);
+        returns their ids."""
+        failed = {rid for rid, seqs in self._requests.items() if not all(s.finished for s in seqs)}
+        for rid in failed:
+            try:
+                self._fail_request(rid, error)
+            except Exception:  # noqa: BLE001 - freeing memory may fail too; the request still ends
+                for seq in self._requests[rid]:
+                    seq.error = seq.error or str(error)
+                    seq.finish_reason = seq.finish_reason or "error"
+                    seq.status = Status.FINISHED
+        return failed
 
     def _advance_grammar(self, seq: Sequence, token: int) -> None:
         """Move the sequence's grammar past the sampled token; finish it when only EOS can follow, and
@@ -264,7 +332,7 @@ class Engine:
         seqs = self._requests.pop(request_id) if pop else self._requests[request_id]
         lead = seqs[0]
         outs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason,
-                                 list(s.logprobs) if s.params.logprobs is not None else None) for s in seqs]
+                                 list(s.logprobs) if s.params.logprobs is not None else None, s.error) for s in seqs]
         finished = all(s.finished for s in seqs)
         ttft = lead.first_token_time - lead.arrival_time if lead.first_token_time else None
         end = max((s.finish_time or 0.0) for s in seqs)
@@ -338,7 +406,7 @@ class Engine:
                                            seq.finished, seq.finish_reason, seq.cached_tokens,
                                            seq.prompt_logprob_list() if seq.finished else None,
                                            seq.first_admit_time - seq.arrival_time
-                                           if seq.finished and seq.first_admit_time else None))
+                                           if seq.finished and seq.first_admit_time else None, seq.error))
                     seq.sent = (len(visible), len(seq.output_ids))
                     seq.sent_final = seq.finished
         return out

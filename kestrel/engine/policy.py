@@ -44,6 +44,9 @@ class SchedulePolicy:
         """The running sequence to preempt when memory runs out (running is in admission order)."""
         return running[-1]
 
+    def forget(self, client: str) -> None:
+        """The client has been idle long enough to drop whatever the policy keeps about it."""
+
     def preempt_for(self, waiting: list[Sequence], running: list[Sequence], fits) -> Optional[Sequence]:
         """A running sequence to give way to a waiting one that cannot be admitted (`fits(seq)` is
         False), or None. Only the priority policy preempts for waiting work."""
@@ -144,6 +147,16 @@ class VTCPolicy(SchedulePolicy):
 
     def on_admit(self, seq):
         self.last_admitted = seq.client
+
+    def forget(self, client):
+        # Forgetting an idle client is safe because of the counter lift: when it sends again, its counter
+        # becomes max(c_u, floor), where the floor (the smallest counter in the queue, or the last admitted
+        # client's) only rises while others are served. A forgotten client returns exactly as a new
+        # client does, at the floor: if its old counter was below the floor (the usual case after an
+        # idle spell, as the backlogged clients' counters grew past it) nothing changes at all; if it
+        # was above, the client is forgiven a lead that the paper's analysis bounds by U. Fairness among
+        # backlogged clients is untouched: only clients with no queued or running work are forgotten.
+        self.counters.pop(client, None)
 
     def account(self, seq, input_tokens, output_tokens):
         self.counters[seq.client] = self.counter(seq.client) + self.cost(input_tokens, output_tokens)

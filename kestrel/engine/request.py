@@ -25,7 +25,7 @@ class TokenLogprob:
     top: dict[int, float]  # top alternatives: token id -> logprob
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's lists hold distinct sequences
 class Sequence:
     """One generated sequence (a request with n > 1 has n of them, siblings sharing the prompt)."""
 
@@ -40,6 +40,7 @@ class Sequence:
     status: Status = Status.WAITING
     # KV state: the first `num_computed` tokens of prompt+output have K/V in the pool.
     num_computed: int = 0
+    num_slots: int = 0  # slots written in its table row (num_computed, plus the current step's while it runs)
     row: Optional[int] = None  # row in the req-to-token table while running
     prefix_node: object = None  # locked radix node ending the cached prefix
     prefix_len: int = 0  # tokens from the tree (owned by it); the rest up to num_computed we own
@@ -52,7 +53,8 @@ class Sequence:
     # output state
     text: str = ""
     text_mark: int = 0  # len(text) before the last token was appended
-    finish_reason: Optional[str] = None
+    finish_reason: Optional[str] = None  # stop | length | abort | error
+    error: Optional[str] = None  # what went wrong, when finish_reason is "error"
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # prompt position -> logprob
     first_admit_time: Optional[float] = None
@@ -100,6 +102,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: Optional[str]
     logprobs: Optional[list[TokenLogprob]] = None
+    error: Optional[str] = None  # set when finish_reason is "error": the engine failed on this request
 
     @property
     def output_tokens(self) -> int:
@@ -132,6 +135,11 @@ class RequestOutput:
     @property
     def finish_reason(self) -> Optional[str]:
         return self.outputs[0].finish_reason
+
+    @property
+    def error(self) -> Optional[str]:
+        """Why the engine failed this request (finish_reason "error"), else None."""
+        return next((o.error for o in self.outputs if o.error), None)
 
     @property
     def logprobs(self):

@@ -1,6 +1,8 @@
 """The model runner: turns a scheduled batch into one forward pass and returns logits to sample from."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from kestrel.cache.kv_pool import KVPool, ReqToTokenTable
@@ -9,6 +11,8 @@ from kestrel.engine.scheduler import ScheduledBatch
 from kestrel.model.attention import AttentionMetadata, MultiTokenRow
 from kestrel.model.llama import LlamaForCausalLM
 
+
+PromptLogits = tuple[torch.Tensor, list[tuple[Sequence, int]]]  # logits rows, (sequence, prompt position) each
 
 SHARED_PREFIX_MIN_ROWS = 4  # cascade attention pays off once several rows share a prefix
 SHARED_PREFIX_MIN_LEN = 32
@@ -28,11 +32,12 @@ class ModelRunner:
         self.table = table
         self.device = device
         self.shared_prefix_steps = 0  # decode steps that used cascade attention over a shared prefix
-        self.prompt_logprob_rows = None  # (logits, [(seq, prompt position)]) of the last forward
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run one step. Returns float32 logits [rows, vocab] for the sequences that sample this step."""
+    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence], Optional[PromptLogits]]:
+        """Run one step. Returns float32 logits [rows, vocab] for the sequences that sample this step, and
+        the logits that score prompt tokens (for requests that asked for prompt logprobs), if any.
+        The only state it changes is the K/V of the batch's own slots, so running it again is harmless."""
         ids: list[int] = []
         positions: list[int] = []
         token_rows: list[int] = []
@@ -82,11 +87,10 @@ class ModelRunner:
                 mask = torch.arange(max_len, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
                 meta.decode_mask = mask.view(num_decode, 1, 1, max_len)
         hidden = self.model(ids_t, pos_t, meta, self.pool.caches)
-        self.prompt_logprob_rows = None
+        prompt_logits = None
         if prompt_lp_for:
-            lp_logits = self.model.logits(hidden[torch.tensor(prompt_lp_at, device=dev)])
-            self.prompt_logprob_rows = (lp_logits, prompt_lp_for)
+            prompt_logits = (self.model.logits(hidden[torch.tensor(prompt_lp_at, device=dev)]), prompt_lp_for)
         if not sample_at:
-            return hidden.new_empty(0, 0), []
+            return hidden.new_empty(0, 0), [], prompt_logits
         rows = hidden if len(sample_at) == len(ids) else hidden[torch.tensor(sample_at, device=dev)]
-        return self.model.logits(rows), sample_seqs
+        return self.model.logits(rows), sample_seqs, prompt_logits

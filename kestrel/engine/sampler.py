@@ -30,7 +30,7 @@ class Sampler:
             apply_bitmask(logits, bitmask, constrained)
         if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
             logits = self._apply_penalties(logits.clone(), seqs)
-        if all(p.temperature == 0.0 for p in params):
+        if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, seqs)
@@ -51,8 +51,8 @@ class Sampler:
         params = [s.params for s in seqs]
         rows, vocab = logits.shape
         dev = logits.device
-        greedy = torch.tensor([p.temperature == 0.0 for p in params], device=dev)
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+        greedy = torch.tensor([p.greedy for p in params], device=dev)
+        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
         scaled = logits / temps.unsqueeze(1)
         sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
@@ -76,11 +76,13 @@ class Sampler:
     def _uniforms(self, seqs: Seq[Sequence]) -> torch.Tensor:
         """One uniform per row; a seeded request draws from its own generator, so its samples do not
         depend on what else is in the batch."""
+        for s in seqs:
+            if s.params.seed is not None and s.generator is None:
+                # one stream per completion of the request, from a 64-bit mix of its seed and index
+                s.generator = torch.Generator(device="cpu").manual_seed((s.params.seed * 1000003 + s.index) % 2**64)
         u = torch.rand(len(seqs), generator=self.generator, dtype=torch.float64)
         for i, s in enumerate(seqs):
-            if s.params.seed is not None:
-                if s.generator is None:
-                    s.generator = torch.Generator(device="cpu").manual_seed(s.params.seed * 1000003 + s.index)
+            if s.generator is not None:
                 u[i] = torch.rand(1, generator=s.generator, dtype=torch.float64)[0]
         return u.float()
 

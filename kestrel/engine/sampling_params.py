@@ -1,8 +1,19 @@
 """Per-request sampling settings, validated at the edge (vLLM's names and defaults)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
+
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
+MAX_N = 128
+MAX_LOGPROBS = 20
+MAX_STOP = 64  # stop strings per request
+MAX_STOP_LEN = 1024  # characters per stop string
+MAX_STOP_TOKEN_IDS = 1024
+MAX_CHOICES = 1024
+MAX_REPETITION_PENALTY = 10.0
+_UNSET = object()
 
 
 @dataclass
@@ -34,10 +45,17 @@ class SamplingParams:
     jump_forward: bool = True  # append tokens the grammar forces without a forward step each
 
     def __post_init__(self) -> None:
+        # normalise only well-typed values; `validate` names whatever is wrong
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        elif self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, tuple):
+            self.stop = list(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, tuple):
+            self.stop_token_ids = list(self.stop_token_ids)
         if isinstance(self.json_schema, type) and hasattr(self.json_schema, "model_json_schema"):
             self.json_schema = self.json_schema.model_json_schema()  # a pydantic model
 
@@ -46,54 +64,91 @@ class SamplingParams:
         return any(v is not None for v in (self.regex, self.json_schema, self.grammar, self.choices)) or self.json_object
 
     def validate(self, vocab_size: Optional[int] = None) -> None:
-        """Raise ValueError naming the offending parameter."""
-        def bad(name: str, why: str) -> None:
-            raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
-
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad("max_tokens", "must be an integer >= 1")
-        if not 0.0 <= self.temperature <= 100.0:
-            bad("temperature", "must be in [0, 100]")
-        if not 0.0 < self.top_p <= 1.0:
-            bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            bad("top_k", "must be -1 (disabled), 0 (disabled) or a positive integer")
-        if not 0.0 <= self.min_p <= 1.0:
-            bad("min_p", "must be in [0, 1]")
-        if not self.repetition_penalty > 0.0:
-            bad("repetition_penalty", "must be > 0")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            bad("frequency_penalty", "must be in [-2, 2]")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            bad("presence_penalty", "must be in [-2, 2]")
-        if not isinstance(self.n, int) or not 1 <= self.n <= 128:
-            bad("n", "must be an integer in [1, 128]")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            bad("logprobs", "must be an integer in [0, 20]")
-        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
-                                                 or not 0 <= self.prompt_logprobs <= 20):
-            bad("prompt_logprobs", "must be an integer in [0, 20]")
-        if not isinstance(self.logprob_start_len, int) or self.logprob_start_len < 0:
-            bad("logprob_start_len", "must be an integer >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", "must be an integer")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            bad("stop", "must be non-empty strings")
-        if vocab_size is not None and any(not 0 <= t < vocab_size for t in self.stop_token_ids):
-            bad("stop_token_ids", f"must be token ids in [0, {vocab_size})")
+        """Check every field's type and range; raise InvalidParameter (a ValueError) naming the first bad one."""
+        for name, kind, low, high in _RANGES:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            if not _is(value, kind):
+                raise InvalidParameter(name, f"must be {'an integer' if kind is int else 'a finite number'}", value)
+            if not (low <= value <= high):
+                raise InvalidParameter(name, f"must be in [{low}, {high}]", value)
+        if self.top_p <= 0.0:
+            raise InvalidParameter("top_p", "must be in (0, 1]", self.top_p)
+        if self.repetition_penalty <= 0.0:
+            raise InvalidParameter("repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY}]",
+                                   self.repetition_penalty)
+        for name in ("ignore_eos", "skip_special_tokens", "json_object", "jump_forward"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParameter(name, "must be true or false", getattr(self, name))
+        if not isinstance(self.stop, list) or len(self.stop) > MAX_STOP or any(
+                not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_LEN for s in self.stop):
+            raise InvalidParameter("stop", f"must be a string or a list of at most {MAX_STOP} non-empty strings of at "
+                                           f"most {MAX_STOP_LEN} characters", self.stop)
+        top = vocab_size if vocab_size is not None else 2**63
+        if not isinstance(self.stop_token_ids, list) or len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or any(
+                not _is(t, int) or not 0 <= t < top for t in self.stop_token_ids):
+            raise InvalidParameter("stop_token_ids", f"must be a list of at most {MAX_STOP_TOKEN_IDS} token ids in "
+                                                     f"[0, {top})", self.stop_token_ids)
         given = [n for n in ("regex", "json_schema", "grammar", "choices") if getattr(self, n) is not None]
         given += ["json_object"] if self.json_object else []
         if len(given) > 1:
-            raise ValueError(f"give at most one output constraint, got {', '.join(given)}")
+            raise InvalidParameter(given[0], f"give at most one output constraint, got {', '.join(given)}")
         for name in ("regex", "grammar"):
-            if getattr(self, name) is not None and (not isinstance(getattr(self, name), str) or not getattr(self, name)):
-                bad(name, "must be a non-empty string")
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidParameter(name, "must be a non-empty string", value)
         if self.json_schema is not None and not isinstance(self.json_schema, (str, dict)):
-            bad("json_schema", "must be a dict, a JSON string or a pydantic model class")
+            raise InvalidParameter("json_schema", "must be a dict, a JSON string or a pydantic model class",
+                                   self.json_schema)
         if self.choices is not None and (not isinstance(self.choices, (list, tuple)) or not self.choices
+                                         or len(self.choices) > MAX_CHOICES
                                          or any(not isinstance(c, str) or not c for c in self.choices)):
-            bad("choices", "must be a non-empty list of non-empty strings")
+            raise InvalidParameter("choices", f"must be a list of 1 to {MAX_CHOICES} non-empty strings", self.choices)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """Temperatures this small are greedy (as in vLLM): dividing logits by them overflows float32."""
+        return self.temperature < GREEDY_BELOW
+
+
+class InvalidParameter(ValueError):
+    """A request parameter with a wrong type or value; `param` names it (the API's error `param`)."""
+
+    def __init__(self, param: str, why: str, value: Any = _UNSET):
+        shown = "" if value is _UNSET else f", got {_short(value)}"
+        super().__init__(f"{param} {why}{shown}")
+        self.param = param
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is(value: Any, kind: type) -> bool:
+    """int for integer fields; int or float for numbers; never bool (True is an int in Python)."""
+    if isinstance(value, bool):
+        return False
+    if kind is int:
+        return isinstance(value, int)
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+_OPTIONAL = {"seed", "logprobs", "prompt_logprobs"}
+# (field, int or float, lowest, highest); top_p and repetition_penalty also exclude 0 (checked after)
+_RANGES = [
+    ("max_tokens", int, 1, 2**31 - 1),
+    ("temperature", float, 0.0, 100.0),
+    ("top_p", float, 0.0, 1.0),
+    ("top_k", int, -1, 2**31 - 1),
+    ("min_p", float, 0.0, 1.0),
+    ("repetition_penalty", float, 0.0, MAX_REPETITION_PENALTY),
+    ("frequency_penalty", float, -2.0, 2.0),
+    ("presence_penalty", float, -2.0, 2.0),
+    ("seed", int, -(2**63), 2**64 - 1),
+    ("n", int, 1, MAX_N),
+    ("logprobs", int, 0, MAX_LOGPROBS),
+    ("prompt_logprobs", int, 0, MAX_LOGPROBS),
+    ("logprob_start_len", int, 0, 2**31 - 1),
+]

@@ -36,6 +36,25 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return len(self.decode) + sum(n for _, n in self.prefill)
 
+    @property
+    def sequences(self) -> list[Sequence]:
+        return self.decode + [s for s, _ in self.prefill]
+
+    def unfinished(self) -> "ScheduledBatch":
+        if all(not s.finished for s in self.sequences):
+            return self
+        return ScheduledBatch([s for s in self.decode if not s.finished],
+                              [(s, n) for s, n in self.prefill if not s.finished])
+
+    def halves(self) -> tuple["ScheduledBatch", "ScheduledBatch"]:
+        """The batch split in two (its slots stay assigned), to find which sequences make a step fail."""
+        items = [(s, None) for s in self.decode] + self.prefill
+        cut = len(items) // 2
+
+        def part(chunk):
+            return ScheduledBatch([s for s, n in chunk if n is None], [(s, n) for s, n in chunk if n is not None])
+        return part(items[:cut]), part(items[cut:])
+
 
 class Scheduler:
     def __init__(self, config: EngineConfig, pool: KVPool, table: ReqToTokenTable, cache: RadixCache,
@@ -49,12 +68,15 @@ class Scheduler:
         self.running: list[Sequence] = []  # admitted, in admission order
         self.new_token_ratio = BASE_NEW_TOKEN_RATIO
         self.num_retractions = 0
-        self.clients = ClientLedger(ServiceCost.from_config(config))
+        self.clients = ClientLedger(ServiceCost.from_config(config), config.client_idle_timeout,
+                                    config.max_idle_clients)
+        self.clock = time.monotonic  # when clients go idle (the simulator substitutes its own clock)
 
     # ---- queue --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         self.policy.on_enqueue(seq, self.waiting)
         self.waiting.append(seq)
+        self.clients.arrived(seq.client)
         self.clients.queued(seq.client, +1)
 
     def has_work(self) -> bool:
@@ -72,12 +94,20 @@ class Scheduler:
     def _reserve(self, seq: Sequence) -> float:
         """Slots a running sequence may still need (prompt left to prefill + a share of its output)."""
         prompt_left = max(0, len(seq.prompt_ids) - seq.num_computed)
-        return prompt_left + self.new_token_ratio * (seq.params.max_tokens - len(seq.output_ids))
+        return prompt_left + self.new_token_ratio * self._output_left(seq)
+
+    def _output_left(self, seq: Sequence) -> int:
+        """Output tokens to plan for: what max_tokens allows, clipped as SGLang does, because a request
+        without max_tokens may run up to the context length but rarely does; planning for it would
+        admit a fraction of the requests that fit. Retraction covers the rare one that runs long."""
+        return min(seq.params.max_tokens - len(seq.output_ids), self.config.clip_max_new_tokens)
 
     # ---- one step -----------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         """The next step's batch, with its KV slots already assigned in the req-to-token table."""
         self.new_token_ratio = max(BASE_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        for client in self.clients.forget_idle(self.clock()):
+            self.policy.forget(client)
         for _ in range(len(self.running)):  # the policy may make room for more important waiting work
             victim = self.policy.preempt_for(self.waiting, self.running, self._fits)
             if victim is None:
@@ -123,8 +153,11 @@ class Scheduler:
             rows = torch.tensor([s.row for s in decode])
             cols = torch.tensor([s.num_computed for s in decode])
             self.table.table[rows, cols] = slots.to(self.table.table.device)
+            for seq in decode:
+                seq.num_slots = seq.num_computed + 1
         for seq, chunk in batch.prefill:
             self.table.write(seq.row, seq.num_computed, self.pool.alloc(chunk))
+            seq.num_slots = seq.num_computed + chunk
         batch.decode = decode
         return batch
 
@@ -163,6 +196,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             seq.row = self.table.alloc()
             seq.prefix_node, seq.prefix_len, seq.num_computed = node, len(prefix), len(prefix)
+            seq.num_slots = len(prefix)
             seq.prompt_charged = max(seq.prompt_charged, min(len(prefix), len(seq.prompt_ids)))  # cache hits are free
             if not seq.admitted_once:
                 seq.cached_tokens = min(len(prefix), len(seq.prompt_ids))
@@ -181,7 +215,7 @@ class Scheduler:
         return self._room_for_another() and self.available() >= self._reserved() + self._reserve_for_new(seq, 0)
 
     def _reserve_for_new(self, seq: Sequence, prefix_len: int) -> float:
-        return (seq.total_len - prefix_len) + self.new_token_ratio * (seq.params.max_tokens - len(seq.output_ids))
+        return (seq.total_len - prefix_len) + self.new_token_ratio * self._output_left(seq)
 
     # ---- after a step -------------------------------------------------------------------
     def advance(self, batch: ScheduledBatch) -> list[Sequence]:
@@ -239,7 +273,8 @@ class Scheduler:
         seq.prefix_node, seq.prefix_len = node, n
 
     def release(self, seq: Sequence) -> None:
-        """Give back a sequence's row and slots; its computed tokens go to the radix cache."""
+        """Give back a sequence's row and slots; its computed tokens go to the radix cache. Slots handed
+        out for a step that never completed (it failed) hold no valid K/V: they are only freed."""
         if seq.row is None:
             return
         n = seq.num_computed
@@ -247,6 +282,9 @@ class Scheduler:
             self._move_to_cache(seq, n)
         else:
             self.pool.free(self.table.table[seq.row, seq.prefix_len:n].cpu())
+        if seq.num_slots > n:
+            self.pool.free(self.table.table[seq.row, n:seq.num_slots].cpu())
+        seq.num_slots = 0
         if seq.prefix_node is not None:
             self.cache.unlock(seq.prefix_node)
         seq.prefix_node, seq.prefix_len = None, 0
@@ -267,9 +305,12 @@ class Scheduler:
         self.clients.queued(seq.client, +1)
 
     def finish(self, seq: Sequence) -> None:
+        if seq.finished:
+            return
         self._account(seq, samples=False)  # output tokens jump-forward appended at the very end
         self.release(seq)
         seq.status = Status.FINISHED
+        self.clients.left(seq.client, self.clock())
 
     def abort(self, seq: Sequence) -> None:
         if seq in self.waiting:

@@ -46,6 +46,7 @@ class Simulator:
         self.cache = RadixCache(self.pool, enabled=not cfg.disable_radix_cache)
         self.scheduler = Scheduler(cfg, self.pool, self.table, self.cache, make_policy(cfg))
         self.now = 0.0
+        self.scheduler.clock = lambda: self.now
         self.requests: list[SimulatedRequest] = []
         self._active: dict[int, SimulatedRequest] = {}  # id(seq) -> request, until it finishes
         self._ids = itertools.count()

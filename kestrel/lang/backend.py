@@ -5,6 +5,7 @@ everything above them (roles, select, fork) is shared, so a program gives the sa
 """
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 import threading
@@ -61,6 +62,11 @@ class Backend:
         return max(range(len(choices)), key=lambda i: scores[i]), scores
 
 
+def _failed(error: BaseException) -> RuntimeError:
+    return RuntimeError(f"the in-process engine has failed ({type(error).__name__}: {error}); create a new "
+                        "EngineBackend to go on")
+
+
 @lru_cache(maxsize=64)
 def _markers(backend: Backend, role: str, first: bool) -> tuple[str, str]:
     before = [] if first else [{"role": "system", "content": "x"}]
@@ -73,76 +79,80 @@ def _markers(backend: Backend, role: str, first: bool) -> tuple[str, str]:
 
 
 class EngineBackend(Backend):
-    """Runs an `Engine` in a background thread; calls from any thread are batched together."""
+    """Runs an `Engine` in a background thread (the engine driver loop); calls from any thread are batched
+    together. If the engine breaks, every waiting call and every later one raises its error."""
 
     def __init__(self, engine=None, **engine_kwargs):
+        from kestrel.engine.driver import EngineDriver
+
         if engine is None:
             from kestrel.engine.engine import Engine
             engine = Engine(**engine_kwargs)
         self.engine = engine
         self._inbox: "queue.SimpleQueue" = queue.SimpleQueue()
         self._pending: dict[str, tuple[Future, Optional[Callable]]] = {}
+        self._lock = threading.Lock()
+        self._failure: Optional[BaseException] = None
+        self._ids = itertools.count()
+        self._driver = EngineDriver(engine, self._deliver, self._reject)
         self._thread = threading.Thread(target=self._loop, daemon=True, name="kestrel-lang-engine")
         self._thread.start()
 
     def _submit(self, prompt: Prompt, params, on_text=None) -> Future:
+        from kestrel.engine.driver import Submit
+
         fut: Future = Future()
-        self._inbox.put((prompt, params, fut, on_text))
+        with self._lock:
+            if self._failure is not None:
+                raise _failed(self._failure)
+            rid = f"lang-{next(self._ids)}"
+            self._pending[rid] = (fut, on_text)
+        self._inbox.put(Submit(rid, prompt, params))
         return fut
 
-    def _add(self, item) -> None:
-        prompt, params, fut, on_text = item
-        try:
-            rid = self.engine.add_request(prompt, params)
-        except (ValueError, TypeError) as e:
-            fut.set_exception(e)
-            return
-        self._pending[rid] = (fut, on_text)
-
     def _loop(self) -> None:
-        from kestrel.decoding.grammar import CompileQueue
+        try:
+            self._driver.run(self._inbox)
+        except BaseException as e:  # noqa: BLE001 - the driver already failed what it held; fail the rest
+            with self._lock:
+                self._failure = e
+                pending, self._pending = self._pending, {}
+            for fut, _ in pending.values():
+                if not fut.done():
+                    fut.set_exception(_failed(e))
 
-        engine = self.engine
-        compiling = CompileQueue(engine.grammars)
-        while True:
-            items = []
-            if not engine.has_unfinished():
-                try:
-                    items.append(self._inbox.get(timeout=0.005 if compiling else None))
-                except queue.Empty:
-                    pass
-            while True:
-                try:
-                    items.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            for item, error in compiling.ready():
-                if error is not None:
-                    item[2].set_exception(error)
-                else:
-                    self._add(item)
-            for item in items:
-                if item is None:
-                    compiling.shutdown()
-                    return
-                if not compiling.hold(item[1], item):
-                    self._add(item)
-            if not engine.has_unfinished():
+    def _take(self, rid: str) -> Optional[Future]:
+        with self._lock:
+            entry = self._pending.pop(rid, None)
+        return entry[0] if entry else None
+
+    def _deliver(self, deltas, finished) -> None:
+        from kestrel.engine.driver import Abort
+
+        for d in deltas:
+            entry = self._pending.get(d.request_id)
+            if entry is None or entry[1] is None or not d.text:
                 continue
             try:
-                touched = engine.step()
-            except Exception as e:  # fail every waiting caller rather than hang them
-                for fut, _ in self._pending.values():
+                entry[1](d.text)
+            except Exception as e:  # noqa: BLE001 - the caller's callback fails its own call only
+                fut = self._take(d.request_id)
+                if fut is not None:
                     fut.set_exception(e)
-                return
-            streaming = [r for r in touched if r in self._pending and self._pending[r][1] is not None]
-            for d in engine.take_deltas(streaming) if streaming else ():
-                if d.text:
-                    self._pending[d.request_id][1](d.text)
-            for rid in touched:
-                if rid in self._pending and engine.get_output(rid).finished:
-                    fut, _ = self._pending.pop(rid)
-                    fut.set_result(engine.get_output(rid, pop=True))
+                self._inbox.put(Abort(d.request_id))
+        for out in finished:
+            fut = self._take(out.request_id)
+            if fut is None:
+                continue
+            if out.error:
+                fut.set_exception(RuntimeError(out.error))
+            else:
+                fut.set_result(out)
+
+    def _reject(self, rid: str, error: BaseException) -> None:
+        fut = self._take(rid)
+        if fut is not None:
+            fut.set_exception(error)
 
     def generate(self, prompt, params, on_text=None):
         from kestrel.engine.sampling_params import SamplingParams
@@ -167,7 +177,9 @@ class EngineBackend(Backend):
         return self.engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
     def shutdown(self):
-        self._inbox.put(None)
+        from kestrel.engine.driver import Stop
+
+        self._inbox.put(Stop())
         self._thread.join(timeout=30)
 
 
