@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import typing
 
@@ -62,12 +63,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from kestrel.server.api import Server, build_app
-    from kestrel.server.engine_process import EngineClient
+    from kestrel.server.api import build_app
+    from kestrel.server.engine_process import EngineClient, EngineStartError
+    from kestrel.server.server import Server
 
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
+                        format="kestrel %(levelname)s %(name)s: %(message)s")
     config = engine_config_from_args(args)
     print("kestrel: starting the engine process (loading the model)...", file=sys.stderr, flush=True)
-    client = EngineClient(config)
+    try:
+        client = EngineClient(config, max_restarts=args.max_engine_restarts)
+    except EngineStartError as e:
+        print(f"kestrel: error: the engine could not start: {e}", file=sys.stderr)
+        return 1
+    print(f"kestrel: engine ready: {client.info['placement']}", file=sys.stderr, flush=True)
     try:
         server = Server(client, args.served_model_name, args.api_key,
                         max_queued=config.max_running_requests + args.max_queued_requests,
@@ -110,13 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=30000)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every route but /health")
     serve.add_argument("--served-model-name", default="default", help="the model id clients send")
     serve.add_argument("--max-queued-requests", type=int, default=256,
                        help="requests beyond the running batch that may wait; more get 503")
     serve.add_argument("--max-client-labels", type=int, default=32,
                        help="clients (the `user` field / X-Kestrel-Client header) named in per-client metrics; "
                             "later ones are counted as 'other'")
+    serve.add_argument("--max-engine-restarts", type=int, default=5,
+                       help="restarts of a failed engine process allowed within 10 minutes before the server "
+                            "gives up (and /health stays 503)")
     serve.add_argument("--log-level", default="warning")
     add_engine_args(serve)
     from kestrel.bench.client import add_bench_args

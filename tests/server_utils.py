@@ -18,7 +18,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, headers: dict | None = None):
+        self.headers = headers or {}  # sent with metric() reads (an API key)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -38,7 +39,7 @@ class ServerProcess:
         raise RuntimeError("server did not become healthy")
 
     def metric(self, name: str) -> float:
-        for line in httpx.get(self.url + "/metrics").text.splitlines():
+        for line in httpx.get(self.url + "/metrics", headers=self.headers).text.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)

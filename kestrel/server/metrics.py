@@ -42,30 +42,41 @@ class Metrics:
                                                 ["client"], registry=r)
         self.client_waiting = Gauge("kestrel:client_requests_waiting", "A client's sequences waiting for admission",
                                     ["client"], registry=r)
-        self._client_seen: dict[str, tuple[float, int, int, int]] = {}  # last totals reported per client
         self._labelled: set[str] = set()
-        self._other_waiting: dict[str, int] = {}
+        self._other_waiting: dict[str, int] = {}  # unlabelled clients with sequences waiting
+        self.kv_size = Gauge("kestrel:kv_cache_size_tokens", "KV pool size in tokens", registry=r)
+        self.kv_free = Gauge("kestrel:kv_cache_free_tokens", "KV slots free", registry=r)
+        self.kv_evictable = Gauge("kestrel:kv_cache_evictable_tokens",
+                                  "KV slots held only by the prefix cache (free to evict)", registry=r)
+        self.clients_tracked = Gauge("kestrel:clients_tracked", "Clients the engine keeps per-client state for",
+                                     registry=r)
+        self.engine_restarts = Gauge("kestrel:engine_restarts", "Times the engine process was restarted after a "
+                                     "failure", registry=r)
 
     def on_engine_load(self, load: dict) -> None:
         self.running.set(load["running"])
         self.waiting.set(load["waiting"])
         self.kv_usage.set(load["kv_used"] / max(1, load["kv_size"]))
         self.kv_cached.set(load.get("kv_cached", 0))
+        self.kv_size.set(load["kv_size"])
+        self.kv_free.set(load.get("kv_free", load["kv_size"]))
+        self.kv_evictable.set(load.get("kv_evictable", 0))
+        self.clients_tracked.set(load.get("clients_tracked", 0))
         new = load["retractions"] - self._retractions_seen
         if new > 0:
             self.preemptions.inc(new)
             self._retractions_seen = load["retractions"]
-        for client, totals in load.get("clients", {}).items():
-            self.on_client(client, totals)
+        for client, change in load.get("clients", {}).items():
+            self.on_client(client, change)
 
-    def on_client(self, client: str, totals: tuple[float, int, int, int]) -> None:
-        """Turn the engine's running totals (service, prompt tokens, output tokens, waiting) into metrics."""
+    def on_client(self, client: str, change: tuple[float, int, int, int]) -> None:
+        """Add what a client received since the engine's last report (service, prompt tokens, output
+        tokens) and set its waiting sequences. Only the first `max_client_labels` clients get a label of
+        their own; what is kept per unlabelled client lasts only while it has sequences waiting."""
         if client not in self._labelled and len(self._labelled) < self.max_client_labels:
             self._labelled.add(client)
         label = client if client in self._labelled else OTHER_CLIENTS
-        old = self._client_seen.get(client, (0.0, 0, 0, 0))
-        self._client_seen[client] = totals
-        service, prompt, output = (new - was for new, was in zip(totals[:3], old[:3]))
+        service, prompt, output, waiting = change
         if service > 0:
             self.client_service.labels(client=label).inc(service)
         if prompt > 0:
@@ -73,12 +84,13 @@ class Metrics:
         if output > 0:
             self.client_generation_tokens.labels(client=label).inc(output)
         if label == OTHER_CLIENTS:
-            self._other_waiting[client] = totals[3]
-            if not totals[3]:
-                del self._other_waiting[client]
+            if waiting:
+                self._other_waiting[client] = waiting
+            else:
+                self._other_waiting.pop(client, None)
             self.client_waiting.labels(client=label).set(sum(self._other_waiting.values()))
         else:
-            self.client_waiting.labels(client=label).set(totals[3])
+            self.client_waiting.labels(client=label).set(waiting)
 
     def on_request_done(self, prompt_tokens: int, cached_tokens: int, output_tokens: int, ttft: float | None,
                         latency: float, reason: str, queue_time: float | None = None) -> None:

@@ -16,7 +16,7 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
         self.kind = kind or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                             503: "service_unavailable"}.get(status, "server_error")
+                             413: "invalid_request_error", 503: "service_unavailable"}.get(status, "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -66,7 +66,8 @@ class SamplingFields(BaseModel):
     repetition_penalty: Optional[float] = None
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None
-    priority: int = 0  # vLLM's extra: lower is served first (--policy priority, or within a client under vtc)
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's extra: lower is served first (--policy priority,
+    # or within a client under vtc)
     response_format: Optional[dict[str, Any]] = None
     # vLLM's structured-output extras
     guided_json: Union[str, dict[str, Any], None] = None
@@ -134,7 +135,7 @@ class GenerateRequest(BaseModel):
     logprob_start_len: int = 0  # e.g. where a given continuation starts inside the prompt
     top_logprobs_num: int = 0
     user: Optional[str] = None  # the client, for fair scheduling (as in the OpenAI APIs)
-    priority: int = 0
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
 
 
 class TokenizeRequest(BaseModel):
