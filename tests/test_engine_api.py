@@ -17,7 +17,7 @@ def engine():
 def test_multi_turn_chat_hits_the_cache(engine):
     convo = [{"role": "user", "content": "Name a famous bridge."}]
     first = engine.chat(convo, SamplingParams(max_tokens=24, temperature=0))[0]
-    assert first.cached_tokens == 0 or first.cached_tokens < first.prompt_tokens
+    assert first.cached_tokens == 0  # a fresh engine has nothing cached
     convo += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Where is it?"}]
     second = engine.chat(convo, SamplingParams(max_tokens=24, temperature=0))[0]
     # the whole first prompt (and usually most of the reply) comes from the radix cache

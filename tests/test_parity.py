@@ -23,10 +23,10 @@ def _kestrel(model_dir, prompts, **kwargs):
     return [o.token_ids for o in outs], engine
 
 
-@pytest.mark.parametrize("which", ["tiny_llama_dir", "tiny_qwen2_dir"])
-def test_tiny_models_match_hf(request, which):
+@pytest.mark.parametrize("which, seed", [("tiny_llama_dir", 11), ("tiny_qwen2_dir", 12)])
+def test_tiny_models_match_hf(request, which, seed):
     model_dir = request.getfixturevalue(which)
-    prompts = _random_prompts(8, seed=hash(which) % 1000)
+    prompts = _random_prompts(8, seed=seed)
     ref = hf_greedy(model_dir, prompts, MAX_NEW, stop_at_eos=True)
     got, _ = _kestrel(model_dir, prompts, chunked_prefill_size=32)
     assert got == ref
@@ -67,17 +67,37 @@ def test_embedded_model_matches_hf(variant, embedded_dir, chat_prompt_ids, smoll
     assert engine.pool.num_free + engine.cache.evictable_size == engine.pool.size
 
 
-def test_bf16_agreement_with_hf_bf16(embedded_dir, chat_prompt_ids):
-    """bf16 rounding differs between any two implementations; most greedy sequences still agree."""
+# Measured on AMD EPYC (Zen 4) through both of oneDNN's bf16 paths: native AVX512-BF16, and the AVX2 path
+# (ONEDNN_MAX_CPU_ISA=AVX2, as on CPUs without bf16 units): see the closing note of the hardening issue.
+BF16_MEAN_ABS_LOGPROB_ERROR = 0.08
+BF16_TOP1_AGREEMENT = 0.9
+
+
+def test_bf16_stays_close_to_the_float32_reference(embedded_dir, chat_prompt_ids, smollm_reference):
+    """bf16 rounding differs between any two implementations and between CPU kinds, so free-running greedy
+    sequences drift apart. Teacher-forced along HF's float32 greedy continuations, bf16 must give those
+    tokens nearly the same log-probabilities and mostly pick them as its own top choice."""
     import torch
-    ref = hf_greedy(embedded_dir, chat_prompt_ids, MAX_NEW, dtype=torch.bfloat16)
-    engine = Engine()  # bfloat16 is the CPU default
-    got = [o.token_ids for o in engine.generate(chat_prompt_ids, SamplingParams(max_tokens=MAX_NEW, temperature=0))]
-    same = sum(a == b for a, b in zip(got, ref))
-    prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) for a, b in zip(got, ref)]
-    print(f"\nbf16: {same}/{len(ref)} sequences identical to HF bf16; mean common prefix {sum(prefix)/len(prefix):.1f}"
-          f"/{MAX_NEW} tokens")
-    assert same >= len(ref) // 2
+    from transformers import AutoModelForCausalLM
+    seqs = [p + r for p, r in zip(chat_prompt_ids, smollm_reference)]
+    hf = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=torch.float32).eval()
+    engine = Engine(dtype="bfloat16")
+    outs = engine.generate(seqs, [SamplingParams(max_tokens=1, prompt_logprobs=1, logprob_start_len=len(p))
+                                  for p in chat_prompt_ids])
+    errors, agree = [], []
+    for prompt, seq, out in zip(chat_prompt_ids, seqs, outs):
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([seq])).logits[0].float(), -1)
+        for pos in range(len(prompt), len(seq)):
+            got = out.prompt_logprobs[pos]
+            assert got.token_id == seq[pos]
+            errors.append(abs(got.logprob - ref[pos - 1, seq[pos]].item()))
+            agree.append(next(iter(got.top)) == seq[pos])
+    mean_error, agreement = sum(errors) / len(errors), sum(agree) / len(agree)
+    print(f"\nbf16 vs float32 reference over {len(errors)} positions: mean |logprob error| {mean_error:.4f}, "
+          f"max {max(errors):.3f}, top-1 agreement {agreement:.3f}")
+    assert mean_error < BF16_MEAN_ABS_LOGPROB_ERROR
+    assert agreement >= BF16_TOP1_AGREEMENT
 
 
 def test_shared_prefix_decode_matches_hf(embedded_dir, tokenizer):
