@@ -14,16 +14,18 @@ POOL = 1024
 BOUND = 2 * (1.0 * MAX_PROMPT + 2.0 * POOL)
 
 
-def simulate(policy: str, windows: dict[str, list[tuple[float, float, float]]], until: float, seed: int = 0):
+def simulate(policy: str, windows: dict[str, list[tuple[float, float, float]]], until: float, seed: int = 0,
+             **config):
     """Clients send requests at fixed rates inside their (start, end, rate) windows. Returns a trace of
-    (time, {client: weighted service}, {client: sequences waiting}) after every step, and the simulator."""
+    (time, {client: weighted service}, {client: sequences waiting}) after every step, and the simulator.
+    The trace adds up the ledger's reports (as /metrics does), so it survives clients being forgotten."""
     sim = Simulator(EngineConfig(policy=policy, max_total_tokens=POOL, max_running_requests=8,
-                                 chunked_prefill_size=256))
+                                 chunked_prefill_size=256, **config))
     rng = random.Random(seed)
     arrivals = sorted((start + k / rate, client)
                       for client, spans in windows.items() for start, end, rate in spans
                       for k in range(int((end - start) * rate)))
-    trace, i = [], 0
+    trace, i, served, queued = [], 0, {}, {}
     sim.stalled_steps = 0  # steps that ran nothing although work was queued (must stay 0: work conserving)
     while sim.now < until:
         while i < len(arrivals) and arrivals[i][0] <= sim.now:
@@ -33,8 +35,10 @@ def simulate(policy: str, windows: dict[str, list[tuple[float, float, float]]], 
         had_work = sim.has_work()
         if sim.step().empty and had_work:
             sim.stalled_steps += 1
-        usage = sim.scheduler.clients.usage
-        trace.append((sim.now, {c: u.service for c, u in usage.items()}, {c: u.waiting for c, u in usage.items()}))
+        for c, (service, _, _, waiting) in sim.scheduler.clients.take_changed().items():
+            served[c] = served.get(c, 0.0) + service
+            queued[c] = waiting
+        trace.append((sim.now, dict(served), dict(queued)))
     return trace, sim
 
 
@@ -87,6 +91,47 @@ def test_idle_client_cannot_bank_service_and_the_engine_stays_busy(policy):
         assert gap <= BOUND
     else:
         assert gap > 2 * BOUND
+
+
+def test_forgetting_idle_clients_keeps_the_bound():
+    """Forget every client the moment it is idle: a returning client is lifted like a new one and still
+    cannot take more than the bound's advantage (the argument in VTCPolicy.forget)."""
+    windows = {"heavy": [(0.0, 40.0, 32.0)], "light": [(0.0, 10.0, 8.0), (20.0, 40.0, 8.0)]}
+    trace, sim = simulate("vtc", windows, until=32.0, client_idle_timeout=0.0, max_idle_clients=0)
+    assert sim.stalled_steps == 0
+    t0, t1 = backlogged_span(trace, ["heavy", "light"], 20.0, 32.0)
+    assert t1 - t0 > 10
+    assert gap_range(trace, "heavy", "light", t0, t1) <= BOUND
+
+
+def test_ten_thousand_clients_keep_state_bounded():
+    """A stream of distinct client names (the `user` field): per-client state stays within the idle cap
+    and the time limit, and nothing any client received goes unreported."""
+    from kestrel.server.metrics import Metrics
+
+    sim = Simulator(EngineConfig(policy="vtc", max_total_tokens=4096, max_running_requests=64,
+                                 max_idle_clients=100, client_idle_timeout=30.0))
+    metrics = Metrics(max_client_labels=32)
+    ledger, policy = sim.scheduler.clients, sim.scheduler.policy
+    reported, peak = 0, 0
+    for i in range(10_000):
+        sim.add([1, 2, 3, 4 + i % 50], 2, client=f"user-{i}")
+        if i % 50 == 49:
+            while sim.has_work():
+                sim.step()
+                for c, change in ledger.take_changed().items():
+                    reported += change[2]
+                    metrics.on_client(c, change)
+            peak = max(peak, len(ledger.usage), len(policy.counters), len(ledger._idle))
+    assert peak <= 100 + 50  # the idle cap plus one wave of live clients
+    assert reported == 2 * 10_000
+    assert len(metrics._labelled) == 32 and not metrics._other_waiting
+    total = sum(s.value for m in metrics.client_generation_tokens.collect() for s in m.samples
+                if s.name.endswith("_total"))
+    assert total == 2 * 10_000
+    sim.now += 31.0  # past the idle timeout, everything idle is forgotten at the next step
+    sim.step()
+    assert not ledger.usage and not policy.counters and not ledger._idle and not ledger._live
 
 
 def test_vtc_is_work_conserving_and_costs_no_throughput():

@@ -63,3 +63,22 @@ def test_chunked_prefill_respects_budget(tiny_llama_dir):
     engine.runner.forward = lambda batch: (sizes.append(sum(n for _, n in batch.prefill)), forward(batch))[1]
     engine.generate(_prompts(3, 50), SamplingParams(max_tokens=3, temperature=0.0))
     assert max(sizes) <= 16 and sum(sizes) == 50 + 51 + 52
+
+
+def test_admission_clips_the_output_estimate():
+    """Requests without max_tokens (up to the context length): planning for the whole remaining context
+    admits about half as many as planning for at most clip_max_new_tokens."""
+    from kestrel import EngineConfig
+    from kestrel.engine.simulator import Simulator
+
+    running = {}
+    for clip in (4096, 10**9):
+        sim = Simulator(EngineConfig(max_total_tokens=16384, clip_max_new_tokens=clip), context_length=8192)
+        for i in range(32):
+            sim.add([7] * 99 + [i], max_tokens=8192 - 100)
+        for _ in range(3):
+            sim.step()
+        running[clip] = len(sim.scheduler.running)
+    # 16384 slots over (100 + 0.3 * min(8092, clip)) reserved per request: 6.5 unclipped, 12.3 clipped
+    assert running[10**9] == 6
+    assert running[4096] >= 2 * running[10**9]
