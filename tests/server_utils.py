@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -23,12 +24,14 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        # the server's output goes to a file: a pipe nobody reads would fill up and block the server
+        self.log_file = tempfile.NamedTemporaryFile("w+", prefix="kestrel-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen([sys.executable, "-m", "kestrel.cli", "serve", "--port", str(self.port), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                                     stdout=self.log_file, stderr=subprocess.STDOUT, text=True, env=env)
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("server exited during start:\n" + self.proc.stdout.read())
+                raise RuntimeError("server exited during start:\n" + self.log())
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -37,6 +40,10 @@ class ServerProcess:
             time.sleep(0.3)
         self.proc.kill()
         raise RuntimeError("server did not become healthy")
+
+    def log(self) -> str:
+        with open(self.log_file.name) as f:
+            return f.read()
 
     def metric(self, name: str) -> float:
         for line in httpx.get(self.url + "/metrics", headers=self.headers).text.splitlines():

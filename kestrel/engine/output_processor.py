@@ -28,7 +28,7 @@ class OutputProcessor:
         if logprob is not None:
             seq.logprobs.append(logprob)
         if seq.detok is None:
-            seq.detok = DecodeStream(ids=seq.prompt_ids[-DETOK_CONTEXT:], skip_special_tokens=p.skip_special_tokens)
+            seq.detok = self._decoder(seq.prompt_ids, p.skip_special_tokens)
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             self.finish(seq, "stop", now)
             return
@@ -52,12 +52,25 @@ class OutputProcessor:
         retokenized boundary); the last token has not been through a forward step yet."""
         seq.output_ids.pop()
         seq.text = seq.text[: seq.text_mark]
-        seq.detok = DecodeStream(ids=(seq.prompt_ids + seq.output_ids)[-DETOK_CONTEXT:],
-                                 skip_special_tokens=seq.params.skip_special_tokens)
+        seq.detok = self._decoder(seq.prompt_ids[-DETOK_CONTEXT:] + seq.output_ids, seq.params.skip_special_tokens)
         for t in tokens:
             self.append(seq, t, None)
             if seq.finish_reason is not None:
                 return
+
+    def _decoder(self, ids: list[int], skip_special_tokens: bool) -> DecodeStream:
+        """A stream decoder positioned after `ids`, whose text has been emitted. Trailing tokens that end
+        inside a multi-byte character have not produced text yet; they are fed again, so the character
+        comes out whole once it completes. (A DecodeStream started on an incomplete character returns its
+        whole context again with the next piece.)"""
+        k = len(ids)
+        while k > 0 and len(ids) - k < 4 and self.backend.decode(
+                ids[max(0, k - DETOK_CONTEXT):k], skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
+            k -= 1
+        stream = DecodeStream(ids=ids[max(0, k - DETOK_CONTEXT):k], skip_special_tokens=skip_special_tokens)
+        for t in ids[k:]:
+            stream.step(self.backend, t)
+        return stream
 
     @staticmethod
     def finish(seq: Sequence, reason: str, now: float) -> None:

@@ -21,6 +21,7 @@ from kestrel.server.server import Flight, Origin, Server
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
+MAX_SEQUENCES = 256  # completions (prompts x n) in one request
 
 
 def sse(obj) -> str:
@@ -39,8 +40,36 @@ async def started(stream: AsyncIterator[str], flight: Flight) -> StreamingRespon
     return StreamingResponse(stream, media_type="text/event-stream")
 
 
+async def collect(request: Request, flights: list[Flight]) -> list:
+    """Results of non-streaming flights. If one fails, the others are aborted; if the client goes away,
+    all are aborted (as a stream's would be), so no work is done for nobody."""
+    server: Server = request.app.state.server
+
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        for f in flights:
+            server.client.abort(f.rid)
+
+    watcher = asyncio.create_task(watch())
+    tasks = [asyncio.create_task(server.collect(f)) for f in flights]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in pending:
+            t.cancel()
+        for t in tasks:
+            if t in done and t.exception() is not None:
+                raise t.exception()
+        return [t.result() for t in tasks]
+    finally:
+        watcher.cancel()
+        for f in flights:
+            f.close()
+
+
 def build_app(server: Server) -> FastAPI:
     app = FastAPI(title="Kestrel", version="0.1.0")
+    app.state.server = server
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
@@ -101,7 +130,7 @@ def build_app(server: Server) -> FastAPI:
         flight = server.open(ids, params, cid, origin)
         if req.stream:
             return await started(chat_stream(req, flight, head), flight)
-        r = await server.collect(flight)
+        r, = await collect(request, [flight])
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                     "logprobs": server.chat_logprobs(c.logprobs) if req.logprobs else None,
                     "finish_reason": c.finish_reason} for i, c in enumerate(r.choices)]
@@ -143,6 +172,9 @@ def build_app(server: Server) -> FastAPI:
             params = req.sampling_params(max_tokens, req.logprobs)
             server.validate(params)
             jobs.append((ids, params))
+        if len(jobs) * req.n > MAX_SEQUENCES:
+            raise APIError(400, f"prompts x n = {len(jobs) * req.n} completions; at most {MAX_SEQUENCES} per request",
+                           "n")
         if len(jobs) > server.max_inflight - server.inflight:
             server.admit()  # 503 if the engine is down; else the queue limit cannot take them all
             raise APIError(503, "the server is over its queue limit; retry shortly", kind="service_unavailable",
@@ -159,12 +191,7 @@ def build_app(server: Server) -> FastAPI:
             raise
         if req.stream:
             return await started(completion_stream(req, flights[0], head), flights[0])
-        results = await asyncio.gather(*(server.collect(f) for f in flights), return_exceptions=True)
-        for f in flights:
-            f.close()
-        failed = next((r for r in results if isinstance(r, BaseException)), None)
-        if failed is not None:
-            raise failed
+        results = await collect(request, flights)
         choices, n_prompt, n_out, cached = [], 0, 0, 0
         for ids, r in zip(all_ids, results):
             prefix = server.tokenizer.decode(ids) if req.echo else ""
@@ -229,7 +256,7 @@ def build_app(server: Server) -> FastAPI:
         flight = server.open(ids, params, rid, origin)
         if req.stream:
             return await started(generate_stream(flight), flight)
-        r = await server.collect(flight)
+        r, = await collect(request, [flight])
 
         def pairs(lps):  # SGLang's shape: [logprob, token_id, top {token_id: logprob}]
             return [[x.logprob, x.token_id, {str(t): v for t, v in x.top.items()}] for x in lps if x is not None]

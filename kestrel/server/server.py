@@ -139,10 +139,12 @@ class Server:
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         from jinja2 import TemplateError
 
+        if not messages:
+            raise APIError(400, "messages must hold at least one message", "messages")
         self.check_text_size(sum(len(m["content"]) for m in messages), "messages")
         try:
             return chat_template_ids(self.tokenizer, messages, add_generation_prompt)
-        except TemplateError as e:
+        except (TemplateError, ValueError) as e:
             raise APIError(400, f"the model's chat template rejected these messages: {e}", "messages") from None
 
     def limits(self, n_prompt: int, max_tokens: Optional[int], param: str) -> int:
