@@ -150,8 +150,12 @@ class Chaos:
 
     async def client(self, i: int, deadline: float) -> None:
         rng = random.Random(1000 + i)
-        api = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=120)
-        async with httpx.AsyncClient(base_url=self.url, timeout=120) as http:
+        # A fresh connection per request: reusing an idle keep-alive connection races with the server closing
+        # it (uvicorn's keep-alive timeout) and fails on the client side, whatever the server does.
+        fresh = httpx.Limits(max_keepalive_connections=0)
+        api = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=120,
+                                 http_client=httpx.AsyncClient(limits=fresh, timeout=120))
+        async with httpx.AsyncClient(base_url=self.url, timeout=120, limits=fresh) as http:
             while time.monotonic() < deadline:
                 action = rng.choices(["non-streaming", "stream", "disconnect", "abort", "native", "invalid"],
                                      [4, 3, 1, 1, 2, 1])[0]

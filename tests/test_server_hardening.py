@@ -181,3 +181,20 @@ def test_engine_is_restarted_after_it_dies(tiny_llama_dir):
         assert srv.metric("kestrel:engine_restarts") == 1
     finally:
         assert srv.stop() == 0
+
+
+def test_client_leaving_a_non_streaming_request_aborts_it(server):
+    def aborted() -> float:
+        for line in httpx.get(server.url + "/metrics", headers=AUTH).text.splitlines():
+            if line.startswith('kestrel:request_success_total{finished_reason="abort"}'):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+    before = aborted()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", headers=AUTH, timeout=1.0,
+                   json={"model": "default", "prompt": "x", "max_tokens": 2000, "ignore_eos": True})
+    deadline = time.time() + 10
+    while aborted() == before and time.time() < deadline:
+        time.sleep(0.1)
+    assert aborted() == before + 1
+    assert server.metric("kestrel:num_requests_running") == 0

@@ -1,0 +1,74 @@
+"""dtype="auto" against float32 and bfloat16 on this CPU, and on this CPU with oneDNN capped to AVX2 (what a
+CPU without native bf16 runs). Embedded model, 16 prompts of ~200 tokens -> 64 tokens, greedy, ignore_eos.
+
+    .venv/bin/python benchmarks/bench_dtype.py            # prints a table, writes benchmarks/results/dtype.json
+
+Each row runs in its own process (the ISA cap must be set before oneDNN starts); ratios are within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONE = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+from benchmarks.workloads import random_batch
+from kestrel import Engine, SamplingParams
+e = Engine(dtype={dtype!r})
+prompts = random_batch(e.tokenizer, {num}, {prompt_len}, seed=0)
+e.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))
+e.cache.evict(e.cache.evictable_size)
+t = time.perf_counter()
+outs = e.generate(prompts, SamplingParams(max_tokens={max_tokens}, temperature=0.0, ignore_eos=True))
+wall = time.perf_counter() - t
+n = sum(o.output_tokens for o in outs)
+print("RESULT" + json.dumps(dict(resolved=str(e.dtype).replace("torch.", ""), reason=e.placement.dtype_reason,
+                                 output_tok_s=n / wall, wall_s=wall)))
+"""
+
+
+def run(dtype: str, isa: str | None, args) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    if isa:
+        env["ONEDNN_MAX_CPU_ISA"] = isa
+    code = ONE.format(root=ROOT, dtype=dtype, num=args.num, prompt_len=args.prompt_len, max_tokens=args.max_tokens)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return json.loads(line[6:])
+    raise RuntimeError(proc.stderr[-3000:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=200)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "dtype.json"))
+    args = ap.parse_args()
+    import torch
+    caps = torch.cpu.get_capabilities()
+    cpu = f"{caps.get('cpu_name', '?')} (avx512_bf16={caps.get('avx512_bf16')}, amx_bf16={caps.get('amx_bf16')})"
+    results = {"cpu": cpu, "workload": f"{args.num} x {args.prompt_len} -> {args.max_tokens}", "rows": []}
+    print(f"CPU: {cpu}; workload {results['workload']} tokens, embedded model")
+    for isa, label in ((None, "this CPU"), ("AVX2", "oneDNN capped to AVX2")):
+        rows = {d: run(d, isa, args) for d in ("float32", "bfloat16", "auto")}
+        best = max(r["output_tok_s"] for r in rows.values())
+        for d, r in rows.items():
+            results["rows"].append(dict(isa=label, dtype=d, **r))
+            print(f"  {label:22s} dtype={d:9s} -> {r['resolved']:9s} {r['output_tok_s']:7.1f} tok/s "
+                  f"({r['output_tok_s'] / best:.2f} of the best)" + (f"  [{r['reason']}]" if d == "auto" else ""))
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
