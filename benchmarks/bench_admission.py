@@ -11,12 +11,12 @@ tokens in both (seeded), so concurrency and throughput compare how well the batc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import RESULTS, save_results  # noqa: E402
 from kestrel import Engine, SamplingParams  # noqa: E402
 
 TOPICS = ["kestrels", "bridges", "the ocean", "winter", "libraries", "gardens", "music theory", "rivers",
@@ -64,7 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--outstanding", type=int, default=64, help="chat requests kept in the engine")
     ap.add_argument("--duration", type=float, default=90.0, help="seconds per run")
-    ap.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "admission.json"))
+    ap.add_argument("--output", default=os.path.join(RESULTS, "admission.json"))
     args = ap.parse_args()
     unclipped, clipped = run(10**9, args.outstanding, args.duration), run(4096, args.outstanding, args.duration)
     print(f"{args.outstanding} chat requests without max_tokens kept in the engine for {args.duration:.0f} s; "
@@ -75,10 +75,7 @@ def main() -> None:
               f"{r['output_tok_s']:6.1f} tok/s  {r['finished']:4d} finished  retractions {r['retractions']}")
     print(f"  ratio: {clipped['mean_running'] / unclipped['mean_running']:.2f}x mean concurrency, "
           f"{clipped['output_tok_s'] / unclipped['output_tok_s']:.2f}x throughput")
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(dict(before=unclipped, after=clipped), f, indent=2)
-    print(f"wrote {args.output}")
+    save_results(dict(before=unclipped, after=clipped), args.output)
 
 
 if __name__ == "__main__":

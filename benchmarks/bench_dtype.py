@@ -8,12 +8,12 @@ Each row runs in its own process (the ISA cap must be set before oneDNN starts);
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.common import RESULTS, run_for_result, save_results  # noqa: E402
 ONE = """
 import json, sys, time
 sys.path.insert(0, {root!r})
@@ -38,11 +38,10 @@ def run(dtype: str, isa: str | None, args) -> dict:
     if isa:
         env["ONEDNN_MAX_CPU_ISA"] = isa
     code = ONE.format(root=ROOT, dtype=dtype, num=args.num, prompt_len=args.prompt_len, max_tokens=args.max_tokens)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT"):
-            return json.loads(line[6:])
-    raise RuntimeError(proc.stderr[-3000:])
+    result = run_for_result(sys.executable, code, env)
+    if result is None:
+        raise SystemExit(f"the dtype={dtype} run failed")
+    return result
 
 
 def main() -> None:
@@ -50,7 +49,7 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "dtype.json"))
+    ap.add_argument("--output", default=os.path.join(RESULTS, "dtype.json"))
     args = ap.parse_args()
     import torch
     caps = torch.cpu.get_capabilities()
@@ -64,10 +63,7 @@ def main() -> None:
             results["rows"].append(dict(isa=label, dtype=d, **r))
             print(f"  {label:22s} dtype={d:9s} -> {r['resolved']:9s} {r['output_tok_s']:7.1f} tok/s "
                   f"({r['output_tok_s'] / best:.2f} of the best)" + (f"  [{r['reason']}]" if d == "auto" else ""))
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.output}")
+    save_results(results, args.output)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import RESULTS, run_for_result, save_results  # noqa: E402
 from benchmarks.workloads import random_batch, shared_prefix_batch  # noqa: E402
 from kestrel import Engine, SamplingParams  # noqa: E402
 
@@ -76,12 +76,7 @@ n = sum(len(o.outputs[0].token_ids) for o in outs)
 print("RESULT" + json.dumps(dict(wall_s=wall, output_tokens=n, output_tok_s=n / wall)))
 """
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
-    proc = subprocess.run([python, "-c", script], input=json.dumps(prompts), capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT"):
-            return json.loads(line[6:])
-    print("vLLM run failed:\n" + proc.stderr[-3000:], file=sys.stderr)
-    return None
+    return run_for_result(python, script, env, stdin=json.dumps(prompts))
 
 
 def versus_vllm(section: dict, rows: list, python: str, prompts, max_tokens, prefix_caching, model_dir, ours) -> None:
@@ -130,7 +125,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="batch,shared,decode1")
     ap.add_argument("--vllm-python", help="python of an environment with vLLM installed, to run the peer")
-    ap.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "engine.json"))
+    ap.add_argument("--output", default=os.path.join(RESULTS, "engine.json"))
     args = ap.parse_args()
     sections = set(args.only.split(","))
     probe = Engine(max_total_tokens=64)
@@ -164,10 +159,7 @@ def main() -> None:
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, width)))
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.output}")
+    save_results(results, args.output)
 
 
 if __name__ == "__main__":

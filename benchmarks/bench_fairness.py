@@ -14,16 +14,15 @@ between backlogged clients and the throughput of both policies. Results go to fa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import RESULTS, save_results  # noqa: E402
 from kestrel import Engine, SamplingParams  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PROMPT_LEN, OUTPUT_LEN = 64, 32
 
 
@@ -164,8 +163,7 @@ def main() -> None:
         ratio = summary[f"{name}/vtc"]["throughput_service_per_s"] / summary[f"{name}/fcfs"]["throughput_service_per_s"]
         summary[f"{name}/throughput_ratio_vtc_over_fcfs"] = ratio
         print(f"{name:5s} throughput vtc / fcfs = {ratio:.3f}")
-    with open(os.path.join(RESULTS, "fairness.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    save_results(summary, os.path.join(RESULTS, "fairness.json"))
 
 
 if __name__ == "__main__":

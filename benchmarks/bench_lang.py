@@ -19,10 +19,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kestrel as kl  # noqa: E402
+from benchmarks.common import RESULTS, save_results  # noqa: E402
 from benchmarks.programs import fork_heavy  # noqa: E402
 from kestrel import Engine, SamplingParams  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 REVIEWS = ["Cheap and cheerful, does the job.", "Broke on day one, avoid.", "It is fine. Nothing more to say.",
            "My kids love it and so do I!", "Smells of plastic and the lid leaks.", "Fast shipping, works as described.",
            "Not worth half the price.", "Exceeded every expectation I had."]
@@ -97,14 +97,12 @@ def main() -> None:
     ap.add_argument("--only", choices=["fork", "jump"])
     ap.add_argument("--runs", type=int, default=64)
     args = ap.parse_args()
-    os.makedirs(RESULTS, exist_ok=True)
     results = {}
     if args.only in (None, "fork"):
         results["fork_heavy"] = fork_section(args.runs)
     if args.only in (None, "jump"):
         results["jump_forward"] = jump_section(32)
-    with open(os.path.join(RESULTS, "lang.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    save_results(results, os.path.join(RESULTS, "lang.json"))
 
 
 if __name__ == "__main__":

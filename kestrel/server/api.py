@@ -17,7 +17,7 @@ from kestrel.engine.sampling_params import SamplingParams
 from kestrel.server.middleware import Guard
 from kestrel.server.protocol import (AbortRequest, APIError, ChatCompletionRequest, CompletionRequest,
                                      DetokenizeRequest, GenerateRequest, TokenizeRequest)
-from kestrel.server.server import Flight, Origin, Server
+from kestrel.server.server import Flight, Server
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_PROMPTS = 256  # prompts in one /v1/completions request

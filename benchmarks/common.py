@@ -1,0 +1,27 @@
+"""What the benchmark scripts share: where results go, and running a measurement in another process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Optional
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def save_results(data, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    print(f"wrote {path}")
+
+
+def run_for_result(python: str, code: str, env: Optional[dict] = None, stdin: Optional[str] = None) -> Optional[dict]:
+    """Run `code` with `python`; it prints one line "RESULT" + JSON. None (and its stderr shown) if it fails."""
+    proc = subprocess.run([python, "-c", code], input=stdin, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return json.loads(line[6:])
+    print("run failed:\n" + proc.stderr[-3000:], file=sys.stderr)
+    return None
