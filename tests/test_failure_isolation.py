@@ -23,12 +23,13 @@ def _poisoned(seqs) -> bool:
 
 
 def _break_forward(engine: Engine) -> None:
-    """The forward runs (writing K/V into the batch's slots), then raises if a poisoned row is in it."""
+    """The forward runs (writing K/V into the batch's slots), then raises if the poisoned prompt's
+    prefill is in it."""
     real = engine.runner.forward
 
-    def forward(batch):
-        out = real(batch)
-        if _poisoned(batch.sequences):
+    def forward(fb):
+        out = real(fb)
+        if bool((fb.input_ids == POISON).any()):
             raise RuntimeError("injected forward failure")
         return out
     engine.runner.forward = forward

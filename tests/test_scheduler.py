@@ -37,14 +37,19 @@ def test_preemption_happens_and_is_exact(tiny_llama_dir):
     assert engine.scheduler.num_retractions > 0
 
 
+def _chunks(fb) -> list[int]:
+    """Token counts of a ForwardBatch's multi-token rows (prefill chunks)."""
+    return [fb.q_starts[r + 1] - fb.q_starts[r] for r in range(fb.num_decode, fb.num_rows)]
+
+
 def test_new_requests_join_running_batch(tiny_llama_dir):
     engine = Engine(tiny_llama_dir, dtype="float32")
     batches = []
     forward = engine.runner.forward
 
-    def record(batch):
-        batches.append((len(batch.decode), [n for _, n in batch.prefill]))
-        return forward(batch)
+    def record(fb):
+        batches.append((fb.num_decode, _chunks(fb)))
+        return forward(fb)
 
     engine.runner.forward = record
     a = engine.add_request(_prompts(1, 30)[0], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
@@ -60,7 +65,7 @@ def test_chunked_prefill_respects_budget(tiny_llama_dir):
     engine = Engine(tiny_llama_dir, dtype="float32", chunked_prefill_size=16)
     sizes = []
     forward = engine.runner.forward
-    engine.runner.forward = lambda batch: (sizes.append(sum(n for _, n in batch.prefill)), forward(batch))[1]
+    engine.runner.forward = lambda fb: (sizes.append(sum(_chunks(fb))), forward(fb))[1]
     engine.generate(_prompts(3, 50), SamplingParams(max_tokens=3, temperature=0.0))
     assert max(sizes) <= 16 and sum(sizes) == 50 + 51 + 52
 

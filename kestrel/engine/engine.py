@@ -81,7 +81,7 @@ class Engine:
         self.pool = KVPool(size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
         self.table = ReqToTokenTable(cfg.max_running_requests, self.context_length + 1, self.device)
         self.cache = RadixCache(self.pool, enabled=not cfg.disable_radix_cache)
-        self.scheduler = Scheduler(cfg, self.pool, self.table, self.cache, make_policy(cfg))
+        self.scheduler = Scheduler(cfg, self.pool, self.table, self.cache, make_policy(cfg), self.device)
         self.runner = ModelRunner(self.model, self.pool, self.table, self.device)
         self.sampler = Sampler(self.device, cfg.seed)
         eos = set(mc.eos_token_ids)
@@ -207,13 +207,15 @@ class Engine:
     def _compute(self, batch: ScheduledBatch):
         """The forward and sampling of a step; changes nothing but the K/V of the batch's own slots (and the
         sampling generators), so it can run again on part of the batch."""
+        plan = self.scheduler.plan(batch)
         t1 = time.perf_counter()
-        logits, seqs, prompt_logits = self.runner.forward(batch)
+        logits, prompt_logits = self.runner.forward(plan.batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.stats.forward_time += time.perf_counter() - t1
+        seqs = plan.sampling
         tokens, logprobs = self.sampler(logits, seqs) if seqs else ([], [])
-        return seqs, tokens, logprobs, prompt_logits
+        return seqs, tokens, logprobs, (prompt_logits, plan.prompt_scoring) if prompt_logits is not None else None
 
     def _commit(self, batch: ScheduledBatch, seqs, tokens, logprobs, prompt_logits) -> None:
         self.scheduler.advance(batch)

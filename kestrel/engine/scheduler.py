@@ -16,6 +16,7 @@ from kestrel.cache.kv_pool import KVPool, ReqToTokenTable
 from kestrel.cache.radix_cache import RadixCache
 from kestrel.config import EngineConfig
 from kestrel.engine.clients import ClientLedger, ServiceCost
+from kestrel.engine.forward_batch import StepPlan, build
 from kestrel.engine.policy import SchedulePolicy
 from kestrel.engine.request import Sequence, Status
 
@@ -58,8 +59,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, pool: KVPool, table: ReqToTokenTable, cache: RadixCache,
-                 policy: SchedulePolicy):
+                 policy: SchedulePolicy, device: torch.device = torch.device("cpu")):
         self.config = config
+        self.device = device  # where forward batches go
         self.pool = pool
         self.table = table
         self.cache = cache
@@ -160,6 +162,10 @@ class Scheduler:
             seq.num_slots = seq.num_computed + chunk
         batch.decode = decode
         return batch
+
+    def plan(self, batch: ScheduledBatch) -> StepPlan:
+        """The ForwardBatch the runner executes for this (part of a) step, and what its logits are for."""
+        return build(batch.decode, batch.prefill, self.table.table, self.device)
 
     def _room_for_another(self) -> bool:
         return len(self.running) < self.config.max_running_requests and self.table.num_free > 0
