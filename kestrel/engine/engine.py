@@ -23,7 +23,9 @@ from kestrel.engine.scheduler import ScheduledBatch, Scheduler
 from kestrel.engine.allocator import tune_allocator
 from kestrel.engine.clients import ANONYMOUS
 from kestrel.engine.hardware import place
-from kestrel.model.loader import chat_template_ids, load_model, load_tokenizer, resolve_model_dir
+from kestrel import kernels
+from kestrel.model.loader import (chat_template_ids, load_model, load_tokenizer, resolve_model_dir,
+                                  resolve_quantization, source_gguf)
 
 Prompt = Union[str, list[int]]
 log = logging.getLogger("kestrel.engine")
@@ -71,7 +73,9 @@ class Engine:
         self.placement = place(cfg.device, cfg.dtype, cfg.num_threads)
         self.device, self.dtype = self.placement.device, self.placement.dtype
         self.model_dir = resolve_model_dir(cfg.model, cfg.cache_dir)
-        self.model = load_model(self.model_dir, self.dtype, self.device)
+        self.quantization, self.quantization_reason = resolve_quantization(cfg.quantization, self.model_dir, cfg.dtype)
+        self.model = load_model(self.model_dir, self.dtype, self.device, self.quantization, source_gguf(cfg.model))
+        self.model.kernels, self.kernels_reason = kernels.resolve(cfg.kernels, self.device, self.dtype)
         self.tokenizer = load_tokenizer(self.model_dir)
         mc = self.model.cfg
         self.context_length = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -93,6 +97,11 @@ class Engine:
         self._requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
+
+    def describe(self) -> str:
+        """Where and how this engine computes, and why (the server logs it at start)."""
+        return (f"{self.placement.describe()}, weights {self.quantization} ({self.quantization_reason}), "
+                f"{self.kernels_reason}, KV pool {self.pool.size} tokens")
 
     # ---- requests -----------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:

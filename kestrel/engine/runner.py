@@ -12,6 +12,7 @@ from kestrel.model.llama import LlamaForCausalLM
 
 SHARED_PREFIX_MIN_ROWS = 4  # cascade attention pays off once several rows share a prefix
 SHARED_PREFIX_MIN_LEN = 32
+KERNEL_MAX_QUERY_ROWS = 64  # multi-token rows up to this long go to the C++ kernel; longer (prefill) ones to SDPA
 
 
 def _common_prefix_columns(kv_index: torch.Tensor, limit: int) -> int:
@@ -28,6 +29,7 @@ class ModelRunner:
         self.table = table
         self.device = device
         self.shared_prefix_steps = 0  # decode steps that used cascade attention over a shared prefix
+        self.kernels = model.kernels
 
     def attention_metadata(self, fb: ForwardBatch) -> AttentionMetadata:
         """Where each row's keys and values are in the pool, read from the req-to-token table."""
@@ -37,19 +39,44 @@ class ModelRunner:
         if nd:
             lens = fb.kv_lens[:nd]
             max_len, min_len = max(lens), min(lens)
-            meta.decode_kv_index = table[fb.kv_rows[:nd], :max_len]
+            if nd >= SHARED_PREFIX_MIN_ROWS or self.kernels is None:
+                meta.decode_kv_index = table[fb.kv_rows[:nd], :max_len]
             if nd >= SHARED_PREFIX_MIN_ROWS:
                 meta.decode_shared_len = _common_prefix_columns(meta.decode_kv_index, min_len - 1)
                 self.shared_prefix_steps += meta.decode_shared_len > 0
-            if min_len != max_len:
+            if min_len != max_len and (self.kernels is None or meta.decode_shared_len):
                 lengths = torch.tensor(lens, device=table.device)
                 mask = torch.arange(max_len, device=table.device).unsqueeze(0) < lengths.unsqueeze(1)
                 meta.decode_mask = mask.view(nd, 1, 1, max_len)
+        first_multi = nd
+        if self.kernels is not None:
+            first_multi = self._kernel_rows(fb, meta)
         kv_rows = fb.kv_rows.tolist()
-        for i, r in enumerate(range(nd, fb.num_rows)):
+        for i, r in enumerate(range(first_multi, fb.num_rows), start=first_multi - nd):
             meta.multi.append(MultiTokenRow(fb.q_starts[r], fb.q_starts[r + 1], table[kv_rows[r], :fb.kv_lens[r]],
                                             fb.masks[i]))
         return meta
+
+    def _kernel_rows(self, fb: ForwardBatch, meta: AttentionMetadata) -> int:
+        """Give the C++ kernel the decode rows and the causal multi-token rows up to KERNEL_MAX_QUERY_ROWS long
+        that follow them (in order: its output comes first); returns the first row left to `meta.multi`."""
+        nd, end = fb.num_decode, fb.num_decode
+        while (end < fb.num_rows and fb.masks[end - nd] is None
+               and fb.q_starts[end + 1] - fb.q_starts[end] <= KERNEL_MAX_QUERY_ROWS):
+            end += 1
+        if end == 0:
+            return 0
+        # token i of a row with q_len queries and kv_len positions sees kv_len - q_len + i + 1 positions
+        q_lens = [fb.q_starts[r + 1] - fb.q_starts[r] for r in range(end)]
+        lens: list[int] = []
+        for r in range(end):
+            first = fb.kv_lens[r] - q_lens[r] + 1
+            lens.extend(range(first, first + q_lens[r]))
+        counts = torch.tensor(q_lens)
+        meta.table = self.table.table
+        meta.token_rows = torch.repeat_interleave(fb.kv_rows[:end], counts) if end > nd else fb.kv_rows[:nd]
+        meta.token_lens = torch.tensor(lens, dtype=torch.int64)
+        return end
 
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -34,6 +34,12 @@ class AttentionMetadata:
     decode_mask: Optional[torch.Tensor] = None  # [num_decode, 1, 1, max_kv_len] bool, None if no padding
     decode_shared_len: int = 0  # leading kv_index columns identical in every decode row (a shared prefix)
     multi: list[MultiTokenRow] = field(default_factory=list)
+    # For the C++ kernel, which reads K/V through the req-to-token table in place: the table, and for each
+    # query token it serves (all decode tokens, then causal multi-token rows' tokens) its table row and how
+    # many positions it sees. Rows with an explicit mask stay in `multi`.
+    table: Optional[torch.Tensor] = None
+    token_rows: Optional[torch.Tensor] = None
+    token_lens: Optional[torch.Tensor] = None
 
 
 def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
@@ -68,16 +74,44 @@ def paged_attention(
         o = F.scaled_dot_product_attention(qd, kk, vv, attn_mask=meta.decode_mask)
         outs.append(o.reshape(b, num_heads * head_dim))
     for row in meta.multi:
-        kk = k_cache.index_select(0, row.kv_index).transpose(0, 1).unsqueeze(0)
-        vv = v_cache.index_select(0, row.kv_index).transpose(0, 1).unsqueeze(0)
-        qq = q[row.start:row.end].transpose(0, 1).unsqueeze(0)
-        q_len, kv_len = row.end - row.start, row.kv_index.shape[0]
-        mask = row.mask
-        if mask is None and q_len != kv_len:
-            mask = causal_mask(q_len, kv_len, q.device)
-        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        outs.append(o[0].transpose(0, 1).reshape(q_len, num_heads * head_dim))
+        outs.append(_row_attention(q, k_cache, v_cache, row))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def kernel_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     kernels) -> torch.Tensor:
+    """Attention with K/V already in the pool (the caller stored them): the C++ kernel for every token it
+    serves, reading slots through the table; a shared-prefix decode batch keeps the cascade path, and rows
+    with an explicit mask go through SDPA. q: [T, H, D] -> [T, H*D]."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    outs = []
+    served = 0
+    if meta.num_decode and meta.decode_shared_len:
+        outs.append(_shared_prefix_decode(q[:meta.num_decode], k_cache, v_cache, meta))
+        served = meta.num_decode
+    rows = meta.token_rows
+    if served == 0 and not meta.multi and rows is not None:  # the usual step: one call, no slicing
+        return kernels.paged_attention(q, k_cache, v_cache, meta.table, rows, meta.token_lens, head_dim ** -0.5)
+    if rows is not None and rows.shape[0] > served:
+        outs.append(kernels.paged_attention(q[served:rows.shape[0]], k_cache, v_cache, meta.table, rows[served:],
+                                            meta.token_lens[served:], head_dim ** -0.5))
+    for row in meta.multi:
+        outs.append(_row_attention(q, k_cache, v_cache, row))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, row: MultiTokenRow) -> torch.Tensor:
+    """One multi-token row's attention over its gathered K/V (causal, or its explicit mask)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    kk = k_cache.index_select(0, row.kv_index).transpose(0, 1).unsqueeze(0)
+    vv = v_cache.index_select(0, row.kv_index).transpose(0, 1).unsqueeze(0)
+    qq = q[row.start:row.end].transpose(0, 1).unsqueeze(0)
+    q_len, kv_len = row.end - row.start, row.kv_index.shape[0]
+    mask = row.mask
+    if mask is None and q_len != kv_len:
+        mask = causal_mask(q_len, kv_len, q.device)
+    o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    return o[0].transpose(0, 1).reshape(q_len, num_heads * head_dim)
 
 
 def _shared_prefix_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

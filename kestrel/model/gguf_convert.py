@@ -14,7 +14,7 @@ import tempfile
 
 import numpy as np
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: records the layers' quantization types in kestrel.json
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
 LAYER_NAMES = {
@@ -29,6 +29,7 @@ LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+LINEAR_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def default_cache_dir() -> str:
@@ -114,9 +115,23 @@ def convert_gguf(gguf_path: str, out_dir: str, progress: bool = True) -> None:
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+    layer_types = sorted({t.tensor_type.name for t in reader.tensors
+                          if t.name.startswith("blk.") and t.name.split(".")[2] in LINEAR_KINDS})
+    with open(os.path.join(out_dir, "kestrel.json"), "w") as f:
+        json.dump({"gguf_file": os.path.abspath(gguf_path), "gguf_layer_types": layer_types}, f, indent=2)
     tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_path)),
                                               gguf_file=os.path.basename(gguf_path))
     tokenizer.save_pretrained(out_dir)
+
+
+def gguf_layer_types(model_dir: str) -> list[str]:
+    """The quantization types of the layers' linear weights of the GGUF file a converted directory came from
+    (empty for a directory that was not converted from GGUF)."""
+    path = os.path.join(model_dir, "kestrel.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["gguf_layer_types"]
 
 
 def cached_hf_dir(gguf_path: str, cache_dir: str | None = None, progress: bool = True) -> str:

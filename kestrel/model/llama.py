@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kestrel.model.attention import AttentionMetadata, paged_attention
+from kestrel.model.attention import AttentionMetadata, kernel_attention, paged_attention
 from kestrel.model.linear import Linear, can_prepack
 from kestrel.model.model_config import ModelConfig
+from kestrel.model.quant import Int8Linear, quantize
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -52,7 +53,7 @@ class DecoderLayer(nn.Module):
         self.post_norm = nn.Parameter(torch.ones(h))
         self.gate_up = nn.Parameter(torch.empty(2 * cfg.intermediate_size, h))
         self.down = nn.Parameter(torch.empty(h, cfg.intermediate_size))
-        self.fast: tuple[Linear, Linear, Linear, Linear] | None = None  # qkv, o, gate_up, down
+        self.fast: tuple | None = None  # qkv, o, gate_up, down: Linear or QuantLinear, set by freeze()
 
     def linears(self) -> tuple[Linear, Linear, Linear, Linear]:
         if self.fast is None:
@@ -72,23 +73,40 @@ class LlamaForCausalLM(nn.Module):
         self.inv_freq = rope_inv_freq(cfg)  # float32, deliberately not a buffer: .to(bf16) must not round it
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lm_head: Linear | None = None
+        self.kernels = None  # the C++ CPU kernels module (kestrel.kernels), or None: PyTorch ops alone
+        self._layer_specs: tuple | None = None  # the layers as decoder_layers() takes them (see layer_specs)
 
     @torch.no_grad()
-    def freeze(self) -> None:
-        """Prepare for inference after loading: pre-pack weights where that is exact and faster.
+    def freeze(self, quantization: str = "none", prebuilt: dict[int, dict] | None = None) -> None:
+        """Prepare for inference after loading: pre-pack weights where that is exact and faster, or quantize
+        them (int8 | int4; the output head is int8 under both). `prebuilt` holds layers' linears already
+        quantized (read straight from a GGUF file), by layer index and name.
 
-        Packed weights replace the dense ones (the embedding stays dense for lookups), so the model's
-        weights cannot be reloaded afterwards.
+        Packed or quantized weights replace the dense ones (the embedding stays dense for lookups), so the
+        model's weights cannot be reloaded afterwards.
         """
-        pack = can_prepack(self.embed)
-        for layer in self.layers:
-            layer.fast = (Linear(layer.qkv, layer.qkv_bias, pack), Linear(layer.o, None, pack),
-                          Linear(layer.gate_up, None, pack), Linear(layer.down, None, pack))
-            if pack:
-                for name in ("qkv", "o", "gate_up", "down"):
+        pack = quantization == "none" and can_prepack(self.embed)
+        self._layer_specs = None
+        names = ("qkv", "o", "gate_up", "down")
+        for i, layer in enumerate(self.layers):
+            ready = (prebuilt or {}).get(i, {})
+            fast = []
+            for name in names:
+                bias = layer.qkv_bias if name == "qkv" else None
+                if name in ready:
+                    fast.append(ready[name])
+                elif quantization == "none":
+                    fast.append(Linear(getattr(layer, name), bias, pack))
+                else:
+                    fast.append(quantize(getattr(layer, name), bias, quantization))
+            layer.fast = tuple(fast)
+            for name in names:
+                if pack or quantization != "none" or name in ready:
                     getattr(layer, name).data = torch.empty(0, dtype=self.embed.dtype)
         head = self.embed if self.lm_head is None else self.lm_head
-        self._lm_head = Linear(head, None, pack)
+        self._lm_head = Linear(head, None, pack) if quantization == "none" else Int8Linear.from_float(head)
+        if quantization != "none" and self.lm_head is not None:
+            self.lm_head.data = torch.empty(0, dtype=self.embed.dtype)
 
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for every position, computed in float32 as HF does, then cast to the model dtype."""
@@ -108,6 +126,8 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """Hidden states after the final norm, [T, hidden]."""
+        if self.kernels is not None:
+            return self._forward_kernels(input_ids, positions, meta, kv_caches)
         cfg = self.cfg
         nh, nkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         num_tokens = input_ids.shape[0]
@@ -133,6 +153,56 @@ class LlamaForCausalLM(nn.Module):
             hidden = hidden + down_proj(F.silu(gate) * up)
         return F.rms_norm(hidden, norm_shape, self.norm, eps)
 
+    def layer_specs(self) -> tuple | None:
+        """The layers' weights flattened for the C++ decoder_layers(): norms, linear kinds (0 dense, 1 int8,
+        2 int4), int4 group sizes, tensors. None when a linear is one it cannot call (oneDNN-packed bf16)."""
+        if self._layer_specs is None:
+            norms, kinds, groups, tensors = [], [], [], []
+            for layer in self.layers:
+                norms += [layer.input_norm, layer.post_norm]
+                for lin in layer.linears():
+                    if isinstance(lin, Linear):
+                        if lin.packed:
+                            self._layer_specs = ()
+                            return None
+                        kinds.append(0); groups.append(0); tensors.append([lin.weight])
+                    elif lin.kind == "int8":
+                        kinds.append(1); groups.append(0); tensors.append([lin.q, lin.scale])
+                    else:
+                        kinds.append(2); groups.append(lin.group); tensors.append([lin.packed, lin.scales_zeros])
+                    if lin.bias is not None:
+                        tensors[-1].append(lin.bias)
+            self._layer_specs = (norms, kinds, groups, tensors)
+        return self._layer_specs or None
+
+    def _forward_kernels(self, input_ids, positions, meta, kv_caches) -> torch.Tensor:
+        """forward() with the small ops fused in C++: residual add + RMSNorm, RoPE + K/V store, SiLU * up, and
+        attention reading K/V in place. The same math as forward(), rounded the same way, in ~8 ops a layer.
+        When the table serves every token's attention (decode steps), all layers run in one C++ call."""
+        cfg, ops = self.cfg, self.kernels
+        nh, nkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        num_tokens = input_ids.shape[0]
+        cos_table, sin_table = self.rope_tables()
+        hidden = F.embedding(input_ids, self.embed)
+        specs = self.layer_specs()
+        if (specs is not None and meta.token_rows is not None and not meta.multi and not meta.decode_shared_len
+                and meta.token_rows.shape[0] == num_tokens):
+            norms, kinds, groups, tensors = specs
+            return ops.decoder_layers(hidden, norms, self.norm, kinds, groups, tensors, [k for k, _ in kv_caches],
+                                      [v for _, v in kv_caches], positions, cos_table, sin_table, meta.slot_mapping,
+                                      meta.table, meta.token_rows, meta.token_lens, nh, nkv, eps)
+        delta = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears()
+            x = ops.add_rms_norm(hidden, delta, layer.input_norm, eps)
+            qkv = qkv_proj(x).contiguous()
+            ops.rope_store(qkv, positions, cos_table, sin_table, k_cache, v_cache, meta.slot_mapping, nh, nkv)
+            q = qkv.view(num_tokens, nh + 2 * nkv, d)[:, :nh]
+            attn = kernel_attention(q, k_cache, v_cache, meta, ops)
+            x = ops.add_rms_norm(hidden, o_proj(attn), layer.post_norm, eps)
+            delta = down_proj(ops.silu_mul(gate_up_proj(x)))
+        return ops.add_rms_norm(hidden, delta, self.norm, eps)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given hidden rows."""
         if self._lm_head is not None:
@@ -141,8 +211,9 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(hidden, head).float()
 
     @torch.no_grad()
-    def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load tensors named as in Hugging Face checkpoints, fusing q/k/v and gate/up."""
+    def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]], skip_linears: bool = False) -> None:
+        """Load tensors named as in Hugging Face checkpoints, fusing q/k/v and gate/up. With skip_linears the
+        layers' linear weights are not expected (they arrive quantized from elsewhere)."""
         cfg = self.cfg
         d = cfg.head_dim
         q_rows, kv_rows, inter = cfg.num_heads * d, cfg.num_kv_heads * d, cfg.intermediate_size
@@ -189,8 +260,10 @@ class LlamaForCausalLM(nn.Module):
             else:
                 raise ValueError(f"unexpected weight {name}")
         expected = {"embed", "norm"} | ({"lm_head"} if self.lm_head is not None else set())
-        per_layer = ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
-                     "up_proj.weight", "down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"]
+        per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight"]
+        if not skip_linears:
+            per_layer += ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
+                          "up_proj.weight", "down_proj.weight"]
         if cfg.qkv_bias:
             per_layer += ["q_proj.bias", "k_proj.bias", "v_proj.bias"]
         expected |= {f"{i}.{p}" for i in range(cfg.num_layers) for p in per_layer}

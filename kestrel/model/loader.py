@@ -56,14 +56,58 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+def source_gguf(model: str | None) -> str | None:
+    """The GGUF file a model comes from (the embedded model is one), or None for a HF directory."""
+    if model is None:
+        return embedded_model_path()
+    return model if os.path.isfile(model) and model.endswith(".gguf") else None
+
+
+def resolve_quantization(requested: str, model_dir: str, dtype: str) -> tuple[str, str]:
+    """The quantization to run (none | int8 | int4) and why. `auto` keeps a GGUF file's 4-bit layers as int4
+    (the weights are 4-bit already, and decoding reads a quarter of the bytes), unless `dtype` float32 was
+    asked for explicitly (exact float math); anything else runs unquantized."""
+    from kestrel.model.gguf_blocks import INT4_TYPES
+    from kestrel.model.gguf_convert import gguf_layer_types
+
+    if requested != "auto":
+        return requested, "as requested"
+    kinds = gguf_layer_types(model_dir)
+    if not kinds:
+        return "none", "auto: unquantized weights"
+    if dtype == "float32":
+        return "none", "auto: float32 was asked for"
+    if set(kinds) <= set(INT4_TYPES):
+        return "int4", f"auto: the GGUF layers are {'/'.join(kinds)}"
+    return "none", f"auto: the GGUF layers are {'/'.join(kinds)}"
+
+
+def load_model(model_dir: str, dtype: torch.dtype, device: torch.device, quantization: str = "none",
+               gguf_path: str | None = None) -> LlamaForCausalLM:
+    """The model, its weights in `dtype` or quantized (int8 | int4). With int4 and a GGUF file of Q4_0/Q4_1
+    layers, the layers' linears come straight from the file's blocks and are never held as floats."""
+    if quantization != "none" and device.type != "cpu":
+        raise ValueError(f"quantization {quantization} runs on CPU kernels; use --quantization none on {device}")
     cfg = ModelConfig.from_dir(model_dir)
+    prebuilt = None
+    if quantization == "int4" and gguf_path is not None:
+        from kestrel.model.gguf_blocks import load_int4_layers
+        prebuilt = load_int4_layers(gguf_path, cache_dir=model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
+    skip = set()
+    if prebuilt is not None:  # no float storage for the linears that arrive quantized
+        for layer in model.layers:
+            for name in ("qkv", "o", "gate_up", "down"):
+                setattr(layer, name, torch.nn.Parameter(torch.empty(0)))
+        skip = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     model = model.to_empty(device=device)
-    model.load_hf_weights(iter_safetensors(model_dir))
+    weights = iter_safetensors(model_dir)
+    if skip:
+        weights = ((n, t) for n, t in weights if not (n.endswith(".weight") and n.split(".")[-2] in skip))
+    model.load_hf_weights(weights, skip_linears=bool(skip))
     model = model.to(dtype).eval().requires_grad_(False)
-    model.freeze()
+    model.freeze(quantization, prebuilt)
     return model
 
 

@@ -47,7 +47,7 @@ def engine_main(config: EngineConfig, inbox, outbox) -> None:
         sys.exit(1)
     outbox.put(("ready", dict(model_dir=engine.model_dir, context_length=engine.context_length,
                               vocab_size=engine.vocab_size, max_total_tokens=engine.pool.size,
-                              policy=config.policy, placement=engine.placement.describe())))
+                              policy=config.policy, placement=engine.describe())))
 
     def deliver(deltas, finished) -> None:
         outbox.put(("deltas", deltas, engine_load(engine)))

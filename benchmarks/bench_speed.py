@@ -1,0 +1,258 @@
+"""The speed table: Kestrel against llama.cpp and vLLM's CPU build on this machine, in one run.
+
+    .venv/bin/python benchmarks/bench_speed.py                     # peers from $PEERS_HOME (~/.cache/kestrel-peers)
+    .venv/bin/python benchmarks/bench_speed.py --skip-serving      # engine figures only (a few minutes)
+
+Figures (embedded SmolLM2-135M-Instruct, its GGUF file for llama.cpp, its converted weights for vLLM):
+- batch-1 decode tok/s: llama-bench tg128; Kestrel one request, 128 tokens;
+- prefill tok/s: llama-bench pp512 and pp200; Kestrel one 512-token prompt;
+- decode tok/s at contexts of 512, 2k and 8k tokens (Kestrel, with and without its C++ kernels);
+- share of a batch-1 decode step spent outside the matmul kernels (profiler);
+- serving, `kestrel bench` against each server, N requests at --concurrency streams: random 200 -> 64 and
+  shared-prefix 4 x 512 + 32 -> 64, output tok/s.
+Writes benchmarks/results/speed.json and speed.png. Peers are run when their builds are present
+(../shared/peers/build-llama-cpp.sh, ../shared/peers/install-vllm-cpu.sh). Nothing else should run meanwhile.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.common import RESULTS, run_for_result, save_results  # noqa: E402
+
+KESTREL_CONFIGS = {  # label -> Engine keyword arguments
+    "kestrel default": {},
+    "kestrel default, PyTorch ops only": {"kernels": "torch"},
+    "kestrel float32 unquantized": {"dtype": "float32", "quantization": "none"},
+}
+MATMUL_OPS = ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "mkldnn::_linear_pointwise",
+              "aten::addmm", "aten::mm", "aten::linear", "aten::matmul")
+
+ENGINE = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+import torch
+from kestrel import Engine, SamplingParams
+e = Engine(**{kwargs!r})
+greedy = lambda n, **kw: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+fresh = lambda: e.cache.evict(e.cache.evictable_size)
+ids = [100 + (i * 37) % 40000 for i in range(9000)]  # a fixed token sequence, never a cache hit by accident
+e.generate([ids[:16]], greedy(8)); fresh()
+t = time.perf_counter(); o = e.generate([ids[:16]], greedy(128))[0]; decode = o.output_tokens / (time.perf_counter() - t)
+fresh(); e.generate([ids[1000:1016]], greedy(2)); fresh()
+t = time.perf_counter(); e.generate([ids[1000:1512]], greedy(1)); prefill = 512 / (time.perf_counter() - t)
+at_context = {{}}
+for ctx in {contexts!r}:
+    fresh(); prompt = ids[:ctx]
+    e.generate([prompt], greedy(1))  # cached: the timed run below prefills one token, then decodes
+    t = time.perf_counter(); e.generate([prompt], greedy(1)); one = time.perf_counter() - t
+    t = time.perf_counter(); e.generate([prompt], greedy(33)); many = time.perf_counter() - t
+    at_context[ctx] = 32 / (many - one)
+# share of a batch-1 decode step inside the matmul kernels
+fresh(); rid = e.add_request(ids[:64], greedy(200))
+for _ in range(10): e.step()
+from torch.profiler import profile, ProfilerActivity
+with profile(activities=[ProfilerActivity.CPU]) as prof:
+    t = time.perf_counter()
+    for _ in range(50): e.step()
+    wall = time.perf_counter() - t
+mm = sum(a.self_cpu_time_total for a in prof.key_averages() if a.key in {matmul_ops!r}) / 1e6
+print("RESULT" + json.dumps(dict(describe=e.describe(), decode_tok_s=decode, prefill512_tok_s=prefill,
+    decode_at_context=at_context, step_ms=wall / 50 * 1e3, matmul_ms=mm / 50 * 1e3,
+    outside_matmul_share=1 - mm / wall)))
+"""
+
+
+def cpu_name() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+    flags = next((line for line in out.splitlines() if line.startswith("Flags")), "")
+    kinds = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2") if f" {f}" in flags]
+    return f"{name} ({', '.join(kinds)}), {os.cpu_count()} cores"
+
+
+def kestrel_engine(args) -> dict:
+    rows = {}
+    for label, kwargs in KESTREL_CONFIGS.items():
+        contexts = [512, 2048, 8000] if "float32" not in label else []
+        code = ENGINE.format(root=ROOT, kwargs=kwargs, contexts=contexts, matmul_ops=MATMUL_OPS)
+        print(f"== {label}", flush=True)
+        rows[label] = run_for_result(sys.executable, code, dict(os.environ, HF_HUB_OFFLINE="1"))
+        print(f"   {rows[label]}", flush=True)
+    return rows
+
+
+def llama_bench(bin_dir: str, gguf: str, threads: int) -> dict | None:
+    exe = os.path.join(bin_dir, "llama-bench")
+    if not os.path.exists(exe):
+        return None
+    env = dict(os.environ, LD_LIBRARY_PATH=bin_dir)
+    out = subprocess.run([exe, "-m", gguf, "-t", str(threads), "-p", "200,512", "-n", "128", "-o", "json"],
+                         capture_output=True, text=True, env=env)
+    if out.returncode:
+        print("llama-bench failed:", out.stderr[-2000:])
+        return None
+    res = {}
+    for r in json.loads(out.stdout):
+        key = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+        res[key] = r["avg_ts"]
+    print(f"== llama-bench: {res}", flush=True)
+    return res
+
+
+def _serve(cmd: list[str], port: int, env: dict, timeout: float = 600) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    import httpx
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    _stop(proc)
+    raise RuntimeError(f"{cmd[0]} did not become healthy in {timeout} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def serving(name: str, cmd: list[str], env: dict, port: int, args) -> dict | None:
+    try:
+        proc = _serve(cmd, port, env)
+    except RuntimeError as e:
+        print(f"== {name}: {e}")
+        return None
+    res = {}
+    try:
+        for workload, extra in (("random", ["--input-len", "200"]),
+                                ("shared-prefix", ["--num-groups", "4", "--system-prompt-len", "512",
+                                                   "--question-len", "32"])):
+            path = os.path.join(RESULTS, f"speed-serving-{name.replace(' ', '_')}-{workload}.json")
+            subprocess.run([os.path.join(ROOT, ".venv/bin/kestrel"), "bench", "--base-url", f"http://127.0.0.1:{port}",
+                            "--workload", workload, "--num-requests", str(args.num_requests), "--request-rate", "inf",
+                            "--max-concurrency", str(args.concurrency), "--output-len", "64", *extra, "--output", path],
+                           check=True, capture_output=True)
+            with open(path) as f:
+                data = json.load(f)
+            res[workload] = data["output_token_throughput"]
+            print(f"== {name} {workload}: {res[workload]:.1f} output tok/s ({data.get('completed')} completed)",
+                  flush=True)
+    finally:
+        _stop(proc)
+    return res
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, v) for k, v in results["table"].items() if v]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
+    for ax, (figure, values) in zip(axes if len(panels) > 1 else [axes], panels):
+        names = list(values)
+        ax.barh(names, [values[n] for n in names], color="#3b7dd8")
+        ax.set_title(figure, fontsize=9)
+        ax.tick_params(labelsize=7)
+        for i, n in enumerate(names):
+            ax.text(values[n], i, f" {values[n]:.0f}", va="center", fontsize=7)
+    fig.suptitle(f"tok/s on {results['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--peers-home", default=os.environ.get("PEERS_HOME", os.path.expanduser("~/.cache/kestrel-peers")))
+    ap.add_argument("--num-requests", type=int, default=48)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--skip-serving", action="store_true")
+    ap.add_argument("--port", type=int, default=30611)
+    ap.add_argument("--output", default=os.path.join(RESULTS, "speed.json"))
+    args = ap.parse_args()
+    from kestrel.engine.hardware import place
+    from kestrel.model.loader import embedded_model_path, resolve_model_dir
+
+    threads = place("cpu", "auto", None).threads
+    gguf, model_dir = embedded_model_path(), resolve_model_dir(None)
+    results = {"cpu": cpu_name(), "threads": threads, "command": " ".join(sys.argv), "kestrel": kestrel_engine(args)}
+    llama_bin = os.path.join(args.peers_home, "llama.cpp", "bin")
+    results["llama_bench"] = llama_bench(llama_bin, gguf, threads)
+    serve = {}
+    if not args.skip_serving:
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        serve["kestrel default"] = serving("kestrel default", [os.path.join(ROOT, ".venv/bin/kestrel"), "serve",
+                                                                "--port", str(args.port)], env, args.port, args)
+        if os.path.exists(os.path.join(llama_bin, "llama-server")):
+            ctx = args.concurrency * 1024
+            serve["llama-server"] = serving("llama-server", [
+                os.path.join(llama_bin, "llama-server"), "-m", gguf, "--port", str(args.port), "-t", str(threads),
+                "-np", str(args.concurrency), "-c", str(ctx), "--alias", "default"],
+                dict(env, LD_LIBRARY_PATH=llama_bin), args.port, args)
+        vllm_python = os.path.join(args.peers_home, "vllm", "bin", "python")
+        if os.path.exists(vllm_python):
+            for dtype in ("float32", "bfloat16"):
+                serve[f"vLLM-cpu {dtype}"] = serving(f"vLLM-cpu {dtype}", [
+                    vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+                    "--served-model-name", "default", "--port", str(args.port), "--dtype", dtype,
+                    "--max-model-len", "2048", "--enable-prefix-caching"],
+                    dict(env, VLLM_CPU_KVCACHE_SPACE="2", VLLM_CPU_OMP_THREADS_BIND="all"), args.port, args)
+    results["serving"] = serve
+    k = results["kestrel"]
+    lb = results["llama_bench"] or {}
+    table = {
+        "batch-1 decode tok/s": {**{n: r["decode_tok_s"] for n, r in k.items() if r},
+                                 **({"llama.cpp tg128": lb["tg128"]} if "tg128" in lb else {})},
+        "prefill tok/s": {**{n + " (512)": r["prefill512_tok_s"] for n, r in k.items() if r},
+                          **{f"llama.cpp {p}": lb[p] for p in ("pp200", "pp512") if p in lb}},
+        "serving random 200->64": {n: r["random"] for n, r in serve.items() if r},
+        "serving shared-prefix 4x512+32->64": {n: r["shared-prefix"] for n, r in serve.items() if r},
+    }
+    results["table"] = table
+    best = max((r["decode_tok_s"] for r in k.values() if r), default=None)
+    ratios = {}
+    if best and "tg128" in lb:
+        ratios["batch-1 decode vs llama.cpp tg128"] = best / lb["tg128"]
+    prefill = max((r["prefill512_tok_s"] for r in k.values() if r), default=None)
+    if prefill and "pp512" in lb:
+        ratios["prefill vs llama.cpp pp512"] = prefill / lb["pp512"]
+    mine = serve.get("kestrel default") or {}
+    for peer in [p for p in serve if p != "kestrel default" and serve[p]]:
+        for w in ("random", "shared-prefix"):
+            if w in mine:
+                ratios[f"serving {w} vs {peer}"] = mine[w] / serve[peer][w]
+    results["ratios"] = ratios
+    print(f"\nCPU: {results['cpu']}, {threads} threads")
+    for figure, values in table.items():
+        print(f"{figure}:")
+        for n, v in values.items():
+            print(f"  {n:48s} {v:8.1f}")
+    for n, r in k.items():
+        if r:
+            print(f"{n}: outside matmuls {r['outside_matmul_share']:.0%} of a {r['step_ms']:.2f} ms step; decode at "
+                  + ", ".join(f"{c}: {v:.1f}" for c, v in r.get("decode_at_context", {}).items()))
+    for n, v in ratios.items():
+        print(f"  {n}: {v:.2f}x")
+    save_results(results, args.output)
+    plot(results, os.path.splitext(args.output)[0] + ".png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The C++ CPU kernels against the PyTorch ops they replace, and the engine on them against the engine on
+PyTorch ops alone (HF parity on the kernel path is test_parity's: `kernels="auto"` is the default)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kestrel import Engine, SamplingParams, kernels
+from kestrel.model.attention import causal_mask
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    module = kernels.load()
+    assert module is not None, f"the set-up should have built the C++ kernels: {kernels.error()}"
+    return module
+
+
+def _close(got, ref, dtype):
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.dtype == ref.dtype
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(ops, dtype):
+    torch.manual_seed(0)
+    hidden, delta, w = torch.randn(5, 96, dtype=dtype), torch.randn(5, 96, dtype=dtype), torch.rand(96, dtype=dtype)
+    ref_hidden = hidden + delta
+    # transformers' LlamaRMSNorm: normalise in float32, round to the dtype, then scale by the weight
+    h32 = ref_hidden.float()
+    ref = w * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    got = ops.add_rms_norm(hidden, delta, w, 1e-5)
+    assert torch.equal(hidden, ref_hidden)  # the residual is updated in place
+    _close(got, ref, dtype)
+    _close(ops.add_rms_norm(hidden, None, w, 1e-5), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(ops, dtype):
+    torch.manual_seed(1)
+    gate_up = torch.randn(7, 2 * 80, dtype=dtype) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    _close(ops.silu_mul(gate_up), F.silu(gate) * up, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_store(ops, dtype):
+    torch.manual_seed(2)
+    nh, nkv, d, tokens = 6, 2, 16, 5
+    qkv = torch.randn(tokens, (nh + 2 * nkv) * d, dtype=dtype)
+    positions = torch.tensor([0, 3, 9, 10, 2])
+    slots = torch.tensor([4, 1, 7, 2, 9])
+    angles = torch.outer(torch.arange(16.0), 1.0 / 100 ** (torch.arange(0, d, 2) / d))
+    cos, sin = torch.cat((angles, angles), -1).cos().to(dtype), torch.cat((angles, angles), -1).sin().to(dtype)
+    k_cache, v_cache = torch.zeros(12, nkv, d, dtype=dtype), torch.zeros(12, nkv, d, dtype=dtype)
+    qk = qkv[:, :(nh + nkv) * d].view(tokens, nh + nkv, d)
+    rotated = torch.cat((-qk[..., d // 2:], qk[..., :d // 2]), dim=-1)
+    ref = qk * cos[positions].unsqueeze(1) + rotated * sin[positions].unsqueeze(1)
+    v = qkv[:, (nh + nkv) * d:].view(tokens, nkv, d).clone()
+    ops.rope_store(qkv, positions, cos, sin, k_cache, v_cache, slots, nh, nkv)
+    _close(qkv[:, :(nh + nkv) * d].view(tokens, nh + nkv, d), ref, dtype)
+    assert torch.equal(k_cache[slots], qkv[:, nh * d:(nh + nkv) * d].view(tokens, nkv, d))
+    assert torch.equal(v_cache[slots], v)
+    untouched = torch.ones(12, dtype=torch.bool)
+    untouched[slots] = False
+    assert not k_cache[untouched].any() and not v_cache[untouched].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_attention_matches_sdpa_on_gathered_kv(ops, dtype):
+    """Decode tokens of very different lengths (1 position to several partitions) and a causal chunk, each
+    reading its own scattered slots, against SDPA over K/V gathered per row."""
+    torch.manual_seed(3)
+    nh, nkv, d, slots = 8, 2, 32, 3000
+    k_cache, v_cache = torch.randn(slots, nkv, d, dtype=dtype), torch.randn(slots, nkv, d, dtype=dtype)
+    table = torch.stack([torch.randperm(slots - 1)[:2500] + 1 for _ in range(4)])
+    chunk_row, chunk_kv, chunk_q = 3, 40, 6  # a 6-token chunk whose last token sees 40 positions
+    rows = torch.tensor([0, 1, 2] + [chunk_row] * chunk_q)
+    lens = torch.tensor([1, 300, 2500] + list(range(chunk_kv - chunk_q + 1, chunk_kv + 1)))
+    qkv = torch.randn(len(rows), (nh + 2 * nkv) * d, dtype=dtype)
+    q = qkv.view(len(rows), nh + 2 * nkv, d)[:, :nh]  # strided rows, as the model hands it over
+    got = ops.paged_attention(q, k_cache, v_cache, table, rows, lens, d ** -0.5)
+    ref = []
+    for b in range(3):
+        idx = table[rows[b], :lens[b]]
+        kk, vv = k_cache[idx].transpose(0, 1), v_cache[idx].transpose(0, 1)
+        ref.append(F.scaled_dot_product_attention(q[b].unsqueeze(1), kk, vv, enable_gqa=True).reshape(-1))
+    idx = table[chunk_row, :chunk_kv]
+    kk, vv = k_cache[idx].transpose(0, 1), v_cache[idx].transpose(0, 1)
+    o = F.scaled_dot_product_attention(q[3:].transpose(0, 1), kk, vv, attn_mask=causal_mask(chunk_q, chunk_kv, "cpu"),
+                                       enable_gqa=True)
+    ref = torch.cat([torch.stack(ref), o.transpose(0, 1).reshape(chunk_q, -1)])
+    _close(got, ref, dtype)
+
+
+def test_kernels_reject_bad_input_with_a_clear_error(ops):
+    q = torch.randn(2, 4, 8)
+    cache = torch.randn(10, 2, 8)
+    with pytest.raises(RuntimeError, match="one row and one length per query token"):
+        ops.paged_attention(q, cache, cache, torch.zeros(2, 10, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
+                            torch.ones(2, dtype=torch.int64), 1.0)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ops.add_rms_norm(torch.randn(2, 8), None, torch.ones(8, dtype=torch.bfloat16), 1e-5)
+    with pytest.raises(ValueError, match="kernels must be"):
+        Engine(kernels="fast")
+
+
+def test_engine_on_kernels_equals_engine_on_torch_ops(tiny_llama_dir):
+    """float32 greedy, prefill chunks of several lengths (SDPA rows and kernel rows), decode of mixed lengths,
+    a shared prefix (cascade decode), n > 1: token-identical with the kernels and without them."""
+    prompts = [[5 + (i * 7 + j * 13) % 900 for j in range(n)] for i, n in enumerate((1, 9, 40, 130, 70))]
+    shared = [[17] * 64 + [20 + i] for i in range(6)]
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    outs = {}
+    for which in ("cpp", "torch"):
+        engine = Engine(tiny_llama_dir, dtype="float32", kernels=which, chunked_prefill_size=48)
+        assert (engine.model.kernels is not None) == (which == "cpp")
+        got = [o.token_ids for o in engine.generate(prompts + shared, params)]
+        got += [o.token_ids for o in engine.generate([prompts[2]], SamplingParams(max_tokens=8, n=3, temperature=0.0))]
+        outs[which] = got
+        if which == "cpp":
+            assert engine.runner.shared_prefix_steps > 0
+    assert outs["cpp"] == outs["torch"]

@@ -1,0 +1,102 @@
+"""Weight-only quantization: each kernel against its own dequantized-float reference, GGUF's 4-bit blocks
+read straight in against the float conversion, and a quantized engine against the same engine running the
+dequantized weights densely."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kestrel import Engine, SamplingParams
+from kestrel.model.linear import Linear
+from kestrel.model.quant import Int4Linear, Int8Linear, QuantLinear
+
+
+@pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_its_dequantized_weights(kind, dtype):
+    torch.manual_seed(0)
+    w, bias = torch.randn(96, 128), torch.randn(96)
+    lin = kind.from_float(w, bias)
+    assert (lin.dequantize() - w).abs().mean() < (0.1 if kind is Int4Linear else 0.01)  # a sane quantization
+    for rows in (1, 7, 64):  # the decode and prefill shapes
+        x = torch.randn(rows, 128, dtype=dtype)
+        y = lin(x)
+        assert y.dtype == dtype
+        ref = x.to(torch.bfloat16).float() @ lin.dequantize().t() + bias.to(torch.bfloat16).float()
+        # the kernels take bf16 activations and give bf16 outputs: one bf16 rounding of the result
+        assert torch.allclose(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_int4_needs_rows_in_sixteens():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        Int4Linear.from_float(torch.randn(24, 64))
+
+
+def test_gguf_blocks_load_straight_into_int4(embedded_dir):
+    """The int4 layers read from the embedded GGUF file (Q4_1) hold the very weights the float conversion
+    (which matches transformers' GGUF reader) holds, up to the kernel's bf16 scale and zero."""
+    from safetensors import safe_open
+
+    from kestrel.model.gguf_blocks import load_int4_layers
+    from kestrel.model.loader import embedded_model_path
+
+    layers = load_int4_layers(embedded_model_path())  # straight from the file, not the cache
+    assert layers is not None and len(layers) == 30
+    cached = load_int4_layers(embedded_model_path(), cache_dir=embedded_dir)  # written once, then read
+    with safe_open(os.path.join(embedded_dir, "model.safetensors"), framework="pt") as f:
+        for i in (0, 17, 29):
+            p = f"model.layers.{i}."
+            qkv = torch.cat([f.get_tensor(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            gate_up = torch.cat([f.get_tensor(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")])
+            for name, ref in (("qkv", qkv), ("o", f.get_tensor(p + "self_attn.o_proj.weight")),
+                              ("gate_up", gate_up), ("down", f.get_tensor(p + "mlp.down_proj.weight"))):
+                got = layers[i][name].dequantize()
+                scale = ref.abs().amax(dim=1, keepdim=True)
+                assert ((got - ref).abs() / scale).max() < 0.02, (i, name)  # bf16 rounding of scale and zero
+                assert torch.equal(got, cached[i][name].dequantize()), (i, name)
+
+
+def _dequantized_copy(engine: Engine) -> Engine:
+    """The same engine with every quantized linear replaced by a dense one holding its dequantized weights."""
+    model = engine.model
+    for layer in model.layers:
+        layer.fast = tuple(Linear(f.dequantize().to(torch.bfloat16), f.bias, False) if isinstance(f, QuantLinear)
+                           else f for f in layer.fast)
+    model._lm_head = Linear(model._lm_head.dequantize().to(torch.bfloat16), None, False)
+    return engine
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_engine_matches_its_dequantized_reference(chat_prompt_ids, quantization):
+    """Teacher-forced along the quantized engine's own greedy output, the dense engine running the dequantized
+    weights gives nearly the same log-probabilities, and the same next tokens except at near-ties (logits
+    come out in bf16, whose steps make exact ties common)."""
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    quantized = Engine(dtype="bfloat16", quantization=quantization)
+    assert quantized.quantization == quantization
+    outs = quantized.generate(chat_prompt_ids[:6], params)
+    seqs = [o.prompt_token_ids + o.token_ids for o in outs]
+    score = [SamplingParams(max_tokens=1, prompt_logprobs=1, logprob_start_len=len(o.prompt_token_ids)) for o in outs]
+    mine = quantized.generate(seqs, score)
+    reference = _dequantized_copy(Engine(dtype="bfloat16", quantization=quantization)).generate(seqs, score)
+    errors, agree, margins = [], [], []
+    for a, b, o in zip(mine, reference, outs):
+        for pos in range(len(o.prompt_token_ids), len(a.prompt_token_ids)):
+            ref = b.prompt_logprobs[pos]
+            errors.append(abs(a.prompt_logprobs[pos].logprob - ref.logprob))
+            agree.append(next(iter(ref.top)) == a.prompt_token_ids[pos])
+            if not agree[-1]:  # how far the reference's choice is ahead of the quantized engine's
+                margins.append(max(ref.top.values()) - ref.logprob)
+    assert sum(errors) / len(errors) < 0.05, max(errors)
+    assert sum(agree) / len(agree) >= 0.9
+    assert all(m <= 0.4 for m in margins), margins
+
+
+def test_auto_quantization():
+    e = Engine(max_total_tokens=256)  # the embedded model is a GGUF file of Q4_1 layers
+    assert e.quantization == "int4" and "Q4_1" in e.quantization_reason
+    assert Engine(max_total_tokens=256, dtype="float32").quantization == "none"  # exact float32 asked for
+    out = e.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0.0))[0]
+    assert out.output_tokens == 4
