@@ -213,7 +213,7 @@ def main() -> None:
                     vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                     "--served-model-name", "default", "--port", str(args.port), "--dtype", dtype,
                     "--max-model-len", "2048", "--enable-prefix-caching"],
-                    dict(env, VLLM_CPU_KVCACHE_SPACE="2", VLLM_CPU_OMP_THREADS_BIND="all"), args.port, args)
+                    dict(env, VLLM_CPU_KVCACHE_SPACE="2"), args.port, args)
     results["serving"] = serve
     k = results["kestrel"]
     lb = results["llama_bench"] or {}

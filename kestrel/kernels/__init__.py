@@ -17,7 +17,9 @@ import torch
 
 log = logging.getLogger("kestrel.kernels")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]  # errno-free exp vectorizes
+# -march: this CPU's (KESTREL_KERNELS_MARCH=haswell builds the AVX2-only code, to test it on an AVX-512 machine)
+MARCH = os.environ.get("KESTREL_KERNELS_MARCH", "native")
+FLAGS = ["-O3", f"-march={MARCH}", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]  # errno-free exp vectorizes
 _lock = threading.Lock()
 _loaded: dict[str, Optional[ModuleType]] = {}
 _error: Optional[str] = None
