@@ -30,6 +30,7 @@ from benchmarks.common import RESULTS, run_for_result, save_results  # noqa: E40
 KESTREL_CONFIGS = {  # label -> Engine keyword arguments
     "kestrel default": {},
     "kestrel default, PyTorch ops only": {"kernels": "torch"},
+    "kestrel unquantized": {"quantization": "none"},
     "kestrel float32 unquantized": {"dtype": "float32", "quantization": "none"},
 }
 MATMUL_OPS = ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "mkldnn::_linear_pointwise",
@@ -198,8 +199,9 @@ def main() -> None:
     serve = {}
     if not args.skip_serving:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
-        serve["kestrel default"] = serving("kestrel default", [os.path.join(ROOT, ".venv/bin/kestrel"), "serve",
-                                                                "--port", str(args.port)], env, args.port, args)
+        for label, extra in (("kestrel default", []), ("kestrel unquantized", ["--quantization", "none"])):
+            serve[label] = serving(label, [os.path.join(ROOT, ".venv/bin/kestrel"), "serve", "--port", str(args.port),
+                                           *extra], env, args.port, args)
         if os.path.exists(os.path.join(llama_bin, "llama-server")):
             ctx = args.concurrency * 1024
             serve["llama-server"] = serving("llama-server", [
@@ -233,11 +235,12 @@ def main() -> None:
     prefill = max((r["prefill512_tok_s"] for r in k.values() if r), default=None)
     if prefill and "pp512" in lb:
         ratios["prefill vs llama.cpp pp512"] = prefill / lb["pp512"]
-    mine = serve.get("kestrel default") or {}
-    for peer in [p for p in serve if p != "kestrel default" and serve[p]]:
-        for w in ("random", "shared-prefix"):
-            if w in mine:
-                ratios[f"serving {w} vs {peer}"] = mine[w] / serve[peer][w]
+    for label in ("kestrel default", "kestrel unquantized"):
+        mine = serve.get(label) or {}
+        for peer in [p for p in serve if not p.startswith("kestrel") and serve[p]]:
+            for w in ("random", "shared-prefix"):
+                if w in mine:
+                    ratios[f"serving {w}: {label} vs {peer}"] = mine[w] / serve[peer][w]
     results["ratios"] = ratios
     print(f"\nCPU: {results['cpu']}, {threads} threads")
     for figure, values in table.items():
