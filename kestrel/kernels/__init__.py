@@ -43,6 +43,19 @@ def build_dir() -> str:
     return os.path.join(root, key.hexdigest()[:16])
 
 
+def _put_ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; the pip-installed one sits in this environment's bin, which is not on PATH
+    when the environment's python is run directly (as ./run and ./test do)."""
+    import shutil
+
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def load(verbose: bool = False) -> Optional[ModuleType]:
     """The compiled kernels (building them the first time, ~1 min), or None if they cannot be built here
     (`error()` says why)."""
@@ -54,6 +67,7 @@ def load(verbose: bool = False) -> Optional[ModuleType]:
         try:
             from torch.utils.cpp_extension import load as load_extension
 
+            _put_ninja_on_path()
             path = build_dir()
             os.makedirs(path, exist_ok=True)
             module = load_extension(name="kestrel_cpu_kernels", sources=[SOURCE], extra_cflags=FLAGS,
