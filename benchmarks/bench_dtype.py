@@ -13,7 +13,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import RESULTS, run_for_result, save_results  # noqa: E402
+from benchmarks.common import RESULTS, cpu_name, run_for_result, save_results  # noqa: E402
 ONE = """
 import json, sys, time
 sys.path.insert(0, {root!r})
@@ -51,9 +51,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--output", default=os.path.join(RESULTS, "dtype.json"))
     args = ap.parse_args()
-    import torch
-    caps = torch.cpu.get_capabilities()
-    cpu = f"{caps.get('cpu_name', '?')} (avx512_bf16={caps.get('avx512_bf16')}, amx_bf16={caps.get('amx_bf16')})"
+    cpu = cpu_name()
     results = {"cpu": cpu, "workload": f"{args.num} x {args.prompt_len} -> {args.max_tokens}", "rows": []}
     print(f"CPU: {cpu}; workload {results['workload']} tokens, embedded model")
     for isa, label in ((None, "this CPU"), ("AVX2", "oneDNN capped to AVX2")):

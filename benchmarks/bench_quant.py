@@ -17,7 +17,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import RESULTS, run_for_result, save_results  # noqa: E402
+from benchmarks.common import RESULTS, cpu_name, run_for_result, save_results  # noqa: E402
 
 ONE = """
 import json, math, sys, time
@@ -66,9 +66,7 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--output", default=os.path.join(RESULTS, "quant.json"))
     args = ap.parse_args()
-    import torch
-    caps = torch.cpu.get_capabilities()
-    cpu = f"{caps.get('cpu_name', '?')} (avx512_bf16={caps.get('avx512_bf16')}, amx_bf16={caps.get('amx_bf16')})"
+    cpu = cpu_name()
     configs = [("float32", "none"), ("auto", "none"), ("auto", "int8"), ("auto", "int4")]
     rows = []
     for dtype, quant in configs:

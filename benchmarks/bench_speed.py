@@ -25,7 +25,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import RESULTS, run_for_result, save_results  # noqa: E402
+from benchmarks.common import RESULTS, cpu_name, run_for_result, save_results  # noqa: E402
 
 KESTREL_CONFIGS = {  # label -> Engine keyword arguments
     "kestrel default": {},
@@ -69,14 +69,6 @@ print("RESULT" + json.dumps(dict(describe=e.describe(), decode_tok_s=decode, pre
     decode_at_context=at_context, step_ms=wall / 50 * 1e3, matmul_ms=mm / 50 * 1e3,
     outside_matmul_share=1 - mm / wall)))
 """
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    flags = next((line for line in out.splitlines() if line.startswith("Flags")), "")
-    kinds = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2") if f" {f}" in flags]
-    return f"{name} ({', '.join(kinds)}), {os.cpu_count()} cores"
 
 
 def kestrel_engine(args) -> dict:

@@ -10,6 +10,15 @@ from typing import Optional
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def cpu_name() -> str:
+    """This machine's CPU as lscpu names it, with the ISA features the kernels care about, and its core count."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+    flags = next((line for line in out.splitlines() if line.startswith("Flags")), "")
+    kinds = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2") if f" {f}" in flags]
+    return f"{name} ({', '.join(kinds)}), {os.cpu_count()} cores"
+
+
 def save_results(data, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
