@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 POLICIES = ("fcfs", "lpm", "priority", "vtc")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+KERNELS = ("auto", "cpp", "torch")
 
 
 @dataclass
@@ -45,10 +47,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.quantization not in ("auto", "none", "int8", "int4"):
-            raise ValueError(f"quantization must be auto, none, int8 or int4, got {self.quantization!r}")
-        if self.kernels not in ("auto", "cpp", "torch"):
-            raise ValueError(f"kernels must be auto, cpp or torch, got {self.kernels!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
             raise ValueError(f"dtype must be auto, bfloat16, float32 or float16, got {self.dtype!r}")
         for name in ("max_running_requests", "chunked_prefill_size", "clip_max_new_tokens"):

@@ -25,7 +25,7 @@ from kestrel.engine.clients import ANONYMOUS
 from kestrel.engine.hardware import place
 from kestrel import kernels
 from kestrel.model.loader import (chat_template_ids, load_model, load_tokenizer, resolve_model_dir,
-                                  resolve_quantization, source_gguf)
+                                  resolve_quantization)
 
 Prompt = Union[str, list[int]]
 log = logging.getLogger("kestrel.engine")
@@ -74,7 +74,7 @@ class Engine:
         self.device, self.dtype = self.placement.device, self.placement.dtype
         self.model_dir = resolve_model_dir(cfg.model, cfg.cache_dir)
         self.quantization, self.quantization_reason = resolve_quantization(cfg.quantization, self.model_dir, cfg.dtype)
-        self.model = load_model(self.model_dir, self.dtype, self.device, self.quantization, source_gguf(cfg.model))
+        self.model = load_model(self.model_dir, self.dtype, self.device, self.quantization)
         self.model.kernels, self.kernels_reason = kernels.resolve(cfg.kernels, self.device, self.dtype)
         self.tokenizer = load_tokenizer(self.model_dir)
         mc = self.model.cfg

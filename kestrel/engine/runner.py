@@ -29,7 +29,6 @@ class ModelRunner:
         self.table = table
         self.device = device
         self.shared_prefix_steps = 0  # decode steps that used cascade attention over a shared prefix
-        self.kernels = model.kernels
 
     def attention_metadata(self, fb: ForwardBatch) -> AttentionMetadata:
         """Where each row's keys and values are in the pool, read from the req-to-token table."""
@@ -39,17 +38,17 @@ class ModelRunner:
         if nd:
             lens = fb.kv_lens[:nd]
             max_len, min_len = max(lens), min(lens)
-            if nd >= SHARED_PREFIX_MIN_ROWS or self.kernels is None:
+            if nd >= SHARED_PREFIX_MIN_ROWS or self.model.kernels is None:
                 meta.decode_kv_index = table[fb.kv_rows[:nd], :max_len]
             if nd >= SHARED_PREFIX_MIN_ROWS:
                 meta.decode_shared_len = _common_prefix_columns(meta.decode_kv_index, min_len - 1)
                 self.shared_prefix_steps += meta.decode_shared_len > 0
-            if min_len != max_len and (self.kernels is None or meta.decode_shared_len):
+            if min_len != max_len and (self.model.kernels is None or meta.decode_shared_len):
                 lengths = torch.tensor(lens, device=table.device)
                 mask = torch.arange(max_len, device=table.device).unsqueeze(0) < lengths.unsqueeze(1)
                 meta.decode_mask = mask.view(nd, 1, 1, max_len)
         first_multi = nd
-        if self.kernels is not None:
+        if self.model.kernels is not None:
             first_multi = self._kernel_rows(fb, meta)
         kv_rows = fb.kv_rows.tolist()
         for i, r in enumerate(range(first_multi, fb.num_rows), start=first_multi - nd):

@@ -84,9 +84,8 @@ def error() -> Optional[str]:
 
 
 def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> tuple[Optional[ModuleType], str]:
-    """The kernels an engine runs with for `requested` (auto | cpp | torch) on `device` in `dtype`, and why."""
-    if requested not in ("auto", "cpp", "torch"):
-        raise ValueError(f"kernels must be auto, cpp or torch, got {requested!r}")
+    """The kernels an engine runs with for `requested` (auto | cpp | torch, validated by EngineConfig) on
+    `device` in `dtype`, and why."""
     if requested == "torch":
         return None, "PyTorch ops, as requested"
     if device.type != "cpu":

@@ -83,18 +83,18 @@ def kernel_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """Attention with K/V already in the pool (the caller stored them): the C++ kernel for every token it
     serves, reading slots through the table; a shared-prefix decode batch keeps the cascade path, and rows
     with an explicit mask go through SDPA. q: [T, H, D] -> [T, H*D]."""
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    head_dim = q.shape[2]
     outs = []
     served = 0
     if meta.num_decode and meta.decode_shared_len:
         outs.append(_shared_prefix_decode(q[:meta.num_decode], k_cache, v_cache, meta))
         served = meta.num_decode
-    rows = meta.token_rows
-    if served == 0 and not meta.multi and rows is not None:  # the usual step: one call, no slicing
-        return kernels.paged_attention(q, k_cache, v_cache, meta.table, rows, meta.token_lens, head_dim ** -0.5)
+    rows, lens = meta.token_rows, meta.token_lens
     if rows is not None and rows.shape[0] > served:
-        outs.append(kernels.paged_attention(q[served:rows.shape[0]], k_cache, v_cache, meta.table, rows[served:],
-                                            meta.token_lens[served:], head_dim ** -0.5))
+        kernel_q = q if rows.shape[0] == q.shape[0] else q[:rows.shape[0]]  # the usual step: q as it is
+        if served:
+            kernel_q, rows, lens = kernel_q[served:], rows[served:], lens[served:]
+        outs.append(kernels.paged_attention(kernel_q, k_cache, v_cache, meta.table, rows, lens, head_dim ** -0.5))
     for row in meta.multi:
         outs.append(_row_attention(q, k_cache, v_cache, row))
     return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from kestrel.model.gguf_convert import _unpermute, gguf_config
+from kestrel.model.gguf_convert import gguf_config, unpermute_qk
 from kestrel.model.quant import INT4_GROUP, Int4Linear
 
 INT4_TYPES = ("Q4_0", "Q4_1")
@@ -66,7 +66,6 @@ def _read_gguf(gguf_path: str) -> Optional[Arrays]:
 
     reader = gguf.GGUFReader(gguf_path)
     cfg = gguf_config(reader)
-    permute = cfg["model_type"] == "llama"
     by_name = {t.name: t for t in reader.tensors}
     layers: Arrays = {}
     for i in range(cfg["num_hidden_layers"]):
@@ -77,10 +76,7 @@ def _read_gguf(gguf_path: str) -> Optional[Arrays]:
                 t = by_name.get(f"blk.{i}.{part}.weight")
                 if t is None or t.tensor_type.name not in INT4_TYPES:
                     return None
-                q, scale, zero = _blocks(t)
-                if permute and part in ("attn_q", "attn_k"):  # rows, as the float conversion does
-                    heads = cfg["num_attention_heads"] if part == "attn_q" else cfg["num_key_value_heads"]
-                    q, scale, zero = (_unpermute(a, heads) for a in (q, scale, zero))
+                q, scale, zero = (unpermute_qk(a, part, cfg) for a in _blocks(t))  # rows, as the float conversion
                 qs.append(q), scales.append(scale), zeros.append(zero)
                 bias = by_name.get(f"blk.{i}.{part}.bias")
                 biases.append(None if bias is None else gguf.quants.dequantize(bias.data, bias.tensor_type))

@@ -47,6 +47,14 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def unpermute_qk(w: np.ndarray, kind: str, cfg: dict) -> np.ndarray:
+    """`w` (rows first) of a layer tensor of `kind` with llama.cpp's Q/K permutation undone where it has one
+    (a llama model's attn_q and attn_k), as is otherwise."""
+    if cfg["model_type"] != "llama" or kind not in ("attn_q", "attn_k"):
+        return w
+    return _unpermute(w, cfg["num_attention_heads"] if kind == "attn_q" else cfg["num_key_value_heads"])
+
+
 def gguf_config(reader) -> dict:
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
@@ -90,7 +98,6 @@ def convert_gguf(gguf_path: str, out_dir: str, progress: bool = True) -> None:
 
     reader = gguf.GGUFReader(gguf_path)
     cfg = gguf_config(reader)
-    permute = cfg["model_type"] == "llama"
     tensors = {}
     for t in tqdm(reader.tensors, desc="dequantizing GGUF", disable=not progress, unit="tensor"):
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
@@ -104,10 +111,7 @@ def convert_gguf(gguf_path: str, out_dir: str, progress: bool = True) -> None:
             _, idx, kind, param = t.name.split(".")
             if kind not in LAYER_NAMES:
                 raise ValueError(f"unexpected GGUF tensor {t.name}")
-            if permute and kind == "attn_q":
-                w = _unpermute(w, cfg["num_attention_heads"])
-            elif permute and kind == "attn_k":
-                w = _unpermute(w, cfg["num_key_value_heads"])
+            w = unpermute_qk(w, kind, cfg)
             name = f"model.layers.{idx}.{LAYER_NAMES[kind]}.{param}"
         else:
             continue  # e.g. rope_freqs: derived from the config instead
@@ -124,14 +128,14 @@ def convert_gguf(gguf_path: str, out_dir: str, progress: bool = True) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def gguf_layer_types(model_dir: str) -> list[str]:
-    """The quantization types of the layers' linear weights of the GGUF file a converted directory came from
-    (empty for a directory that was not converted from GGUF)."""
+def gguf_origin(model_dir: str) -> dict | None:
+    """What a directory converted from GGUF records of its source: `gguf_file` (its path) and
+    `gguf_layer_types` (the quantization types of its layers' linear weights); None for other directories."""
     path = os.path.join(model_dir, "kestrel.json")
     if not os.path.exists(path):
-        return []
+        return None
     with open(path) as f:
-        return json.load(f)["gguf_layer_types"]
+        return json.load(f)
 
 
 def cached_hf_dir(gguf_path: str, cache_dir: str | None = None, progress: bool = True) -> str:

@@ -185,8 +185,8 @@ class LlamaForCausalLM(nn.Module):
         cos_table, sin_table = self.rope_tables()
         hidden = F.embedding(input_ids, self.embed)
         specs = self.layer_specs()
-        if (specs is not None and meta.token_rows is not None and not meta.multi and not meta.decode_shared_len
-                and meta.token_rows.shape[0] == num_tokens):
+        # the table serves every token (no row left to SDPA, no cascade decode): the layers in one C++ call
+        if specs is not None and meta.token_rows is not None and not meta.multi and not meta.decode_shared_len:
             norms, kinds, groups, tensors = specs
             return ops.decoder_layers(hidden, norms, self.norm, kinds, groups, tensors, [k for k, _ in kv_caches],
                                       [v for _, v in kv_caches], positions, cos_table, sin_table, meta.slot_mapping,

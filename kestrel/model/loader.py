@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from kestrel.model.gguf_convert import cached_hf_dir
+from kestrel.model.gguf_convert import cached_hf_dir, gguf_origin
 from kestrel.model.llama import LlamaForCausalLM
 from kestrel.model.model_config import ModelConfig
 
@@ -56,25 +56,18 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def source_gguf(model: str | None) -> str | None:
-    """The GGUF file a model comes from (the embedded model is one), or None for a HF directory."""
-    if model is None:
-        return embedded_model_path()
-    return model if os.path.isfile(model) and model.endswith(".gguf") else None
-
-
 def resolve_quantization(requested: str, model_dir: str, dtype: str) -> tuple[str, str]:
     """The quantization to run (none | int8 | int4) and why. `auto` keeps a GGUF file's 4-bit layers as int4
     (the weights are 4-bit already, and decoding reads a quarter of the bytes), unless `dtype` float32 was
     asked for explicitly (exact float math); anything else runs unquantized."""
     from kestrel.model.gguf_blocks import INT4_TYPES
-    from kestrel.model.gguf_convert import gguf_layer_types
 
     if requested != "auto":
         return requested, "as requested"
-    kinds = gguf_layer_types(model_dir)
-    if not kinds:
+    origin = gguf_origin(model_dir)
+    if origin is None:
         return "none", "auto: unquantized weights"
+    kinds = origin["gguf_layer_types"]
     if dtype == "float32":
         return "none", "auto: float32 was asked for"
     if set(kinds) <= set(INT4_TYPES):
@@ -82,17 +75,19 @@ def resolve_quantization(requested: str, model_dir: str, dtype: str) -> tuple[st
     return "none", f"auto: the GGUF layers are {'/'.join(kinds)}"
 
 
-def load_model(model_dir: str, dtype: torch.dtype, device: torch.device, quantization: str = "none",
-               gguf_path: str | None = None) -> LlamaForCausalLM:
-    """The model, its weights in `dtype` or quantized (int8 | int4). With int4 and a GGUF file of Q4_0/Q4_1
-    layers, the layers' linears come straight from the file's blocks and are never held as floats."""
+def load_model(model_dir: str, dtype: torch.dtype, device: torch.device,
+               quantization: str = "none") -> LlamaForCausalLM:
+    """The model, its weights in `dtype` or quantized (int8 | int4). With int4 and a directory converted from a
+    GGUF file of Q4_0/Q4_1 layers, the layers' linears come straight from the file's blocks and are never held
+    as floats."""
     if quantization != "none" and device.type != "cpu":
         raise ValueError(f"quantization {quantization} runs on CPU kernels; use --quantization none on {device}")
     cfg = ModelConfig.from_dir(model_dir)
     prebuilt = None
-    if quantization == "int4" and gguf_path is not None:
+    origin = gguf_origin(model_dir)
+    if quantization == "int4" and origin is not None and os.path.exists(origin["gguf_file"]):  # else from floats
         from kestrel.model.gguf_blocks import load_int4_layers
-        prebuilt = load_int4_layers(gguf_path, cache_dir=model_dir)
+        prebuilt = load_int4_layers(origin["gguf_file"], cache_dir=model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     skip = set()

@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 
-QUANTIZATIONS = ("auto", "none", "int8", "int4")
 INT4_GROUP = 32
 COMPUTE = torch.bfloat16  # activation dtype of the quantized kernels
 
