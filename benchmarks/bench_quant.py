@@ -20,9 +20,10 @@ sys.path.insert(0, ROOT)
 from benchmarks.common import RESULTS, cpu_name, run_for_result, save_results  # noqa: E402
 
 ONE = """
-import json, math, sys, time
+import json, math, sys
 sys.path.insert(0, {root!r})
 from benchmarks.bench_quant import text_windows
+from benchmarks.common import batch1_speed
 from kestrel import Engine, SamplingParams
 e = Engine(dtype={dtype!r}, quantization={quant!r})
 windows = text_windows(e.tokenizer, {windows}, {window})
@@ -33,17 +34,9 @@ for o in outs:
         nll -= tl.logprob
         top1.append(max(tl.top, key=tl.top.get))
 n = len(top1)
-e.cache.evict(e.cache.evictable_size)
-prompt = windows[0][:{prefill}]
-e.generate([prompt[:8]], SamplingParams(max_tokens=4, temperature=0.0))  # warm up
-t = time.perf_counter(); e.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0)); pre = time.perf_counter() - t
-e.cache.evict(e.cache.evictable_size)
-t = time.perf_counter()
-o = e.generate([prompt[:16]], SamplingParams(max_tokens={decode}, temperature=0.0, ignore_eos=True))[0]
-dec = time.perf_counter() - t
+decode, prefill = batch1_speed(e, windows[0], {decode}, {prefill})
 print("RESULT" + json.dumps(dict(quantization=e.quantization, dtype=str(e.dtype).replace("torch.", ""),
-    perplexity=math.exp(nll / n), tokens=n, top1=top1, prefill_tok_s=len(prompt) / pre,
-    decode_tok_s=o.output_tokens / dec)))
+    perplexity=math.exp(nll / n), tokens=n, top1=top1, prefill_tok_s=prefill, decode_tok_s=decode)))
 """
 
 

@@ -40,15 +40,13 @@ ENGINE = """
 import json, sys, time
 sys.path.insert(0, {root!r})
 import torch
+from benchmarks.common import batch1_speed
 from kestrel import Engine, SamplingParams
 e = Engine(**{kwargs!r})
 greedy = lambda n, **kw: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
 fresh = lambda: e.cache.evict(e.cache.evictable_size)
 ids = [100 + (i * 37) % 40000 for i in range(9000)]  # a fixed token sequence, never a cache hit by accident
-e.generate([ids[:16]], greedy(8)); fresh()
-t = time.perf_counter(); o = e.generate([ids[:16]], greedy(128))[0]; decode = o.output_tokens / (time.perf_counter() - t)
-fresh(); e.generate([ids[1000:1016]], greedy(2)); fresh()
-t = time.perf_counter(); e.generate([ids[1000:1512]], greedy(1)); prefill = 512 / (time.perf_counter() - t)
+decode, prefill = batch1_speed(e, ids, 128, 512)
 at_context = {{}}
 for ctx in {contexts!r}:
     fresh(); prompt = ids[:ctx]

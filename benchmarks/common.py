@@ -19,6 +19,31 @@ def cpu_name() -> str:
     return f"{name} ({', '.join(kinds)}), {os.cpu_count()} cores"
 
 
+def batch1_speed(engine, prompt: list[int], decode_tokens: int = 128, prefill_tokens: int = 512) -> tuple[float, float]:
+    """(decode tok/s, prefill tok/s) of one request at a time: `decode_tokens` greedy tokens after the first 16
+    of `prompt`, and a prefill of its first `prefill_tokens`; each after a warm-up, from an empty prefix cache."""
+    import time
+
+    from kestrel import SamplingParams
+
+    def greedy(n):
+        return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+    def fresh():
+        engine.cache.evict(engine.cache.evictable_size)
+
+    fresh(); engine.generate([prompt[:16]], greedy(8)); fresh()  # noqa: E702 - warm-up
+    t = time.perf_counter()
+    out = engine.generate([prompt[:16]], greedy(decode_tokens))[0]
+    decode = out.output_tokens / (time.perf_counter() - t)
+    fresh()
+    t = time.perf_counter()
+    engine.generate([prompt[:prefill_tokens]], greedy(1))
+    prefill = prefill_tokens / (time.perf_counter() - t)
+    fresh()
+    return decode, prefill
+
+
 def save_results(data, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
