@@ -20,6 +20,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
             continue
+        if f.metadata.get("nargs"):
+            parser.add_argument(flag, nargs=f.metadata["nargs"], default=f.default, help=help_text)
+            continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         parser.add_argument(flag, type=base, default=f.default, help=f"{help_text} (default: {f.default})")
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 POLICIES = ("fcfs", "lpm", "priority", "vtc")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
@@ -43,6 +44,16 @@ class EngineConfig:
     seed: int = field(default=0, metadata={"help": "seed of the engine's sampling generator (per-request seeds override it)"})
     context_length: Optional[int] = field(default=None, metadata={"help": "override the model's context length"})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "where converted GGUF weights are cached (default ~/.cache/kestrel)"})
+    lora_modules: Optional[Union[dict, list]] = field(default=None, metadata={
+        "nargs": "+", "help": "LoRA adapters (PEFT directories) to serve, as name=path or vLLM's JSON "
+                              "'{\"name\": ..., \"path\": ...}'; clients pick one by its name as the model"})
+    max_cpu_loras: Optional[int] = field(default=None, metadata={"help": "idle adapters kept in host memory; beyond "
+                                                                          "it they are read from disk again when "
+                                                                          "needed (default: all)"})
+    max_loras: Optional[int] = field(default=None, metadata={"help": "most adapters resident in the pool at once "
+                                                                      "(default: as many as memory holds)"})
+    enable_lora: bool = field(default=False, metadata={"help": "accepted for vLLM's command lines: adapters are "
+                                                                "always enabled"})
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -64,7 +75,40 @@ class EngineConfig:
             raise ValueError("client_idle_timeout and max_idle_clients must be >= 0")
         if self.max_total_tokens is not None and self.max_total_tokens < 2:
             raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
+        for name in ("max_cpu_loras", "max_loras"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.lora_modules = parse_lora_modules(self.lora_modules)
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def parse_lora_modules(spec) -> dict[str, str]:
+    """{name: path} from a dict, or from a list of "name=path" / '{"name": ..., "path": ...}' strings (vLLM's forms)."""
+    if not spec:
+        return {}
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    else:
+        items = []
+        for entry in ([spec] if isinstance(spec, str) else spec):
+            if isinstance(entry, str) and entry.lstrip().startswith("{"):
+                try:
+                    obj = json.loads(entry)
+                    items.append((obj["name"], obj["path"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"lora module {entry!r}: JSON form needs \"name\" and \"path\"") from None
+            elif isinstance(entry, str) and "=" in entry:
+                items.append(tuple(entry.split("=", 1)))
+            else:
+                raise ValueError(f"lora module {entry!r}: give name=path")
+    out: dict[str, str] = {}
+    for name, path in items:
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise ValueError(f"lora module {name!r}={path!r}: name and path must be non-empty strings")
+        if name in out:
+            raise ValueError(f"lora module name {name!r} is given twice")
+        out[name] = path
+    return out

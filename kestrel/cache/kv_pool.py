@@ -1,9 +1,12 @@
 """Preallocated KV memory with token-granular slots, and the per-request slot table.
 
 Slot 0 is reserved as padding: padded attention reads it and masks it out, so it is never handed out.
+The pool is the engine's one memory budget: LoRA adapters in use live in runs of its slots too
+(`alloc_range`; see kestrel/lora/pool.py).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -35,6 +38,20 @@ class KVPool:
         out.reverse()
         self.total_allocated += n
         return out
+
+    def alloc_range(self, n: int) -> int | None:
+        """n contiguous free slots (the highest such run, away from where KV slots are handed out first);
+        returns the first slot, or None if no run of n free slots exists."""
+        free = np.zeros(self.size + 2, dtype=np.int8)  # slot 0 and size + 1 stay 0: runs never include them
+        free[self._free] = 1
+        edges = np.diff(free)
+        starts, ends = np.flatnonzero(edges == 1) + 1, np.flatnonzero(edges == -1) + 1  # runs [start, end)
+        fits = np.flatnonzero(ends - starts >= n)
+        if not len(fits):
+            return None
+        first = int(ends[fits[-1]]) - n
+        self._free = [s for s in self._free if not first <= s < first + n]
+        return first
 
     def free(self, slots) -> None:
         if isinstance(slots, torch.Tensor):

@@ -5,6 +5,9 @@ running request — never two. A running request locks the tree node that ends i
 locking protects the whole root path from eviction. Eviction frees unlocked leaves, least recently
 used first. With the cache disabled the tree only carries prefixes shared on purpose (the prompt of
 an n > 1 request) and drops every node as soon as it is unlocked.
+
+Keys live in namespaces, one tree each: K/V computed under a LoRA adapter differs from the base model's
+for the same tokens, so namespace 0 is the base model and every adapter has its own (its id).
 """
 from __future__ import annotations
 
@@ -47,8 +50,9 @@ class RadixCache:
     def __init__(self, pool: KVPool, enabled: bool = True):
         self.pool = pool
         self.enabled = enabled
-        self.root = TreeNode()
-        self.root.lock_ref = 1  # the root is never evicted
+        self.root = TreeNode()  # namespace 0's root (the base model)
+        self.root.lock_ref = 1  # roots are never evicted
+        self.roots: dict[int, TreeNode] = {0: self.root}
         self.evictable_size = 0  # tokens in unlocked nodes
         self.protected_size = 0  # tokens in locked nodes
 
@@ -57,15 +61,22 @@ class RadixCache:
         return self.evictable_size + self.protected_size
 
     # ---- lookup -------------------------------------------------------------------------
-    def match_prefix(self, key: list[int], shared: bool = False) -> tuple[torch.Tensor, TreeNode]:
-        """Slots of the longest cached prefix of `key` and the node where it ends.
+    def _root(self, namespace: int) -> TreeNode:
+        root = self.roots.get(namespace)
+        if root is None:
+            root = self.roots[namespace] = TreeNode()
+            root.lock_ref = 1
+        return root
+
+    def match_prefix(self, key: list[int], shared: bool = False, namespace: int = 0) -> tuple[torch.Tensor, TreeNode]:
+        """Slots of the longest cached prefix of `key` in `namespace` and the node where it ends.
 
         A partial match inside a node splits it, so the returned node always ends exactly at the match.
         With the cache disabled only `shared=True` lookups (n > 1 siblings) may hit.
         """
         if not self.enabled and not shared:
-            return torch.empty(0, dtype=torch.int64), self.root
-        node, values, pos = self.root, [], 0
+            return torch.empty(0, dtype=torch.int64), self._root(namespace)
+        node, values, pos = self._root(namespace), [], 0
         now = next(_tick)
         node.last_access = now
         while pos < len(key) and key[pos] in node.children:
@@ -93,13 +104,13 @@ class RadixCache:
         return upper
 
     # ---- insertion ----------------------------------------------------------------------
-    def insert(self, key: list[int], value: torch.Tensor) -> tuple[int, TreeNode]:
-        """Insert key -> slots. Returns (length already cached, node ending the key).
+    def insert(self, key: list[int], value: torch.Tensor, namespace: int = 0) -> tuple[int, TreeNode]:
+        """Insert key -> slots in `namespace`. Returns (length already cached, node ending the key).
 
         The tree takes ownership of value[already_cached:]; the caller still owns value[:already_cached]
         (slots duplicating cached ones) and must free those it does not share with the tree.
         """
-        node, pos = self.root, 0
+        node, pos = self._root(namespace), 0
         now = next(_tick)
         while pos < len(key):
             child = node.children.get(key[pos])
@@ -120,7 +131,7 @@ class RadixCache:
 
     # ---- locking ------------------------------------------------------------------------
     def lock(self, node: TreeNode) -> None:
-        while node is not self.root:
+        while node.parent is not None:
             if node.lock_ref == 0:
                 self.evictable_size -= len(node.key)
                 self.protected_size += len(node.key)
@@ -128,7 +139,7 @@ class RadixCache:
             node = node.parent
 
     def unlock(self, node: TreeNode) -> None:
-        while node is not self.root:
+        while node.parent is not None:
             if node.lock_ref == 1:
                 self.evictable_size += len(node.key)
                 self.protected_size -= len(node.key)
@@ -139,11 +150,13 @@ class RadixCache:
             self.evict(self.evictable_size)
 
     # ---- eviction -----------------------------------------------------------------------
-    def evict(self, num_tokens: int) -> int:
-        """Free at least `num_tokens` slots from unlocked leaves (LRU first) if possible; returns freed."""
+    def evict(self, num_tokens: int, namespace: Optional[int] = None) -> int:
+        """Free at least `num_tokens` slots from unlocked leaves (LRU first; of one namespace if given) if
+        possible; returns freed."""
         if num_tokens <= 0:
             return 0
-        leaves = [n for n in self._nodes() if not n.children and n.lock_ref == 0 and n is not self.root]
+        roots = self.roots.values() if namespace is None else [self.roots.get(namespace, TreeNode())]
+        leaves = [n for n in self._nodes(roots) if not n.children and n.lock_ref == 0 and n.parent is not None]
         heapq.heapify(leaves)
         freed = 0
         while freed < num_tokens and leaves:
@@ -153,12 +166,19 @@ class RadixCache:
             self.evictable_size -= len(leaf.key)
             parent = leaf.parent
             del parent.children[leaf.key[0]]
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+            if parent.parent is not None and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(leaves, parent)
         return freed
 
-    def _nodes(self):
-        stack = [self.root]
+    def drop_namespace(self, namespace: int) -> None:
+        """Free what a namespace caches (its adapter is gone); nothing in it may be locked."""
+        if namespace in self.roots and namespace != 0:
+            self.evict(self.evictable_size, namespace)
+            if not self.roots[namespace].children:
+                del self.roots[namespace]
+
+    def _nodes(self, roots=None):
+        stack = list(self.roots.values() if roots is None else roots)
         while stack:
             node = stack.pop()
             yield node

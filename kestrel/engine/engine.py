@@ -24,6 +24,7 @@ from kestrel.engine.allocator import tune_allocator
 from kestrel.engine.clients import ANONYMOUS
 from kestrel.engine.hardware import place
 from kestrel import kernels
+from kestrel.lora.manager import Adapter, LoraManager
 from kestrel.model.loader import (chat_template_ids, load_model, load_tokenizer, resolve_model_dir,
                                   resolve_quantization)
 
@@ -85,8 +86,11 @@ class Engine:
         self.pool = KVPool(size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
         self.table = ReqToTokenTable(cfg.max_running_requests, self.context_length + 1, self.device)
         self.cache = RadixCache(self.pool, enabled=not cfg.disable_radix_cache)
-        self.scheduler = Scheduler(cfg, self.pool, self.table, self.cache, make_policy(cfg), self.device)
-        self.runner = ModelRunner(self.model, self.pool, self.table, self.device)
+        self.loras = LoraManager(mc, self.pool, self.dtype, cfg.max_cpu_loras, cfg.max_loras)
+        self.loras.on_drop = lambda adapter: self.cache.drop_namespace(adapter.id)
+        self.scheduler = Scheduler(cfg, self.pool, self.table, self.cache, make_policy(cfg), self.device,
+                                   adapters=self.loras)
+        self.runner = ModelRunner(self.model, self.pool, self.table, self.device, adapters=self.loras)
         self.sampler = Sampler(self.device, cfg.seed)
         eos = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -97,11 +101,30 @@ class Engine:
         self._requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
+        for name, path in cfg.lora_modules.items():
+            self.load_lora(name, path)
 
     def describe(self) -> str:
         """Where and how this engine computes, and why (the server logs it at start)."""
         return (f"{self.placement.describe()}, weights {self.quantization} ({self.quantization_reason}), "
                 f"{self.kernels_reason}, KV pool {self.pool.size} tokens")
+
+    # ---- LoRA adapters ------------------------------------------------------------------
+    def load_lora(self, name: str, path: str) -> Adapter:
+        """Serve the PEFT LoRA adapter in directory `path` as `name`. Raises AdapterError (a ValueError) when
+        the adapter cannot be served by this model, ValueError when the name is taken."""
+        adapter = self.loras.register(name, path)
+        log.info("LoRA adapter %r loaded from %s: rank %d, %d pool slots when in use", name, path, adapter.max_rank,
+                 adapter.pages)
+        return adapter
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving `name`: requests naming it are refused from now on; those already queued or running
+        finish with it, and its memory is freed when the last one does. Raises UnknownAdapter (LookupError)."""
+        self.loras.unregister(name)
+
+    def list_loras(self) -> list[dict]:
+        return self.loras.describe()
 
     # ---- requests -----------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -115,12 +138,15 @@ class Engine:
         return list(prompt)
 
     def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
-                    request_id: Optional[str] = None, client: Optional[str] = None, priority: int = 0) -> str:
-        """Queue a request; returns its id. Raises ValueError/TypeError for invalid input.
+                    request_id: Optional[str] = None, client: Optional[str] = None, priority: int = 0,
+                    lora: Optional[str] = None) -> str:
+        """Queue a request; returns its id. Raises ValueError/TypeError for invalid input, UnknownAdapter
+        (a LookupError) for an adapter name this engine does not serve.
 
         `client` names who sent it (the vtc policy shares the engine fairly between clients; default:
         one anonymous client); `priority` orders requests under the priority policy, and within a
-        client under vtc (lower first)."""
+        client under vtc (lower first); `lora` names the LoRA adapter to run with (None: the base model)."""
+        adapter = self.loras.get(lora) if lora is not None else None
         params = params or SamplingParams()
         params.validate(self.vocab_size)
         if client is not None and (not isinstance(client, str) or not client):
@@ -149,7 +175,7 @@ class Engine:
         grammars = [self.grammars.state(spec) for _ in range(params.n)] if spec else [None] * params.n
         now = time.monotonic()
         seqs = [Sequence(rid, i, ids, params, arrival_time=now, client=client or ANONYMOUS, priority=priority,
-                         waits_for_leader=i > 0, grammar=grammars[i]) for i in range(params.n)]
+                         lora=adapter, waits_for_leader=i > 0, grammar=grammars[i]) for i in range(params.n)]
         self._requests[rid] = seqs
         for s in seqs:
             self.scheduler.add(s)
@@ -188,9 +214,10 @@ class Engine:
         An exception from here means the engine's own state is broken (see `fail_all`)."""
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
+        failed = self._fail_unservable()
         if batch.empty:
-            return set()
-        touched = {s.request_id for s in batch.sequences}
+            return failed
+        touched = {s.request_id for s in batch.sequences} | failed
         self._run(batch)
         self.stats.steps += 1
         self.stats.step_time += time.perf_counter() - t0
@@ -212,6 +239,14 @@ class Engine:
             self._fail_request(seqs[0].request_id, e)  # frees the slots of its unfinished step too
             return
         self._commit(batch, *result)
+
+    def _fail_unservable(self) -> set[str]:
+        """Fail the waiting requests whose adapter could not be read from disk again."""
+        seqs, self.scheduler.unservable = self.scheduler.unservable, []
+        for seq in seqs:
+            if not seq.finished:
+                self._fail_request(seq.request_id, RuntimeError(seq.lora.error))
+        return {seq.request_id for seq in seqs}
 
     def _compute(self, batch: ScheduledBatch):
         """The forward and sampling of a step; changes nothing but the K/V of the batch's own slots (and the
@@ -359,9 +394,11 @@ class Engine:
     def generate(self, prompts: Union[Prompt, Seq[Prompt]],
                  sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,
                  use_tqdm: bool = False, client: Union[str, Seq[str], None] = None,
-                 priority: Union[int, Seq[int]] = 0) -> list[RequestOutput]:
+                 priority: Union[int, Seq[int]] = 0, lora: Union[str, Seq[Optional[str]], None] = None
+                 ) -> list[RequestOutput]:
         """Generate for each prompt (strings or token-id lists); outputs in prompt order.
-        `client` and `priority` are one value for all prompts or one per prompt (see add_request)."""
+        `client`, `priority` and `lora` (adapter names, None for the base model) are one value for all
+        prompts or one per prompt (see add_request)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -370,10 +407,11 @@ class Engine:
             raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
         clients = _per_prompt(client, len(prompts), "client")
         priorities = _per_prompt(priority, len(prompts), "priority")
+        loras = _per_prompt(lora, len(prompts), "lora")
         rids = []
         try:
-            for p, sp, c, pr in zip(prompts, sampling_params, clients, priorities):
-                rids.append(self.add_request(p, sp, client=c, priority=pr))
+            for p, sp, c, pr, lo in zip(prompts, sampling_params, clients, priorities, loras):
+                rids.append(self.add_request(p, sp, client=c, priority=pr, lora=lo))
         except Exception:
             for r in rids:
                 self.abort(r)
@@ -397,12 +435,13 @@ class Engine:
     def chat(self, conversations: Union[list[dict], Seq[list[dict]]],
              sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,
              use_tqdm: bool = False, client: Union[str, Seq[str], None] = None,
-             priority: Union[int, Seq[int]] = 0) -> list[RequestOutput]:
+             priority: Union[int, Seq[int]] = 0, lora: Union[str, Seq[Optional[str]], None] = None
+             ) -> list[RequestOutput]:
         """Generate replies to chat conversations (lists of {"role", "content"} messages)."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         return self.generate([self.apply_chat_template(c) for c in conversations], sampling_params, use_tqdm,
-                             client=client, priority=priority)
+                             client=client, priority=priority, lora=lora)
 
     def take_deltas(self, request_ids) -> list[StreamDelta]:
         """What each completion of these requests produced since the last call (for streaming)."""
@@ -422,12 +461,13 @@ class Engine:
                     seq.sent_final = seq.finished
         return out
 
-    def stream(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None) -> Iterator[StreamDelta]:
+    def stream(self, prompt: Prompt, sampling_params: Optional[SamplingParams] = None,
+               lora: Optional[str] = None) -> Iterator[StreamDelta]:
         """Yield text increments of one completion as they are generated (n must be 1)."""
         params = sampling_params or SamplingParams()
         if params.n != 1:
             raise ValueError("stream() returns one completion; use n=1")
-        rid = self.add_request(prompt, params)
+        rid = self.add_request(prompt, params, lora=lora)
         seq = self._requests[rid][0]
         try:
             while not seq.sent_final:

@@ -32,7 +32,7 @@ class ForwardBatch:
     # else [q_len, kv_len] bool, True = attend (a tree mask)
     logit_index: Optional[torch.Tensor] = None  # [S] tokens whose logits are sampled from
     prompt_logit_index: Optional[torch.Tensor] = None  # [P] tokens whose logits score a given next token
-    adapter_ids: Optional[torch.Tensor] = None  # [R] LoRA adapter of each row; None: the base model only
+    adapter_ids: Optional[list[int]] = None  # [R] LoRA adapter id of each row (0: none); None: no row has one
 
     @property
     def num_tokens(self) -> int:
@@ -107,4 +107,7 @@ def build(decode: list[Sequence], prefill: list[tuple[Sequence, int]], table: to
         logit_index=torch.tensor(logit_at, dtype=torch.int64, device=device) if logit_at else None,
         prompt_logit_index=torch.tensor(prompt_at, dtype=torch.int64, device=device) if prompt_at else None,
     )
+    adapters = [seq.namespace for seq in decode] + [seq.namespace for seq, _ in prefill]
+    if any(adapters):
+        batch.adapter_ids = adapters
     return StepPlan(batch, sampling, prompt_scoring)

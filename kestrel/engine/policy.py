@@ -74,7 +74,7 @@ class LPMPolicy(SchedulePolicy):
             return sorted(waiting, key=arrival_key)
 
         def matched(s: Sequence) -> int:
-            slots, _ = cache.match_prefix(s.all_ids[:-1])
+            slots, _ = cache.match_prefix(s.all_ids[:-1], namespace=s.namespace)
             return len(slots)
 
         scored = [(-matched(s), arrival_key(s), s) for s in waiting]

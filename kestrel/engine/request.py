@@ -36,6 +36,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     client: str = ANONYMOUS  # who sent it (fair scheduling, per-client metrics)
     priority: int = 0  # lower is served first by the priority and vtc policies
+    lora: object = None  # the kestrel.lora.manager.Adapter it runs with; None: the base model
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     # KV state: the first `num_computed` tokens of prompt+output have K/V in the pool.
@@ -74,6 +75,11 @@ class Sequence:
     @property
     def total_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def namespace(self) -> int:
+        """Its radix-cache namespace: K/V is only shared between sequences of the same adapter."""
+        return self.lora.id if self.lora is not None else 0
 
     @property
     def pending(self) -> int:

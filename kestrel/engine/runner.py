@@ -7,6 +7,7 @@ import torch
 
 from kestrel.cache.kv_pool import KVPool, ReqToTokenTable
 from kestrel.engine.forward_batch import ForwardBatch
+from kestrel.lora.batch import LoraBatch
 from kestrel.model.attention import AttentionMetadata, MultiTokenRow
 from kestrel.model.llama import LlamaForCausalLM
 
@@ -23,8 +24,10 @@ def _common_prefix_columns(kv_index: torch.Tensor, limit: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, pool: KVPool, table: ReqToTokenTable, device: torch.device):
+    def __init__(self, model: LlamaForCausalLM, pool: KVPool, table: ReqToTokenTable, device: torch.device,
+                 adapters=None):
         self.model = model
+        self.adapters = adapters  # kestrel.lora.manager.LoraManager: where a row's adapter id is resident
         self.pool = pool
         self.table = table
         self.device = device
@@ -82,7 +85,12 @@ class ModelRunner:
         """Run one step: float32 logits for the batch's logit_index tokens (empty if none), and for its
         prompt_logit_index tokens (None if none). The only state it changes is the K/V of the batch's
         own slots, so running it again is harmless."""
-        hidden = self.model(fb.input_ids, fb.positions, self.attention_metadata(fb), self.pool.caches)
+        lora = None
+        if fb.adapter_ids is not None:
+            by_id = self.adapters.by_id
+            lora = LoraBatch.build([by_id[i].residency if i else None for i in fb.adapter_ids], fb.q_starts,
+                                   self.model.kernels)
+        hidden = self.model(fb.input_ids, fb.positions, self.attention_metadata(fb), self.pool.caches, lora)
         prompt_logits = None
         if fb.prompt_logit_index is not None:
             prompt_logits = self.model.logits(hidden[fb.prompt_logit_index])

@@ -59,8 +59,10 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, pool: KVPool, table: ReqToTokenTable, cache: RadixCache,
-                 policy: SchedulePolicy, device: torch.device = torch.device("cpu")):
+                 policy: SchedulePolicy, device: torch.device = torch.device("cpu"), adapters=None):
         self.config = config
+        self.adapters = adapters  # kestrel.lora.manager.LoraManager: adapters share the pool with KV
+        self.unservable: list[Sequence] = []  # waiting sequences whose adapter could not be read: to fail
         self.device = device  # where forward batches go
         self.pool = pool
         self.table = table
@@ -80,18 +82,35 @@ class Scheduler:
         self.waiting.append(seq)
         self.clients.arrived(seq.client)
         self.clients.queued(seq.client, +1)
+        if seq.lora is not None:
+            self.adapters.attach(seq.lora)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     # ---- memory helpers -----------------------------------------------------------------
     def available(self) -> int:
-        return self.pool.num_free + self.cache.evictable_size
+        idle = self.adapters.idle_pages() if self.adapters is not None else 0
+        return self.pool.num_free + self.cache.evictable_size + idle
 
     def _ensure_free(self, n: int) -> bool:
+        """At least n free slots, evicting cached prefixes and then idle adapters (LRU) if needed."""
         if self.pool.num_free < n:
             self.cache.evict(n - self.pool.num_free)
+        while self.pool.num_free < n and self.adapters is not None and self.adapters.evict_idle():
+            pass
         return self.pool.num_free >= n
+
+    def _page_in(self, adapter) -> bool:
+        """Make an adapter resident: it needs a run of consecutive free slots, so evict cached prefixes
+        and idle adapters until one appears (or nothing more can go)."""
+        step = adapter.pages
+        while not self.adapters.try_page_in(adapter):
+            freed = 0 if self.adapters.at_capacity() else self.cache.evict(step)
+            if not freed and not self.adapters.evict_idle(keep=adapter):
+                return False
+            step *= 2
+        return True
 
     def _reserve(self, seq: Sequence) -> float:
         """Slots a running sequence may still need (prompt left to prefill + a share of its output)."""
@@ -181,20 +200,34 @@ class Scheduler:
                 continue
             if not self._room_for_another() or budget <= 0:
                 break
+            adapter = seq.lora
+            if adapter is not None and not self.adapters.host_ready(adapter):
+                if adapter.error:
+                    self.unservable.append(seq)
+                continue  # still being read from disk: others may go first
             key = seq.all_ids[:-1]
             if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt_ids) - seq.prompt_logprob_start:
                 key = key[: seq.prompt_logprob_start - 1]  # logits of those positions must be computed, not reused
-            prefix, node = self.cache.match_prefix(key, shared=seq.index > 0)
+            prefix, node = self.cache.match_prefix(key, shared=seq.index > 0, namespace=seq.namespace)
             self.cache.lock(node)
             pending = seq.total_len - len(prefix)
             chunk = min(pending, budget)
             want = self._reserve_for_new(seq, len(prefix))
+            if adapter is not None and adapter.residency is None:
+                want += adapter.pages
             alone = not self.running and not batch.prefill
             if not alone and self.available() - need - used < reserved + want:
                 self.cache.unlock(node)
                 break
+            if adapter is not None and not self._page_in(adapter):
+                self.cache.unlock(node)
+                break
+            if adapter is not None:
+                self.adapters.start_running(adapter)  # pinned in the pool from here until it leaves
             if not self._ensure_free(need + used + chunk):
                 self.cache.unlock(node)
+                if adapter is not None:
+                    self.adapters.stop_running(adapter)
                 break
             self.waiting.remove(seq)
             self.clients.queued(seq.client, -1)
@@ -267,10 +300,10 @@ class Scheduler:
         """Give the cache the first n computed tokens of seq; seq then locks that prefix instead."""
         key = seq.all_ids[:n]
         slots = self.table.table[seq.row, :n].cpu()
-        already, _ = self.cache.insert(key, slots)
+        already, _ = self.cache.insert(key, slots, seq.namespace)
         if already > seq.prefix_len:  # someone cached these tokens meanwhile: use theirs, free ours
             self.pool.free(slots[seq.prefix_len:already])
-        tree_slots, node = self.cache.match_prefix(key, shared=True)
+        tree_slots, node = self.cache.match_prefix(key, shared=True, namespace=seq.namespace)
         if already > seq.prefix_len:
             self.table.write(seq.row, seq.prefix_len, tree_slots[seq.prefix_len:already])
         self.cache.lock(node)
@@ -296,6 +329,8 @@ class Scheduler:
         seq.prefix_node, seq.prefix_len = None, 0
         self.table.free(seq.row)
         seq.row = None
+        if seq.lora is not None:
+            self.adapters.stop_running(seq.lora)
         if seq in self.running:
             self.running.remove(seq)
 
@@ -317,6 +352,8 @@ class Scheduler:
         self.release(seq)
         seq.status = Status.FINISHED
         self.clients.left(seq.client, self.clock())
+        if seq.lora is not None:
+            self.adapters.detach(seq.lora)
 
     def abort(self, seq: Sequence) -> None:
         if seq in self.waiting:

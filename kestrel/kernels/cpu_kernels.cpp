@@ -369,6 +369,65 @@ at::Tensor decoder_layers(at::Tensor hidden, std::vector<at::Tensor> norms, at::
   return add_rms_norm(hidden, delta, final_norm, eps);
 }
 
+// ---- LoRA: the low-rank updates of a mixed batch (Punica's shrink and expand, per token) -------------------
+// For token t with adapter k = token_adapter[t] (-1: none) and each target j < n_targets whose entry
+// i = k * n_targets + j is not empty: y[t, offsets[i] : offsets[i] + out] += B_i (A_i x[t]), A_i [r, in],
+// B_i [out, r] (the scale folded in). A token reads only its own adapter's factors, so one call serves any mix.
+template <typename T>
+void lora_impl(T* y, int64_t y_stride, const T* x, int64_t x_stride, const int64_t* tok, int64_t tokens,
+               int64_t in, int64_t n_targets, const std::vector<at::Tensor>& as, const std::vector<at::Tensor>& bs,
+               const std::vector<int64_t>& offsets) {
+  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(in), v, acc;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t k = tok[t];
+      if (k < 0) continue;
+      for (int64_t c = 0; c < in; ++c) xf[c] = to_f(x[t * x_stride + c]);
+      for (int64_t j = 0; j < n_targets; ++j) {
+        const int64_t i = k * n_targets + j;
+        if (as[i].numel() == 0) continue;
+        const int64_t r = as[i].size(0), out = bs[i].size(0);
+        const T* a = as[i].data_ptr<T>();
+        const T* b = bs[i].data_ptr<T>();
+        v.assign(r, 0.f);
+        for (int64_t q = 0; q < r; ++q) v[q] = dot(xf.data(), a + q * in, in);
+        T* yt = y + t * y_stride + offsets[i];
+        for (int64_t o = 0; o < out; ++o) {
+          float sum = 0.f;
+          for (int64_t q = 0; q < r; ++q) sum = std::fma(to_f(b[o * r + q]), v[q], sum);
+          yt[o] = from_f<T>(to_f(yt[o]) + sum);
+        }
+      }
+    }
+  });
+}
+
+void lora_apply(at::Tensor y, at::Tensor x, at::Tensor token_adapter, int64_t n_targets, std::vector<at::Tensor> as,
+                std::vector<at::Tensor> bs, std::vector<int64_t> offsets) {
+  check_cpu(y, "y");
+  TORCH_CHECK(x.is_contiguous() && y.stride(1) == 1 && x.scalar_type() == y.scalar_type(),
+              "x must be contiguous and y have dense rows, in one dtype");
+  TORCH_CHECK(token_adapter.scalar_type() == at::kLong && token_adapter.is_contiguous() &&
+                  token_adapter.numel() == x.size(0) && y.size(0) == x.size(0), "one adapter index per token");
+  TORCH_CHECK(as.size() == bs.size() && as.size() == offsets.size() && n_targets > 0 &&
+                  as.size() % n_targets == 0, "per-target lists disagree");
+  const int64_t in = x.size(1);
+  for (size_t i = 0; i < as.size(); ++i) {
+    if (as[i].numel() == 0) continue;
+    TORCH_CHECK(as[i].is_contiguous() && bs[i].is_contiguous() && as[i].scalar_type() == x.scalar_type() &&
+                    bs[i].scalar_type() == x.scalar_type(), "factors must be contiguous, in x's dtype");
+    TORCH_CHECK(as[i].size(1) == in && bs[i].size(1) == as[i].size(0) &&
+                    offsets[i] + bs[i].size(0) <= y.size(1), "factor ", i, " does not fit x and y");
+  }
+  const int64_t adapters = static_cast<int64_t>(as.size()) / n_targets;
+  const int64_t* tok = token_adapter.data_ptr<int64_t>();
+  for (int64_t t = 0; t < x.size(0); ++t) TORCH_CHECK(tok[t] < adapters, "adapter index out of range");
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lora_apply", [&] {
+    lora_impl<scalar_t>(y.data_ptr<scalar_t>(), y.stride(0), x.data_ptr<scalar_t>(), x.stride(0), tok, x.size(0),
+                        in, n_targets, as, bs, offsets);
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -376,5 +435,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "SiLU(gate) * up for a fused [T, 2I] gate_up");
   m.def("rope_store", &rope_store, "RoPE on q and k in place in the fused qkv, and K/V into their pool slots");
   m.def("decoder_layers", &decoder_layers, "all decoder layers for a step whose attention the table serves");
+  m.def("lora_apply", &lora_apply, "y += each token's adapter's low-rank update (B A x), in place");
   m.def("paged_attention", &paged_attention, "attention of each query token over its table row's first lens slots");
 }

@@ -41,6 +41,10 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
+def _no_adapter(layer: int, site: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return y
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -124,10 +128,13 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [T]
         meta: AttentionMetadata,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        lora=None,
     ) -> torch.Tensor:
-        """Hidden states after the final norm, [T, hidden]."""
+        """Hidden states after the final norm, [T, hidden]. `lora` (a kestrel.lora.batch.LoraBatch) adds each
+        token's adapter's low-rank update to the output of every linear it adapts."""
         if self.kernels is not None:
-            return self._forward_kernels(input_ids, positions, meta, kv_caches)
+            return self._forward_kernels(input_ids, positions, meta, kv_caches, lora)
+        adapt = lora.apply if lora is not None else _no_adapter
         cfg = self.cfg
         nh, nkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         num_tokens = input_ids.shape[0]
@@ -137,20 +144,21 @@ class LlamaForCausalLM(nn.Module):
         half = d // 2
         hidden = F.embedding(input_ids, self.embed)
         norm_shape = (cfg.hidden_size,)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears()
             x = F.rms_norm(hidden, norm_shape, layer.input_norm, eps)
-            qkv = qkv_proj(x)
+            qkv = adapt(i, "qkv", x, qkv_proj(x))
             qk = qkv[:, : (nh + nkv) * d].view(num_tokens, nh + nkv, d)
             # rotate_half in one cat: (-x2, x1)
             rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
             qk = qk * cos + rotated * sin
             v = qkv[:, (nh + nkv) * d:].view(num_tokens, nkv, d)
             attn = paged_attention(qk[:, :nh], qk[:, nh:], v, k_cache, v_cache, meta)
-            hidden = hidden + o_proj(attn)
+            hidden = hidden + adapt(i, "o", attn, o_proj(attn))
             x = F.rms_norm(hidden, norm_shape, layer.post_norm, eps)
-            gate, up = gate_up_proj(x).chunk(2, dim=-1)
-            hidden = hidden + down_proj(F.silu(gate) * up)
+            gate, up = adapt(i, "gate_up", x, gate_up_proj(x)).chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            hidden = hidden + adapt(i, "down", act, down_proj(act))
         return F.rms_norm(hidden, norm_shape, self.norm, eps)
 
     def layer_specs(self) -> tuple | None:
@@ -175,7 +183,7 @@ class LlamaForCausalLM(nn.Module):
             self._layer_specs = (norms, kinds, groups, tensors)
         return self._layer_specs or None
 
-    def _forward_kernels(self, input_ids, positions, meta, kv_caches) -> torch.Tensor:
+    def _forward_kernels(self, input_ids, positions, meta, kv_caches, lora=None) -> torch.Tensor:
         """forward() with the small ops fused in C++: residual add + RMSNorm, RoPE + K/V store, SiLU * up, and
         attention reading K/V in place. The same math as forward(), rounded the same way, in ~8 ops a layer.
         When the table serves every token's attention (decode steps), all layers run in one C++ call."""
@@ -186,21 +194,24 @@ class LlamaForCausalLM(nn.Module):
         hidden = F.embedding(input_ids, self.embed)
         specs = self.layer_specs()
         # the table serves every token (no row left to SDPA, no cascade decode): the layers in one C++ call
-        if specs is not None and meta.token_rows is not None and not meta.multi and not meta.decode_shared_len:
+        if (specs is not None and lora is None and meta.token_rows is not None and not meta.multi
+                and not meta.decode_shared_len):
             norms, kinds, groups, tensors = specs
             return ops.decoder_layers(hidden, norms, self.norm, kinds, groups, tensors, [k for k, _ in kv_caches],
                                       [v for _, v in kv_caches], positions, cos_table, sin_table, meta.slot_mapping,
                                       meta.table, meta.token_rows, meta.token_lens, nh, nkv, eps)
+        adapt = lora.apply if lora is not None else _no_adapter
         delta = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears()
             x = ops.add_rms_norm(hidden, delta, layer.input_norm, eps)
-            qkv = qkv_proj(x).contiguous()
+            qkv = adapt(i, "qkv", x, qkv_proj(x).contiguous())
             ops.rope_store(qkv, positions, cos_table, sin_table, k_cache, v_cache, meta.slot_mapping, nh, nkv)
             q = qkv.view(num_tokens, nh + 2 * nkv, d)[:, :nh]
             attn = kernel_attention(q, k_cache, v_cache, meta, ops)
-            x = ops.add_rms_norm(hidden, o_proj(attn), layer.post_norm, eps)
-            delta = down_proj(ops.silu_mul(gate_up_proj(x)))
+            x = ops.add_rms_norm(hidden, adapt(i, "o", attn, o_proj(attn)), layer.post_norm, eps)
+            act = ops.silu_mul(adapt(i, "gate_up", x, gate_up_proj(x)))
+            delta = adapt(i, "down", act, down_proj(act))
         return ops.add_rms_norm(hidden, delta, self.norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

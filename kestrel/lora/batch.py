@@ -1,0 +1,105 @@
+"""The low-rank updates of one mixed batch (S-LoRA / Punica's shrink and expand).
+
+The base linear runs once for every token of the batch; then, per adapter in the batch, its tokens'
+inputs are multiplied by the adapter's stacked A factors ("shrink", [n, in] -> [n, sum of ranks]) and
+the result by each target's B ("expand", into that target's columns of the fused output). Adapters
+of different ranks and target sets mix freely; tokens without an adapter get nothing added.
+With Kestrel's C++ kernels the whole update of a linear is one call that loops over tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from kestrel.lora.adapter import SITES
+from kestrel.lora.pool import Residency
+
+Rows = Union[slice, torch.Tensor]
+
+
+class LoraBatch:
+    """Which tokens use which resident adapter in one forward."""
+
+    def __init__(self, residencies: list[Residency], rows: list[Rows], token_adapter: torch.Tensor, kernels=None):
+        self.residencies = residencies
+        self.rows = rows  # per adapter: its tokens (a slice when they are consecutive)
+        self.token_adapter = token_adapter  # [T] int64: index into residencies, -1 for the base model
+        self.kernels = kernels
+        self._site_lists: dict[tuple[int, str], tuple] = {}
+
+    @staticmethod
+    def build(row_adapters: list[Optional[Residency]], q_starts: list[int], kernels=None) -> Optional["LoraBatch"]:
+        """From each row's adapter (None: the base model) and the rows' token ranges; None if no row has one."""
+        order: dict[int, int] = {}
+        residencies: list[Residency] = []
+        ranges: list[list[tuple[int, int]]] = []
+        token_adapter = torch.full((q_starts[-1],), -1, dtype=torch.int64)
+        for r, res in enumerate(row_adapters):
+            if res is None:
+                continue
+            k = order.get(id(res))
+            if k is None:
+                k = order[id(res)] = len(residencies)
+                residencies.append(res)
+                ranges.append([])
+            start, end = q_starts[r], q_starts[r + 1]
+            token_adapter[start:end] = k
+            if ranges[k] and ranges[k][-1][1] == start:
+                ranges[k][-1] = (ranges[k][-1][0], end)
+            else:
+                ranges[k].append((start, end))
+        if not residencies:
+            return None
+        rows: list[Rows] = []
+        for spans in ranges:
+            if len(spans) == 1:
+                rows.append(slice(*spans[0]))
+            else:
+                rows.append(torch.cat([torch.arange(s, e) for s, e in spans]))
+        return LoraBatch(residencies, rows, token_adapter, kernels)
+
+    def apply(self, layer: int, site: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y += the batch's low-rank updates of `site` in `layer` for input x; returns y."""
+        if self.kernels is not None and x.device.type == "cpu":
+            a_list, b_list, offsets = self._lists(layer, site)
+            if a_list:
+                self.kernels.lora_apply(y, x.contiguous(), self.token_adapter, len(SITES[site]), a_list, b_list,
+                                        offsets)
+            return y
+        for res, rows in zip(self.residencies, self.rows):
+            w = res.sites[layer].get(site)
+            if w is None:
+                continue
+            h = x[rows] @ w.a.t()  # shrink: [n, sum of ranks]
+            for col, offset, b in w.parts:  # expand, into each target's columns
+                out = y[:, offset:offset + b.shape[0]]
+                if isinstance(rows, slice):
+                    out[rows].addmm_(h[:, col:col + b.shape[1]], b.t())
+                else:
+                    out.index_add_(0, rows, h[:, col:col + b.shape[1]] @ b.t())
+        return y
+
+    def _lists(self, layer: int, site: str) -> tuple:
+        """The kernel's arguments for a site: per (adapter, target) its A rows, B, and output offset. Adapters
+        without a target get empty entries, so that token_adapter indexes the lists directly."""
+        key = (layer, site)
+        if key not in self._site_lists:
+            n_targets = len(SITES[site])
+            a_list, b_list, offsets = [], [], []
+            empty = torch.empty(0)
+            found = False
+            for res in self.residencies:
+                w = res.sites[layer].get(site)
+                parts = list(w.parts) if w is not None else []
+                found |= bool(parts)
+                for i in range(n_targets):
+                    if i < len(parts):
+                        col, offset, b = parts[i]
+                        a_list.append(w.a[col:col + b.shape[1]])
+                        b_list.append(b)
+                        offsets.append(offset)
+                    else:
+                        a_list.append(empty); b_list.append(empty); offsets.append(0)
+            self._site_lists[key] = (a_list, b_list, offsets) if found else ([], [], [])
+        return self._site_lists[key]
