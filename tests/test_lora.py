@@ -230,3 +230,24 @@ def test_bad_adapters_fail_at_load(tmp_path, tiny_llama_dir, tiny_qwen2_dir, ada
         engine.load_lora("x", wrong_rank)
     assert engine.list_loras() == []  # nothing half-loaded
     assert engine.generate([5, 6, 7], GREEDY)[0].finish_reason == "length"  # the engine is fine
+
+
+def test_language_gen_takes_lora(tiny_llama_dir, adapters):
+    import kestrel as kl
+
+    engine = _engine(tiny_llama_dir, adapters)
+    backend = kl.EngineBackend(engine)
+
+    @kl.function
+    def program(s):
+        s += "Question: what is 2 + 2?"
+        s += kl.gen("base", max_tokens=6, temperature=0)
+        s += kl.gen("tuned", max_tokens=6, temperature=0, lora="all")
+
+    try:
+        state = program.run(backend=backend)
+    finally:
+        backend.shutdown()  # the engine is the backend thread's until then
+    text = "Question: what is 2 + 2?" + state["base"]
+    assert state["tuned"] == engine.generate(text, SamplingParams(max_tokens=6, temperature=0), lora="all")[0].text
+    assert state["tuned"] != engine.generate(text, SamplingParams(max_tokens=6, temperature=0))[0].text

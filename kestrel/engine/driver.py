@@ -33,6 +33,7 @@ class Submit:
     params: SamplingParams
     client: Optional[str] = None
     priority: int = 0
+    lora: Optional[str] = None  # the LoRA adapter's name; None: the base model
 
 
 @dataclass
@@ -45,9 +46,20 @@ class Stop:
     pass
 
 
-Command = Union[Submit, Abort, Stop]
+@dataclass
+class Call:
+    """Run an engine method that manages the engine (not a request) between steps, e.g. load_lora."""
+
+    call_id: str
+    method: str
+    kwargs: dict
+
+
+CALLABLE = ("load_lora", "unload_lora")  # what a Call may run
+Command = Union[Submit, Abort, Stop, Call]
 Deliver = Callable[[list[StreamDelta], list[RequestOutput]], None]
 Reject = Callable[[str, BaseException], None]
+Respond = Callable[[str, object, Optional[BaseException]], None]
 
 
 class EngineFailed(RuntimeError):
@@ -55,10 +67,11 @@ class EngineFailed(RuntimeError):
 
 
 class EngineDriver:
-    def __init__(self, engine: Engine, deliver: Deliver, reject: Reject):
+    def __init__(self, engine: Engine, deliver: Deliver, reject: Reject, respond: Optional[Respond] = None):
         self.engine = engine
         self.deliver = deliver
         self.reject = reject
+        self.respond = respond or (lambda call_id, result, error: None)  # respond(call_id, result, error)
         self.compiling = CompileQueue(engine.grammars)
 
     def run(self, inbox) -> None:
@@ -80,6 +93,8 @@ class EngineDriver:
                             touched |= self._add(cmd)
                     elif isinstance(cmd, Abort):
                         touched |= self._abort(cmd.request_id)
+                    elif isinstance(cmd, Call):
+                        self._call(cmd)
                 if self.engine.has_unfinished():
                     touched |= self.engine.step()
                 if touched or commands:
@@ -105,11 +120,22 @@ class EngineDriver:
             except queue.Empty:
                 return commands
 
+    def _call(self, call: Call) -> None:
+        if call.method not in CALLABLE:
+            self.respond(call.call_id, None, ValueError(f"unknown engine call {call.method!r}"))
+            return
+        try:
+            result = getattr(self.engine, call.method)(**call.kwargs)
+        except (ValueError, TypeError, LookupError, OSError) as e:  # the caller's mistake: the engine goes on
+            self.respond(call.call_id, None, e)
+            return
+        self.respond(call.call_id, result, None)
+
     def _add(self, sub: Submit) -> set[str]:
         try:
             self.engine.add_request(sub.prompt, sub.params, request_id=sub.request_id, client=sub.client,
-                                    priority=sub.priority)
-        except (ValueError, TypeError) as e:
+                                    priority=sub.priority, lora=sub.lora)
+        except (ValueError, TypeError, LookupError) as e:
             self.reject(sub.request_id, e)
             return set()
         return {sub.request_id}

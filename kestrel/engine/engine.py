@@ -24,7 +24,7 @@ from kestrel.engine.allocator import tune_allocator
 from kestrel.engine.clients import ANONYMOUS
 from kestrel.engine.hardware import place
 from kestrel import kernels
-from kestrel.lora.manager import Adapter, LoraManager
+from kestrel.lora.manager import LoraManager, describe
 from kestrel.model.loader import (chat_template_ids, load_model, load_tokenizer, resolve_model_dir,
                                   resolve_quantization)
 
@@ -110,13 +110,14 @@ class Engine:
                 f"{self.kernels_reason}, KV pool {self.pool.size} tokens")
 
     # ---- LoRA adapters ------------------------------------------------------------------
-    def load_lora(self, name: str, path: str) -> Adapter:
-        """Serve the PEFT LoRA adapter in directory `path` as `name`. Raises AdapterError (a ValueError) when
-        the adapter cannot be served by this model, ValueError when the name is taken."""
+    def load_lora(self, name: str, path: str) -> dict:
+        """Serve the PEFT LoRA adapter in directory `path` as `name`; returns its description (rank, pool slots
+        it takes when in use, ...). Raises AdapterError (a ValueError) when the adapter cannot be served by
+        this model, ValueError when the name is taken."""
         adapter = self.loras.register(name, path)
         log.info("LoRA adapter %r loaded from %s: rank %d, %d pool slots when in use", name, path, adapter.max_rank,
                  adapter.pages)
-        return adapter
+        return describe(adapter)
 
     def unload_lora(self, name: str) -> None:
         """Stop serving `name`: requests naming it are refused from now on; those already queued or running

@@ -18,8 +18,10 @@ SENTINEL = "\u2063KESTREL\u2063"  # text no template changes, to find where a me
 
 
 class Backend:
-    def generate(self, prompt: Prompt, params: dict, on_text: Optional[Callable[[str], None]] = None) -> dict:
-        """Generate for one prompt; returns {"text", "meta_info"}. on_text receives text increments."""
+    def generate(self, prompt: Prompt, params: dict, on_text: Optional[Callable[[str], None]] = None,
+                 lora: Optional[str] = None) -> dict:
+        """Generate for one prompt (with LoRA adapter `lora`, if given); returns {"text", "meta_info"}.
+        on_text receives text increments."""
         raise NotImplementedError
 
     def score(self, prompts: list[list[int]], starts: list[int]) -> list[list[float]]:
@@ -98,7 +100,7 @@ class EngineBackend(Backend):
         self._thread = threading.Thread(target=self._loop, daemon=True, name="kestrel-lang-engine")
         self._thread.start()
 
-    def _submit(self, prompt: Prompt, params, on_text=None) -> Future:
+    def _submit(self, prompt: Prompt, params, on_text=None, lora: Optional[str] = None) -> Future:
         from kestrel.engine.driver import Submit
 
         fut: Future = Future()
@@ -107,7 +109,7 @@ class EngineBackend(Backend):
                 raise _failed(self._failure)
             rid = f"lang-{next(self._ids)}"
             self._pending[rid] = (fut, on_text)
-        self._inbox.put(Submit(rid, prompt, params))
+        self._inbox.put(Submit(rid, prompt, params, lora=lora))
         return fut
 
     def _loop(self) -> None:
@@ -154,10 +156,10 @@ class EngineBackend(Backend):
         if fut is not None:
             fut.set_exception(error)
 
-    def generate(self, prompt, params, on_text=None):
+    def generate(self, prompt, params, on_text=None, lora=None):
         from kestrel.engine.sampling_params import SamplingParams
 
-        out = self._submit(prompt, SamplingParams(**params), on_text).result()
+        out = self._submit(prompt, SamplingParams(**params), on_text, lora).result()
         return {"text": out.text, "meta_info": {"prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens,
                                                 "completion_tokens": out.output_tokens,
                                                 "finish_reason": out.finish_reason,
@@ -208,8 +210,10 @@ class RuntimeEndpoint(Backend):
     def _body(prompt: Prompt) -> dict:
         return {"text": prompt} if isinstance(prompt, str) else {"input_ids": list(prompt)}
 
-    def generate(self, prompt, params, on_text=None):
+    def generate(self, prompt, params, on_text=None, lora=None):
         body = dict(self._body(prompt), sampling_params=params)
+        if lora is not None:
+            body["lora_path"] = lora  # SGLang's field
         if on_text is None:
             return self._post("/generate", body)
         last, seen = None, ""

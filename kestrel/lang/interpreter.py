@@ -147,7 +147,7 @@ class ProgramState:
             params = {k: v for k, v in expr.sampling.items() if v is not None}
             params.update(expr.constraint)
             on_text = self._stream.put if self._stream is not None else None
-            out = self._call(self._text, params, on_text=on_text)
+            out = self._call(self._text, params, on_text=on_text, lora=expr.lora)
             self._text += out["text"]  # (already streamed piece by piece)
             self._set(expr.name, out["text"], out["meta_info"])
         elif isinstance(expr, Select):
@@ -155,8 +155,9 @@ class ProgramState:
             self._append(expr.choices[best])
             self._set(expr.name, expr.choices[best], {"normalized_logprobs": scores})
 
-    def _call(self, prompt: str, params: dict, on_text=None, record: bool = True) -> dict:
-        out = self.backend.generate(prompt, params, on_text)
+    def _call(self, prompt: str, params: dict, on_text=None, record: bool = True, lora: Optional[str] = None) -> dict:
+        out = self.backend.generate(prompt, params, on_text, lora=lora) if lora else self.backend.generate(
+            prompt, params, on_text)
         if record:
             self.calls.append(out["meta_info"])
         return out

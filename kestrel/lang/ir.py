@@ -36,6 +36,7 @@ class Gen(Concatenable):
     name: Optional[str]
     sampling: dict[str, Any]
     constraint: dict[str, Any] = field(default_factory=dict)  # regex / json_schema / grammar
+    lora: Optional[str] = None  # the LoRA adapter that generates it (None: the base model)
 
 
 @dataclass
@@ -57,10 +58,10 @@ Expr = Union[str, Gen, Select, Role, Concat]
 
 def gen(name: Optional[str] = None, max_tokens: int = 128, stop=None, temperature: float = 1.0, *,
         regex: Optional[str] = None, json_schema=None, grammar: Optional[str] = None,
-        choices: Optional[list[str]] = None, **sampling) -> Union[Gen, Select]:
+        choices: Optional[list[str]] = None, lora: Optional[str] = None, **sampling) -> Union[Gen, Select]:
     """Generate into `name`. Sampling keywords as in SamplingParams (top_p, top_k, seed, ...);
     constrain the output with `regex`, `json_schema` (dict, JSON text or pydantic model) or `grammar`
-    (EBNF). With `choices`, this is `select` (as in SGLang)."""
+    (EBNF); `lora` names the LoRA adapter that generates it. With `choices`, this is `select` (as in SGLang)."""
     if choices is not None:
         return select(name, choices)
     unknown = set(sampling) - set(SAMPLING_KEYS)
@@ -72,7 +73,7 @@ def gen(name: Optional[str] = None, max_tokens: int = 128, stop=None, temperatur
         raise ValueError(f"gen() takes at most one of regex, json_schema, grammar; got {sorted(constraint)}")
     if isinstance(constraint.get("json_schema"), type):
         constraint["json_schema"] = constraint["json_schema"].model_json_schema()  # a pydantic model
-    return Gen(name, dict(sampling, max_tokens=max_tokens, stop=stop, temperature=temperature), constraint)
+    return Gen(name, dict(sampling, max_tokens=max_tokens, stop=stop, temperature=temperature), constraint, lora)
 
 
 def select(name: Optional[str] = None, choices: Optional[list[str]] = None) -> Select:

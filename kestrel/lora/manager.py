@@ -224,5 +224,9 @@ class LoraManager:
 
     def describe(self) -> list[dict]:
         """The served adapters, for listings."""
-        return [dict(name=a.name, path=a.path, id=a.id, rank=a.max_rank, pages=a.pages, host_bytes=a.host_bytes,
-                     resident=a.residency is not None, running=a.running) for a in self.by_name.values()]
+        return [describe(a) for a in self.by_name.values()]
+
+
+def describe(a: Adapter) -> dict:
+    return dict(name=a.name, path=a.path, id=a.id, rank=a.max_rank, pages=a.pages, host_bytes=a.host_bytes,
+                resident=a.residency is not None, running=a.running, loads=a.loads, evictions=a.evictions)

@@ -15,8 +15,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kestrel.engine.sampling_params import SamplingParams
 from kestrel.server.middleware import Guard
+from kestrel.server.engine_process import CallFailed, EngineDead
 from kestrel.server.protocol import (AbortRequest, APIError, ChatCompletionRequest, CompletionRequest,
-                                     DetokenizeRequest, GenerateRequest, TokenizeRequest)
+                                     DetokenizeRequest, GenerateRequest, LoadLoraRequest, TokenizeRequest,
+                                     UnloadLoraRequest)
 from kestrel.server.server import Flight, Server
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -105,9 +107,44 @@ def build_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
-                                            "owned_by": "kestrel",
-                                            "max_model_len": server.client.info["context_length"]}]}
+        base = {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "kestrel",
+                "root": server.client.info["model_dir"], "parent": None,
+                "max_model_len": server.client.info["context_length"]}
+        # adapters as vLLM lists them: root is the adapter's path, parent the base model
+        adapters = [dict(base, id=name, root=path, parent=server.model_name)
+                    for name, path in server.client.loras.items()]
+        return {"object": "list", "data": [base, *adapters]}
+
+    async def engine_call(coro):
+        try:
+            return await coro
+        except CallFailed as e:
+            raise APIError(404 if e.kind == "not_found" else 400, str(e), "lora_name") from None
+        except EngineDead as e:
+            raise APIError(503, f"engine unavailable: {e}", kind="service_unavailable",
+                           headers={"Retry-After": "5"}) from None
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(req: LoadLoraRequest):
+        """vLLM's route: serve the PEFT adapter at lora_path as lora_name (a model id) from now on."""
+        if req.lora_name in (server.model_name, "default"):
+            raise APIError(400, f"{req.lora_name!r} names the base model; choose another adapter name", "lora_name")
+        if req.lora_name in server.client.loras:
+            raise APIError(400, f"The lora adapter '{req.lora_name}' has already been loaded; unload it first",
+                           "lora_name")
+        server.admit()
+        await engine_call(server.client.load_lora(req.lora_name, req.lora_path))
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(req: UnloadLoraRequest):
+        """Requests for it are refused from now on; those already running finish with it."""
+        if req.lora_name not in server.client.loras:
+            raise APIError(404, f"The lora adapter '{req.lora_name}' cannot be found", "lora_name",
+                           code="model_not_found")
+        server.admit()
+        await engine_call(server.client.unload_lora(req.lora_name))
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
     @app.get("/metrics")
     async def metrics():
@@ -116,7 +153,7 @@ def build_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
-        server.check_model(req.model)
+        lora = server.resolve_model(req.model)
         origin = server.origin(req, request.headers.get("x-kestrel-client"))
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         ids = server.chat_ids(messages)
@@ -126,8 +163,8 @@ def build_app(server: Server) -> FastAPI:
         params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         server.validate(params)
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
-        head = {"id": cid, "created": created, "model": server.model_name}
-        flight = server.open(ids, params, cid, origin)
+        head = {"id": cid, "created": created, "model": lora or server.model_name}
+        flight = server.open(ids, params, cid, origin, lora=lora)
         if req.stream:
             return await started(chat_stream(req, flight, head), flight)
         r, = await collect(request, [flight])
@@ -154,7 +191,7 @@ def build_app(server: Server) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        server.check_model(req.model)
+        lora = server.resolve_model(req.model)
         origin = server.origin(req, request.headers.get("x-kestrel-client"))
         prompts = req.prompt
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
@@ -180,11 +217,11 @@ def build_app(server: Server) -> FastAPI:
             raise APIError(503, "the server is over its queue limit; retry shortly", kind="service_unavailable",
                            headers={"Retry-After": "1"})
         created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
-        head = {"id": cid, "created": created, "model": server.model_name}
+        head = {"id": cid, "created": created, "model": lora or server.model_name}
         flights = []
         try:
             for i, (ids, p) in enumerate(jobs):
-                flights.append(server.open(ids, p, f"{cid}-{i}" if i else cid, origin, response_id=cid))
+                flights.append(server.open(ids, p, f"{cid}-{i}" if i else cid, origin, response_id=cid, lora=lora))
         except APIError:
             for f in flights:
                 f.close()
@@ -237,6 +274,7 @@ def build_app(server: Server) -> FastAPI:
     async def generate(req: GenerateRequest, request: Request):
         if (req.text is None) == (req.input_ids is None):
             raise APIError(400, "give exactly one of text or input_ids", "text")
+        lora = server.resolve_model(req.lora_path, "lora_path")
         ids = server.prompt_ids(req.text if req.text is not None else req.input_ids,
                                 "text" if req.text is not None else "input_ids")
         sp = dict(req.sampling_params)
@@ -253,7 +291,7 @@ def build_app(server: Server) -> FastAPI:
             params.logprob_start_len = req.logprob_start_len
         server.validate(params)
         rid, origin = f"gen-{uuid.uuid4().hex}", server.origin(req, request.headers.get("x-kestrel-client"))
-        flight = server.open(ids, params, rid, origin)
+        flight = server.open(ids, params, rid, origin, lora=lora)
         if req.stream:
             return await started(generate_stream(flight), flight)
         r, = await collect(request, [flight])

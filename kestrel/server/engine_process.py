@@ -2,9 +2,10 @@
 
 The API process must answer health checks and accept connections while the engine computes, so the
 engine runs the engine driver loop in a child process and talks through two multiprocessing queues:
-  to the engine:   driver commands (Submit, Abort, Stop)
+  to the engine:   driver commands (Submit, Abort, Call, Stop)
   from the engine: ("ready", info) | ("failed", reason) at start;
                    ("deltas", [StreamDelta], load) | ("error", request_id, message, param) | ("fatal", reason)
+                   | ("reply", call_id, result, error message, error kind) for a Call (load_lora, unload_lora)
 If the engine process dies (killed, out of memory, a fatal error) or the API process's reader thread
 does, every in-flight request fails with EngineDead at once, and a fresh engine process is started
 with exponential backoff; after too many failures in a short time the supervisor gives up and /health
@@ -13,6 +14,8 @@ stays 503 so that an orchestrator can replace the whole server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
 import multiprocessing as mp
 import queue
@@ -47,19 +50,40 @@ def engine_main(config: EngineConfig, inbox, outbox) -> None:
         sys.exit(1)
     outbox.put(("ready", dict(model_dir=engine.model_dir, context_length=engine.context_length,
                               vocab_size=engine.vocab_size, max_total_tokens=engine.pool.size,
-                              policy=config.policy, placement=engine.describe())))
+                              policy=config.policy, placement=engine.describe(), loras=engine.list_loras())))
+    lora_counts = LoraCounts()
 
     def deliver(deltas, finished) -> None:
-        outbox.put(("deltas", deltas, engine_load(engine)))
+        outbox.put(("deltas", deltas, dict(engine_load(engine), loras=lora_counts.changes(engine))))
 
     def reject(rid: str, error: BaseException) -> None:
         outbox.put(("error", rid, str(error), getattr(error, "param", None)))
 
+    def respond(call_id: str, result, error) -> None:
+        kind = None if error is None else ("not_found" if isinstance(error, LookupError) else "invalid")
+        outbox.put(("reply", call_id, result, None if error is None else str(error), kind))
+
     try:
-        EngineDriver(engine, deliver, reject).run(inbox)
+        EngineDriver(engine, deliver, reject, respond).run(inbox)
     except BaseException as e:  # noqa: BLE001 - the driver failed its requests already; exit for a restart
         outbox.put(("fatal", f"the engine failed: {type(e).__name__}: {e}"))
         sys.exit(1)
+
+
+class LoraCounts:
+    """Per adapter name, the loads into and evictions from the pool since the last report (for /metrics)."""
+
+    def __init__(self):
+        self._seen: dict[int, tuple[int, int]] = {}
+
+    def changes(self, engine) -> dict[str, tuple[int, int]]:
+        out = {}
+        for a in engine.loras.by_id.values():
+            before = self._seen.get(a.id, (0, 0))
+            if (a.loads, a.evictions) != before:
+                out[a.name] = (a.loads - before[0], a.evictions - before[1])
+                self._seen[a.id] = (a.loads, a.evictions)
+        return out
 
 
 def engine_load(engine) -> dict:
@@ -85,6 +109,14 @@ class Rejected(ValueError):
         self.param = param
 
 
+class CallFailed(Exception):
+    """The engine refused a management call; kind is "not_found" (an unknown name) or "invalid"."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 class EngineStartError(RuntimeError):
     """The engine process could not start (bad model path, bad setting, crash while loading)."""
 
@@ -104,6 +136,9 @@ class EngineClient:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._listeners = []
         self._generation = 0
+        self._calls: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._call_ids = itertools.count()
+        self.loras: dict[str, str] = dict(config.lora_modules)  # served adapters; a restarted engine loads them
         self._start()  # raises EngineStartError
         self.load: dict = dict(running=0, waiting=0, kv_used=0, kv_size=self.info["max_total_tokens"],
                                kv_free=self.info["max_total_tokens"], kv_evictable=0, retractions=0)
@@ -112,8 +147,8 @@ class EngineClient:
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
         inbox, outbox = ctx.Queue(), ctx.Queue()
-        process = ctx.Process(target=engine_main, args=(self.config, inbox, outbox), daemon=True,
-                              name="kestrel-engine")
+        config = dataclasses.replace(self.config, lora_modules=dict(self.loras))
+        process = ctx.Process(target=engine_main, args=(config, inbox, outbox), daemon=True, name="kestrel-engine")
         process.start()
         deadline = time.monotonic() + self.start_timeout
         while True:
@@ -173,6 +208,13 @@ class EngineClient:
         elif msg[0] == "error":
             _, rid, message, param = msg
             self._deliver(rid, Rejected(message, param))
+        elif msg[0] == "reply":
+            _, call_id, result, message, kind = msg
+            target = self._calls.pop(call_id, None)
+            if target is not None:
+                loop, fut = target
+                outcome = CallFailed(message, kind) if message is not None else result
+                _resolve(loop, fut, outcome)
 
     def _engine_failed(self, generation: int, reason: str) -> None:
         with self._lock:
@@ -180,10 +222,13 @@ class EngineClient:
                 return
             self.state, self.failure = RESTARTING, reason
             streams, self._streams = self._streams, {}
+            calls, self._calls = self._calls, {}
             process = self.process
         log.error("engine failure: %s; failing %d in-flight requests and restarting", reason, len(streams))
         for loop, q in streams.values():
             _put(loop, q, EngineDead(reason))
+        for loop, fut in calls.values():
+            _resolve(loop, fut, EngineDead(reason))
         if process.is_alive():
             process.kill()
         process.join(5)
@@ -224,7 +269,8 @@ class EngineClient:
         if target is not None:
             _put(*target, item)
 
-    def submit(self, rid: str, prompt_ids: list[int], params, client=None, priority: int = 0) -> asyncio.Queue:
+    def submit(self, rid: str, prompt_ids: list[int], params, client=None, priority: int = 0,
+               lora: Optional[str] = None) -> asyncio.Queue:
         """Send a request to the engine; its deltas (or an exception) arrive on the returned queue."""
         from kestrel.engine.driver import Submit
 
@@ -233,8 +279,34 @@ class EngineClient:
             if self.state != OK:
                 raise EngineDead(self.failure or "the engine is not running")
             self._streams[rid] = (asyncio.get_running_loop(), q)
-            self._inbox.put(Submit(rid, prompt_ids, params, client, priority))
+            self._inbox.put(Submit(rid, prompt_ids, params, client, priority, lora))
         return q
+
+    async def call(self, method: str, **kwargs):
+        """Run an engine management method (kestrel.engine.driver.CALLABLE) between steps; raises CallFailed
+        when the engine refuses it, EngineDead when the engine is down."""
+        from kestrel.engine.driver import Call
+
+        fut = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self.state != OK:
+                raise EngineDead(self.failure or "the engine is not running")
+            call_id = f"call-{next(self._call_ids)}"
+            self._calls[call_id] = (asyncio.get_running_loop(), fut)
+            self._inbox.put(Call(call_id, method, kwargs))
+        result = await fut
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def load_lora(self, name: str, path: str) -> dict:
+        info = await self.call("load_lora", name=name, path=path)
+        self.loras[name] = path
+        return info
+
+    async def unload_lora(self, name: str) -> None:
+        await self.call("unload_lora", name=name)
+        self.loras.pop(name, None)
 
     def abort(self, rid: str) -> None:
         """Ask the engine to stop a request; its stream still receives the final delta (finish_reason abort)."""
@@ -271,6 +343,16 @@ class EngineClient:
             process.join(timeout)
             if process.is_alive():
                 process.kill()
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, outcome) -> None:
+    def set_result():
+        if not fut.done():
+            fut.set_result(outcome)
+    try:
+        loop.call_soon_threadsafe(set_result)
+    except RuntimeError:  # the caller's event loop is closed
+        pass
 
 
 def _put(loop: asyncio.AbstractEventLoop, q: asyncio.Queue, item) -> None:

@@ -6,7 +6,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 
 
-OTHER_CLIENTS = "other"
+OTHER = "other"
+OTHER_CLIENTS = OTHER
+
+
+class CappedLabels:
+    """Label values for an open-ended set of names (clients, adapters): the first `cap` names seen get their
+    own, the rest share "other", so a stream of new names cannot grow /metrics without bound."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.named: set[str] = set()
+
+    def __call__(self, name: str) -> str:
+        if name not in self.named and len(self.named) < self.cap:
+            self.named.add(name)
+        return name if name in self.named else OTHER
 
 
 class Metrics:
@@ -42,7 +57,7 @@ class Metrics:
                                                 ["client"], registry=r)
         self.client_waiting = Gauge("kestrel:client_requests_waiting", "A client's sequences waiting for admission",
                                     ["client"], registry=r)
-        self._labelled: set[str] = set()
+        self._client_label = CappedLabels(max_client_labels)
         self._other_waiting: dict[str, int] = {}  # unlabelled clients with sequences waiting
         self.kv_size = Gauge("kestrel:kv_cache_size_tokens", "KV pool size in tokens", registry=r)
         self.kv_free = Gauge("kestrel:kv_cache_free_tokens", "KV slots free", registry=r)
@@ -50,6 +65,18 @@ class Metrics:
                                   "KV slots held only by the prefix cache (free to evict)", registry=r)
         self.clients_tracked = Gauge("kestrel:clients_tracked", "Clients the engine keeps per-client state for",
                                      registry=r)
+        # per LoRA adapter, with the same cap on labels as clients
+        self._adapter_label = CappedLabels(max_client_labels)
+        self.lora_requests = Counter("kestrel:lora_requests", "Finished requests per LoRA adapter", ["adapter"],
+                                     registry=r)
+        self.lora_prompt_tokens = Counter("kestrel:lora_prompt_tokens", "Prompt tokens per LoRA adapter",
+                                          ["adapter"], registry=r)
+        self.lora_generation_tokens = Counter("kestrel:lora_generation_tokens", "Tokens generated per LoRA adapter",
+                                              ["adapter"], registry=r)
+        self.lora_loads = Counter("kestrel:lora_loads", "Times a LoRA adapter was paged into the KV pool",
+                                  ["adapter"], registry=r)
+        self.lora_evictions = Counter("kestrel:lora_evictions", "Times an idle LoRA adapter was paged out of the "
+                                      "KV pool to make room", ["adapter"], registry=r)
         self.engine_restarts = Gauge("kestrel:engine_restarts", "Times the engine process was restarted after a "
                                      "failure", registry=r)
 
@@ -68,14 +95,18 @@ class Metrics:
             self._retractions_seen = load["retractions"]
         for client, change in load.get("clients", {}).items():
             self.on_client(client, change)
+        for adapter, (loads, evictions) in load.get("loras", {}).items():
+            label = self._adapter_label(adapter)
+            if loads > 0:
+                self.lora_loads.labels(adapter=label).inc(loads)
+            if evictions > 0:
+                self.lora_evictions.labels(adapter=label).inc(evictions)
 
     def on_client(self, client: str, change: tuple[float, int, int, int]) -> None:
         """Add what a client received since the engine's last report (service, prompt tokens, output
         tokens) and set its waiting sequences. Only the first `max_client_labels` clients get a label of
         their own; what is kept per unlabelled client lasts only while it has sequences waiting."""
-        if client not in self._labelled and len(self._labelled) < self.max_client_labels:
-            self._labelled.add(client)
-        label = client if client in self._labelled else OTHER_CLIENTS
+        label = self._client_label(client)
         service, prompt, output, waiting = change
         if service > 0:
             self.client_service.labels(client=label).inc(service)
@@ -93,7 +124,13 @@ class Metrics:
             self.client_waiting.labels(client=label).set(waiting)
 
     def on_request_done(self, prompt_tokens: int, cached_tokens: int, output_tokens: int, ttft: float | None,
-                        latency: float, reason: str, queue_time: float | None = None) -> None:
+                        latency: float, reason: str, queue_time: float | None = None,
+                        adapter: str | None = None) -> None:
+        if adapter is not None:
+            label = self._adapter_label(adapter)
+            self.lora_requests.labels(adapter=label).inc()
+            self.lora_prompt_tokens.labels(adapter=label).inc(prompt_tokens)
+            self.lora_generation_tokens.labels(adapter=label).inc(output_tokens)
         if queue_time is not None:
             self.queue_time.observe(queue_time)
         self.prompt_tokens.inc(prompt_tokens)

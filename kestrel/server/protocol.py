@@ -136,6 +136,19 @@ class GenerateRequest(BaseModel):
     top_logprobs_num: int = 0
     user: Optional[str] = None  # the client, for fair scheduling (as in the OpenAI APIs)
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
+    lora_path: Optional[str] = None  # SGLang's name for the LoRA adapter (its name, as loaded)
+
+
+class LoadLoraRequest(BaseModel):
+    """vLLM's /v1/load_lora_adapter body."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraRequest(BaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: Optional[int] = None  # vLLM clients may send it; names identify adapters here
 
 
 class TokenizeRequest(BaseModel):

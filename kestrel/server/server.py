@@ -40,15 +40,16 @@ class Flight:
     """One request in the engine, from admission to its last delta. `close()` (idempotent) gives back its
     place in the queue limit and aborts it in the engine if it has not finished."""
 
-    def __init__(self, server: "Server", rid: str, ids: list[int], params: SamplingParams, origin: Origin):
-        self.server, self.rid, self.ids, self.params = server, rid, ids, params
+    def __init__(self, server: "Server", rid: str, ids: list[int], params: SamplingParams, origin: Origin,
+                 lora: Optional[str] = None):
+        self.server, self.rid, self.ids, self.params, self.lora = server, rid, ids, params, lora
         self.start = time.monotonic()
         self.first: Optional[float] = None
         self.done: set[int] = set()
         self.out_tokens, self.cached, self.reason, self.queue_time = 0, 0, None, None
         self._closed = False
         self.response_id = rid
-        self._queue = server.client.submit(rid, ids, params, origin.client, origin.priority)
+        self._queue = server.client.submit(rid, ids, params, origin.client, origin.priority, lora)
 
     @property
     def finished(self) -> bool:
@@ -85,7 +86,7 @@ class Flight:
         s.untrack(self)
         if self.finished:
             s.metrics.on_request_done(len(self.ids), self.cached, self.out_tokens, self.first,
-                                      time.monotonic() - self.start, self.reason, self.queue_time)
+                                      time.monotonic() - self.start, self.reason, self.queue_time, self.lora)
 
 
 class Server:
@@ -108,10 +109,15 @@ class Server:
         self._groups: dict[str, list[str]] = {}  # response id -> engine request ids (for /abort)
 
     # ---- validation ---------------------------------------------------------------------
-    def check_model(self, model: str) -> None:
-        if model not in (self.model_name, "default"):
-            raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
-                           "model", code="model_not_found")
+    def resolve_model(self, model: Optional[str], param: str = "model") -> Optional[str]:
+        """The LoRA adapter a request's model names (None: the base model), or a 404 in OpenAI's shape."""
+        if model in (self.model_name, "default", None):
+            return None
+        if model in self.client.loras:
+            return model
+        served = ", ".join(repr(m) for m in [self.model_name, *sorted(self.client.loras)])
+        raise APIError(404, f"The model `{model}` does not exist; this server serves {served}", param,
+                       kind="invalid_request_error", code="model_not_found")
 
     @property
     def context_limit(self) -> int:
@@ -192,12 +198,12 @@ class Server:
                            headers={"Retry-After": "1"})
 
     def open(self, ids: list[int], params: SamplingParams, rid: str, origin: Origin = Origin(),
-             response_id: Optional[str] = None) -> Flight:
+             response_id: Optional[str] = None, lora: Optional[str] = None) -> Flight:
         """Admit and submit a request. `rid` is the engine's id; `response_id` the one the client sees
-        (POST /abort names it), shared by the prompts of one completions request."""
+        (POST /abort names it), shared by the prompts of one completions request; `lora` the adapter."""
         self.admit()
         try:
-            flight = Flight(self, rid, ids, params, origin)
+            flight = Flight(self, rid, ids, params, origin, lora)
         except EngineDead as e:
             raise APIError(503, f"engine unavailable: {e}", kind="service_unavailable",
                            headers={"Retry-After": "5"}) from None
