@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import RESULTS, cpu_name, run_for_result, save_results  # noqa: E402
+from benchmarks.common import (RESULTS, cpu_name, run_for_result, save_results, serve_process,  # noqa: E402
+                               stop_process)
 
 KESTREL_CONFIGS = {  # label -> Engine keyword arguments
     "kestrel default": {},
@@ -98,34 +97,9 @@ def llama_bench(bin_dir: str, gguf: str, threads: int) -> dict | None:
     return res
 
 
-def _serve(cmd: list[str], port: int, env: dict, timeout: float = 600) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    import httpx
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    _stop(proc)
-    raise RuntimeError(f"{cmd[0]} did not become healthy in {timeout} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 def serving(name: str, cmd: list[str], env: dict, port: int, args) -> dict | None:
     try:
-        proc = _serve(cmd, port, env)
+        proc = serve_process(cmd, port, env)
     except RuntimeError as e:
         print(f"== {name}: {e}")
         return None
@@ -145,7 +119,7 @@ def serving(name: str, cmd: list[str], env: dict, port: int, args) -> dict | Non
             print(f"== {name} {workload}: {res[workload]:.1f} output tok/s ({data.get('completed')} completed)",
                   flush=True)
     finally:
-        _stop(proc)
+        stop_process(proc)
     return res
 
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from typing import Optional
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -59,3 +61,29 @@ def run_for_result(python: str, code: str, env: Optional[dict] = None, stdin: Op
             return json.loads(line[6:])
     print("run failed:\n" + proc.stderr[-3000:], file=sys.stderr)
     return None
+
+
+def serve_process(cmd: list[str], port: int, env: dict, timeout: float = 600) -> subprocess.Popen:
+    """Start a server (its own process group) and wait until its /health answers 200."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    import httpx
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    stop_process(proc)
+    raise RuntimeError(f"{cmd[0]} did not become healthy in {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -251,3 +251,31 @@ def test_language_gen_takes_lora(tiny_llama_dir, adapters):
     text = "Question: what is 2 + 2?" + state["base"]
     assert state["tuned"] == engine.generate(text, SamplingParams(max_tokens=6, temperature=0), lora="all")[0].text
     assert state["tuned"] != engine.generate(text, SamplingParams(max_tokens=6, temperature=0))[0].text
+
+
+@pytest.fixture(scope="module")
+def embedded_adapters(tmp_path_factory, embedded_dir) -> dict[str, tuple[str, str]]:
+    """Two PEFT adapters of the embedded model (random init, non-zero B, scaled so replies stay text)."""
+    root = tmp_path_factory.mktemp("embedded-lora")
+    specs = {"tuned": (8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+             "attn": (16, ["q_proj", "v_proj"])}
+    out = {}
+    for i, (name, (r, targets)) in enumerate(specs.items()):
+        path = make_adapter(embedded_dir, str(root / name), r, targets, seed=10 + i, b_scale=0.15)
+        out[name] = (path, merge(embedded_dir, path, str(root / f"{name}-merged")))
+    return out
+
+
+def test_embedded_model_mixed_batch_equals_merged(embedded_dir, embedded_adapters, chat_prompt_ids):
+    params = SamplingParams(max_tokens=16, temperature=0)
+    names = ["tuned", None, "attn", "tuned", "attn", None, "tuned", "attn"]
+    prompts = chat_prompt_ids[:len(names)]
+    engine = Engine(embedded_dir, dtype="float32", lora_modules={n: p for n, (p, _) in embedded_adapters.items()})
+    got = [o.token_ids for o in engine.generate(prompts, params, lora=names)]
+    for name in ("tuned", "attn", None):
+        model = embedded_adapters[name][1] if name else embedded_dir
+        idx = [i for i, n in enumerate(names) if n == name]
+        want = [o.token_ids for o in Engine(model, dtype="float32").generate([prompts[i] for i in idx], params)]
+        assert [got[i] for i in idx] == want, name
+    base = [o.token_ids for o in Engine(embedded_dir, dtype="float32").generate(prompts, params)]
+    assert sum(g != b for g, b in zip(got, base)) >= 4  # the adapters change the replies

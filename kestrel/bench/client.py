@@ -16,7 +16,8 @@ from typing import Optional
 import httpx
 import numpy as np
 
-from kestrel.bench.workloads import BenchRequest, multi_turn_workload, random_workload, shared_prefix_workload
+from kestrel.bench.workloads import (BenchRequest, assign_models, multi_turn_workload, random_workload,
+                                     shared_prefix_workload)
 
 
 @dataclass
@@ -39,7 +40,7 @@ class RequestResult:
 
 async def send(http: httpx.AsyncClient, url: str, model: str, req: BenchRequest, headers: dict,
                t0: float) -> tuple[RequestResult, str]:
-    body = {"model": model, "messages": req.messages, "max_tokens": req.max_tokens, "stream": True,
+    body = {"model": req.model or model, "messages": req.messages, "max_tokens": req.max_tokens, "stream": True,
             "temperature": 0.0, "ignore_eos": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     res = RequestResult(ok=False, start=start - t0)
@@ -91,7 +92,8 @@ async def run_load(url: str, model: str, requests: list[BenchRequest], rate: flo
         messages = list(req.messages)
         for turn in range(1 + len(req.followups)):
             async with limit:
-                res, reply = await send(http, url, model, BenchRequest(messages, req.max_tokens), headers, t0)
+                res, reply = await send(http, url, model, BenchRequest(messages, req.max_tokens, model=req.model),
+                                        headers, t0)
             results.append(res)
             bar.update(1)
             if not res.ok or turn == len(req.followups):
@@ -166,13 +168,17 @@ def plot(results: list[RequestResult], path: str) -> None:
 
 def build_workload(args) -> list[BenchRequest]:
     if args.workload == "random":
-        return random_workload(args.num_requests, args.input_len, args.output_len, args.seed)
-    if args.workload == "shared-prefix":
+        requests = random_workload(args.num_requests, args.input_len, args.output_len, args.seed)
+    elif args.workload == "shared-prefix":
         per_group = max(1, args.num_requests // args.num_groups)
-        return shared_prefix_workload(args.num_groups, per_group, args.system_prompt_len, args.question_len,
-                                      args.output_len, args.seed)
-    return multi_turn_workload(max(1, args.num_requests // args.turns), args.turns, args.input_len,
-                               args.output_len, args.seed)
+        requests = shared_prefix_workload(args.num_groups, per_group, args.system_prompt_len, args.question_len,
+                                          args.output_len, args.seed)
+    else:
+        requests = multi_turn_workload(max(1, args.num_requests // args.turns), args.turns, args.input_len,
+                                       args.output_len, args.seed)
+    if getattr(args, "lora_models", None):
+        assign_models(requests, args.lora_models, args.lora_alpha, args.seed)
+    return requests
 
 
 def add_bench_args(p) -> None:
@@ -191,6 +197,10 @@ def add_bench_args(p) -> None:
     p.add_argument("--turns", type=int, default=3, help="multi-turn: turns per conversation")
     p.add_argument("--slo-ttft", type=float, default=None, help="goodput: TTFT limit in seconds")
     p.add_argument("--slo-tpot", type=float, default=None, help="goodput: TPOT limit in seconds")
+    p.add_argument("--lora-models", nargs="+", default=None,
+                   help="model names (LoRA adapters) to spread the requests over, drawn from a power law")
+    p.add_argument("--lora-alpha", type=float, default=1.0, help="--lora-models: the power law's exponent "
+                                                                  "(0: uniform)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="write the full results as JSON")
     p.add_argument("--plot", default=None, help="write latency distributions and throughput over time (PNG)")

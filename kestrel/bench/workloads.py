@@ -21,6 +21,7 @@ class BenchRequest:
     conversation: Optional[int] = None  # multi-turn: which conversation, turns must run in order
     turn: int = 0
     followups: list[str] = field(default_factory=list)
+    model: Optional[str] = None  # the model (e.g. a LoRA adapter) this request names, if not the run's default
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -53,3 +54,12 @@ def multi_turn_workload(num_conversations: int, turns: int, turn_len: int, outpu
     return [BenchRequest([{"role": "user", "content": _words(rng, int(turn_len / 1.3))}], output_len, conversation=c,
                          followups=[_words(rng, int(turn_len / 1.3)) for _ in range(turns - 1)])
             for c in range(num_conversations)]
+
+
+def assign_models(requests: list[BenchRequest], models: list[str], alpha: float, seed: int = 0) -> None:
+    """Give each request one of `models`, drawn from a power law (S-LoRA's setup): the i-th model is picked
+    with probability proportional to (i + 1) ** -alpha (alpha 0: uniform)."""
+    rng = random.Random(seed + 1)
+    weights = [(i + 1) ** -alpha for i in range(len(models))]
+    for req, model in zip(requests, rng.choices(models, weights, k=len(requests))):
+        req.model = model

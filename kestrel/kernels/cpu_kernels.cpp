@@ -317,6 +317,68 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   return out;
 }
 
+// ---- LoRA: the low-rank updates of a mixed batch (Punica's shrink and expand, per token) -------------------
+// The batch's adapters are described by a table of factor addresses, int64 [layers, sites, adapters, targets, 5]:
+// (address of A [r, in], address of B^T [r, out], r, out, output offset); r = 0 where an adapter lacks a target.
+// The adapters' factors live in the KV pool (kestrel/lora/pool.py) and stay there while their requests run, so
+// the addresses are valid for the step. For token t with adapter k = token_adapter[t] (-1: none) and each
+// target: y[t, offset : offset + out] += (A x[t]) B^T, the scale folded in. A token reads only its own
+// adapter's factors, so one call serves any mix of adapters and ranks.
+template <typename T>
+void lora_impl(T* y, int64_t y_stride, const T* x, int64_t x_stride, const int64_t* tok, int64_t tokens,
+               int64_t in, const int64_t* entries, int64_t targets) {
+  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(in), v, acc;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t k = tok[t];
+      if (k < 0) continue;
+      for (int64_t c = 0; c < in; ++c) xf[c] = to_f(x[t * x_stride + c]);
+      for (int64_t j = 0; j < targets; ++j) {
+        const int64_t* e = entries + (k * targets + j) * 5;
+        const int64_t r = e[2], out = e[3];
+        if (r == 0) continue;
+        const T* a = reinterpret_cast<const T*>(e[0]);
+        const T* bt = reinterpret_cast<const T*>(e[1]);
+        v.assign(r, 0.f);
+        for (int64_t q = 0; q < r; ++q) v[q] = dot(xf.data(), a + q * in, in);  // shrink
+        acc.assign(out, 0.f);
+        float* sum = acc.data();
+        for (int64_t q = 0; q < r; ++q) {  // expand, streaming along the output
+          const T* row = bt + q * out;
+          const float vq = v[q];
+#pragma omp simd
+          for (int64_t o = 0; o < out; ++o) sum[o] = std::fma(to_f(row[o]), vq, sum[o]);
+        }
+        T* yt = y + t * y_stride + e[4];
+#pragma omp simd
+        for (int64_t o = 0; o < out; ++o) yt[o] = from_f<T>(to_f(yt[o]) + sum[o]);
+      }
+    }
+  });
+}
+
+void lora_apply(at::Tensor y, at::Tensor x, at::Tensor token_adapter, at::Tensor table, int64_t layer, int64_t site) {
+  check_cpu(y, "y");
+  TORCH_CHECK(x.is_contiguous() && y.stride(1) == 1 && x.scalar_type() == y.scalar_type(),
+              "x must be contiguous and y have dense rows, in one dtype");
+  TORCH_CHECK(token_adapter.scalar_type() == at::kLong && token_adapter.is_contiguous() &&
+                  token_adapter.numel() == x.size(0) && y.size(0) == x.size(0), "one adapter index per token");
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 5 && table.size(4) == 5 &&
+                  layer < table.size(0) && site < table.size(1), "table must be int64 [layers, sites, adapters, targets, 5]");
+  const int64_t adapters = table.size(2), targets = table.size(3), in = x.size(1);
+  const int64_t* entries = table.data_ptr<int64_t>() + (layer * table.size(1) + site) * adapters * targets * 5;
+  for (int64_t i = 0; i < adapters * targets; ++i) {
+    const int64_t* e = entries + i * 5;
+    TORCH_CHECK(e[2] == 0 || (e[3] >= 0 && e[4] >= 0 && e[4] + e[3] <= y.size(1)), "LoRA entry ", i, " does not fit y");
+  }
+  const int64_t* tok = token_adapter.data_ptr<int64_t>();
+  for (int64_t t = 0; t < x.size(0); ++t) TORCH_CHECK(tok[t] < adapters, "adapter index out of range");
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lora_apply", [&] {
+    lora_impl<scalar_t>(y.data_ptr<scalar_t>(), y.stride(0), x.data_ptr<scalar_t>(), x.stride(0), tok, x.size(0),
+                        in, entries, targets);
+  });
+}
+
 // ---- the decoder layers in one call ----------------------------------------------------------------------
 // A linear as the Python side describes it: kind 0 dense (weight[, bias]), 1 int8 (q, scale[, bias]),
 // 2 int4 (packed, scales_zeros[, bias]) with its group size. The quantized kernels take bf16 activations.
@@ -343,7 +405,8 @@ at::Tensor decoder_layers(at::Tensor hidden, std::vector<at::Tensor> norms, at::
                           std::vector<std::vector<at::Tensor>> weights, std::vector<at::Tensor> k_caches,
                           std::vector<at::Tensor> v_caches, at::Tensor positions, at::Tensor cos, at::Tensor sin,
                           at::Tensor slots, at::Tensor table, at::Tensor rows, at::Tensor lens, int64_t nh,
-                          int64_t nkv, double eps) {
+                          int64_t nkv, double eps, c10::optional<at::Tensor> lora_tokens,
+                          c10::optional<at::Tensor> lora_table) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(norms.size() == 2 * layers && kinds.size() == 4 * layers && groups.size() == 4 * layers &&
                   weights.size() == 4 * layers && v_caches.size() == layers, "per-layer lists disagree in length");
@@ -356,76 +419,25 @@ at::Tensor decoder_layers(at::Tensor hidden, std::vector<at::Tensor> norms, at::
     TORCH_CHECK(weights[i].size() == need || weights[i].size() == need + 1, "linear ", i, ": wrong tensor count");
     linears.push_back({kinds[i], groups[i], weights[i], weights[i].size() == need + 1});
   }
+  const bool lora = lora_tokens.has_value() && lora_table.has_value();
+  // y = linear(x), plus the batch's LoRA updates of that layer's site (0 qkv, 1 o, 2 gate_up, 3 down)
+  auto linear = [&](int64_t layer, int64_t site, const at::Tensor& x) {
+    at::Tensor y = apply_linear(linears[4 * layer + site], x).contiguous();
+    if (lora) lora_apply(y, x.contiguous(), *lora_tokens, *lora_table, layer, site);
+    return y;
+  };
   c10::optional<at::Tensor> delta;
   for (int64_t i = 0; i < layers; ++i) {
     at::Tensor x = add_rms_norm(hidden, delta, norms[2 * i], eps);
-    at::Tensor qkv = apply_linear(linears[4 * i], x).contiguous();
+    at::Tensor qkv = linear(i, 0, x);
     rope_store(qkv, positions, cos, sin, k_caches[i], v_caches[i], slots, nh, nkv);
     at::Tensor q = qkv.view({tokens, nh + 2 * nkv, d}).narrow(1, 0, nh);
     at::Tensor attn = paged_attention(q, k_caches[i], v_caches[i], table, rows, lens, scale);
-    x = add_rms_norm(hidden, apply_linear(linears[4 * i + 1], attn), norms[2 * i + 1], eps);
-    delta = apply_linear(linears[4 * i + 3], silu_mul(apply_linear(linears[4 * i + 2], x).contiguous()));
+    x = add_rms_norm(hidden, linear(i, 1, attn), norms[2 * i + 1], eps);
+    at::Tensor act = silu_mul(linear(i, 2, x));
+    delta = linear(i, 3, act);
   }
   return add_rms_norm(hidden, delta, final_norm, eps);
-}
-
-// ---- LoRA: the low-rank updates of a mixed batch (Punica's shrink and expand, per token) -------------------
-// For token t with adapter k = token_adapter[t] (-1: none) and each target j < n_targets whose entry
-// i = k * n_targets + j is not empty: y[t, offsets[i] : offsets[i] + out] += B_i (A_i x[t]), A_i [r, in],
-// B_i [out, r] (the scale folded in). A token reads only its own adapter's factors, so one call serves any mix.
-template <typename T>
-void lora_impl(T* y, int64_t y_stride, const T* x, int64_t x_stride, const int64_t* tok, int64_t tokens,
-               int64_t in, int64_t n_targets, const std::vector<at::Tensor>& as, const std::vector<at::Tensor>& bs,
-               const std::vector<int64_t>& offsets) {
-  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xf(in), v, acc;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t k = tok[t];
-      if (k < 0) continue;
-      for (int64_t c = 0; c < in; ++c) xf[c] = to_f(x[t * x_stride + c]);
-      for (int64_t j = 0; j < n_targets; ++j) {
-        const int64_t i = k * n_targets + j;
-        if (as[i].numel() == 0) continue;
-        const int64_t r = as[i].size(0), out = bs[i].size(0);
-        const T* a = as[i].data_ptr<T>();
-        const T* b = bs[i].data_ptr<T>();
-        v.assign(r, 0.f);
-        for (int64_t q = 0; q < r; ++q) v[q] = dot(xf.data(), a + q * in, in);
-        T* yt = y + t * y_stride + offsets[i];
-        for (int64_t o = 0; o < out; ++o) {
-          float sum = 0.f;
-          for (int64_t q = 0; q < r; ++q) sum = std::fma(to_f(b[o * r + q]), v[q], sum);
-          yt[o] = from_f<T>(to_f(yt[o]) + sum);
-        }
-      }
-    }
-  });
-}
-
-void lora_apply(at::Tensor y, at::Tensor x, at::Tensor token_adapter, int64_t n_targets, std::vector<at::Tensor> as,
-                std::vector<at::Tensor> bs, std::vector<int64_t> offsets) {
-  check_cpu(y, "y");
-  TORCH_CHECK(x.is_contiguous() && y.stride(1) == 1 && x.scalar_type() == y.scalar_type(),
-              "x must be contiguous and y have dense rows, in one dtype");
-  TORCH_CHECK(token_adapter.scalar_type() == at::kLong && token_adapter.is_contiguous() &&
-                  token_adapter.numel() == x.size(0) && y.size(0) == x.size(0), "one adapter index per token");
-  TORCH_CHECK(as.size() == bs.size() && as.size() == offsets.size() && n_targets > 0 &&
-                  as.size() % n_targets == 0, "per-target lists disagree");
-  const int64_t in = x.size(1);
-  for (size_t i = 0; i < as.size(); ++i) {
-    if (as[i].numel() == 0) continue;
-    TORCH_CHECK(as[i].is_contiguous() && bs[i].is_contiguous() && as[i].scalar_type() == x.scalar_type() &&
-                    bs[i].scalar_type() == x.scalar_type(), "factors must be contiguous, in x's dtype");
-    TORCH_CHECK(as[i].size(1) == in && bs[i].size(1) == as[i].size(0) &&
-                    offsets[i] + bs[i].size(0) <= y.size(1), "factor ", i, " does not fit x and y");
-  }
-  const int64_t adapters = static_cast<int64_t>(as.size()) / n_targets;
-  const int64_t* tok = token_adapter.data_ptr<int64_t>();
-  for (int64_t t = 0; t < x.size(0); ++t) TORCH_CHECK(tok[t] < adapters, "adapter index out of range");
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "lora_apply", [&] {
-    lora_impl<scalar_t>(y.data_ptr<scalar_t>(), y.stride(0), x.data_ptr<scalar_t>(), x.stride(0), tok, x.size(0),
-                        in, n_targets, as, bs, offsets);
-  });
 }
 
 }  // namespace
@@ -435,6 +447,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "SiLU(gate) * up for a fused [T, 2I] gate_up");
   m.def("rope_store", &rope_store, "RoPE on q and k in place in the fused qkv, and K/V into their pool slots");
   m.def("decoder_layers", &decoder_layers, "all decoder layers for a step whose attention the table serves");
-  m.def("lora_apply", &lora_apply, "y += each token's adapter's low-rank update (B A x), in place");
+  m.def("lora_apply", &lora_apply, "y += each token's adapter's low-rank update (B A x) at one layer's site, in place");
   m.def("paged_attention", &paged_attention, "attention of each query token over its table row's first lens slots");
 }

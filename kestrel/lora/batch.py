@@ -12,8 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from kestrel.lora.adapter import SITES
-from kestrel.lora.pool import Residency
+from kestrel.lora.pool import SITE_ORDER, Residency
 
 Rows = Union[slice, torch.Tensor]
 
@@ -26,7 +25,8 @@ class LoraBatch:
         self.rows = rows  # per adapter: its tokens (a slice when they are consecutive)
         self.token_adapter = token_adapter  # [T] int64: index into residencies, -1 for the base model
         self.kernels = kernels
-        self._site_lists: dict[tuple[int, str], tuple] = {}
+        # the adapters' factor addresses for the C++ kernel: [layers, sites, adapters, targets, 5]
+        self.addresses = torch.stack([r.addresses for r in residencies], dim=2) if kernels is not None else None
 
     @staticmethod
     def build(row_adapters: list[Optional[Residency]], q_starts: list[int], kernels=None) -> Optional["LoraBatch"]:
@@ -62,44 +62,18 @@ class LoraBatch:
     def apply(self, layer: int, site: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y += the batch's low-rank updates of `site` in `layer` for input x; returns y."""
         if self.kernels is not None and x.device.type == "cpu":
-            a_list, b_list, offsets = self._lists(layer, site)
-            if a_list:
-                self.kernels.lora_apply(y, x.contiguous(), self.token_adapter, len(SITES[site]), a_list, b_list,
-                                        offsets)
+            self.kernels.lora_apply(y, x.contiguous(), self.token_adapter, self.addresses, layer,
+                                    SITE_ORDER.index(site))
             return y
         for res, rows in zip(self.residencies, self.rows):
             w = res.sites[layer].get(site)
             if w is None:
                 continue
             h = x[rows] @ w.a.t()  # shrink: [n, sum of ranks]
-            for col, offset, b in w.parts:  # expand, into each target's columns
-                out = y[:, offset:offset + b.shape[0]]
+            for col, offset, b_t in w.parts:  # expand, into each target's columns
+                out = y[:, offset:offset + b_t.shape[1]]
                 if isinstance(rows, slice):
-                    out[rows].addmm_(h[:, col:col + b.shape[1]], b.t())
+                    out[rows].addmm_(h[:, col:col + b_t.shape[0]], b_t)
                 else:
-                    out.index_add_(0, rows, h[:, col:col + b.shape[1]] @ b.t())
+                    out.index_add_(0, rows, h[:, col:col + b_t.shape[0]] @ b_t)
         return y
-
-    def _lists(self, layer: int, site: str) -> tuple:
-        """The kernel's arguments for a site: per (adapter, target) its A rows, B, and output offset. Adapters
-        without a target get empty entries, so that token_adapter indexes the lists directly."""
-        key = (layer, site)
-        if key not in self._site_lists:
-            n_targets = len(SITES[site])
-            a_list, b_list, offsets = [], [], []
-            empty = torch.empty(0)
-            found = False
-            for res in self.residencies:
-                w = res.sites[layer].get(site)
-                parts = list(w.parts) if w is not None else []
-                found |= bool(parts)
-                for i in range(n_targets):
-                    if i < len(parts):
-                        col, offset, b = parts[i]
-                        a_list.append(w.a[col:col + b.shape[1]])
-                        b_list.append(b)
-                        offsets.append(offset)
-                    else:
-                        a_list.append(empty); b_list.append(empty); offsets.append(0)
-            self._site_lists[key] = (a_list, b_list, offsets) if found else ([], [], [])
-        return self._site_lists[key]

@@ -1,7 +1,8 @@
 """Adapters in use live in the KV pool (S-LoRA's unified paging).
 
 An adapter resident in the pool occupies a run of `pages` consecutive slots. In every layer its A
-factors are laid out, one after another, in those slots' K rows, and its B factors in their V rows,
+factors ([r, in]) are laid out, one after another, in those slots' K rows, and its B factors, transposed
+([r, out]: the expand then streams along the output), in their V rows,
 so each factor is a contiguous view of the pool: computing with it copies nothing, and KV tokens and
 adapters draw on one budget. A page holds num_kv_heads * head_dim values of each.
 """
@@ -17,12 +18,16 @@ from kestrel.lora.adapter import SITES, TARGETS, LoraWeights, target_shapes
 from kestrel.model.model_config import ModelConfig
 
 
+SITE_ORDER = tuple(SITES)  # qkv, o, gate_up, down: the kernel's site indices
+MAX_TARGETS = max(len(t) for t in SITES.values())
+
+
 @dataclass
 class SiteWeights:
     """One adapter's factors for one fused linear of one layer."""
 
     a: torch.Tensor  # [sum of ranks, in]: the targets' A stacked (they share the input)
-    parts: list[tuple[int, int, torch.Tensor]]  # (rank columns start, output offset, B [out, r]) per target
+    parts: list[tuple[int, int, torch.Tensor]]  # (rank columns start, output offset, B^T [r, out]) per target
 
 
 @dataclass
@@ -30,6 +35,9 @@ class Residency:
     first: int  # first pool slot
     pages: int
     sites: list[dict[str, SiteWeights]] = field(default_factory=list)  # per layer: site -> weights
+    # the C++ kernel's view of the same factors: int64 [layers, sites, MAX_TARGETS, 5] of (address of A,
+    # address of B^T, r, out, output offset), r = 0 for absent targets (see lora_apply in cpu_kernels.cpp)
+    addresses: torch.Tensor = None
 
 
 def pages_needed(weights: LoraWeights, cfg: ModelConfig) -> int:
@@ -47,6 +55,7 @@ def place(weights: LoraWeights, pool: KVPool, first: int, pages: int, cfg: Model
     """Copy the adapter's factors into pool slots [first, first + pages) and return views of them."""
     shapes = target_shapes(cfg)
     res = Residency(first, pages)
+    res.addresses = torch.zeros(cfg.num_layers, len(SITE_ORDER), MAX_TARGETS, 5, dtype=torch.int64)
     for layer, (k_cache, v_cache) in enumerate(pool.caches):
         kbuf = k_cache[first:first + pages].view(-1)
         vbuf = v_cache[first:first + pages].view(-1)
@@ -60,10 +69,15 @@ def place(weights: LoraWeights, pool: KVPool, first: int, pages: int, cfg: Model
                     continue
                 a, b = ab
                 kbuf[at:at + a.numel()].copy_(a.reshape(-1))
-                vbuf[bt:bt + b.numel()].copy_(b.reshape(-1))
-                parts.append((col, shapes[t][2], vbuf[bt:bt + b.numel()].view(b.shape)))
+                b_t = vbuf[bt:bt + b.numel()].view(b.shape[1], b.shape[0])
+                b_t.copy_(b.t())
+                parts.append((col, shapes[t][2], b_t))
                 at, bt, col = at + a.numel(), bt + b.numel(), col + a.shape[0]
             if parts:
-                sites[site] = SiteWeights(kbuf[start:at].view(col, shapes[targets[0]][0]), parts)
+                w = sites[site] = SiteWeights(kbuf[start:at].view(col, shapes[targets[0]][0]), parts)
+                for j, (c, offset, b_t) in enumerate(parts):
+                    r = b_t.shape[0]
+                    res.addresses[layer, SITE_ORDER.index(site), j] = torch.tensor(
+                        [w.a[c:c + r].data_ptr(), b_t.data_ptr(), r, b_t.shape[1], offset])
         res.sites.append(sites)
     return res

@@ -194,12 +194,13 @@ class LlamaForCausalLM(nn.Module):
         hidden = F.embedding(input_ids, self.embed)
         specs = self.layer_specs()
         # the table serves every token (no row left to SDPA, no cascade decode): the layers in one C++ call
-        if (specs is not None and lora is None and meta.token_rows is not None and not meta.multi
-                and not meta.decode_shared_len):
+        if specs is not None and meta.token_rows is not None and not meta.multi and not meta.decode_shared_len:
             norms, kinds, groups, tensors = specs
+            lora_tokens, lora_addresses = (lora.token_adapter, lora.addresses) if lora is not None else (None, None)
             return ops.decoder_layers(hidden, norms, self.norm, kinds, groups, tensors, [k for k, _ in kv_caches],
                                       [v for _, v in kv_caches], positions, cos_table, sin_table, meta.slot_mapping,
-                                      meta.table, meta.token_rows, meta.token_lens, nh, nkv, eps)
+                                      meta.table, meta.token_rows, meta.token_lens, nh, nkv, eps, lora_tokens,
+                                      lora_addresses)
         adapt = lora.apply if lora is not None else _no_adapter
         delta = None
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
