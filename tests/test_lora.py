@@ -184,6 +184,14 @@ def test_unknown_adapter_is_refused(tiny_llama_dir, adapters):
     assert not engine.has_unfinished()
 
 
+def test_request_that_cannot_fit_beside_its_adapter_is_refused(tiny_llama_dir, adapters, prompts, references):
+    engine = _engine(tiny_llama_dir, adapters, max_total_tokens=180)  # "all" takes 128 slots
+    too_long = SamplingParams(max_tokens=180 - 128 - len(prompts[0]) + 1, temperature=0)
+    with pytest.raises(ValueError, match="pool slots of LoRA adapter 'all' can never fit"):
+        engine.add_request(prompts[0], too_long, lora="all")
+    assert engine.generate(prompts[0], GREEDY, lora="all")[0].token_ids == references["all"][0]
+
+
 def _copy(src: str, dst) -> str:
     import shutil
     shutil.copytree(src, dst)

@@ -168,6 +168,12 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} can never fit in the KV "
                 f"pool of {self.pool.size} tokens; raise max_total_tokens or lower max_tokens"
             )
+        if adapter is not None and total + adapter.pages > self.pool.size:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) + the {adapter.pages} pool slots of "
+                f"LoRA adapter {lora!r} can never fit in the KV pool of {self.pool.size} tokens; raise "
+                f"max_total_tokens or lower max_tokens"
+            )
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
