@@ -86,6 +86,23 @@ def test_generate_selects_adapters_per_prompt(tiny_llama_dir, adapters, prompts,
     assert [o.token_ids for o in outs] == [references["qv"][5], references["attn"][5], references[None][5]]
 
 
+def test_vtc_fairness_works_with_adapters(tiny_llama_dir, adapters, prompts, references):
+    """Two clients, each with its own adapter, under vtc with room for two requests at a time: both progress
+    while both wait, and every output is still its merged model's."""
+    engine = _engine(tiny_llama_dir, adapters, policy="vtc", max_running_requests=2)
+    rids = [engine.add_request(prompts[i], GREEDY, client=c, lora=n)
+            for i, (c, n) in enumerate([("alice", "qv")] * 4 + [("bob", "mlp")] * 4)]
+    order = []
+    while engine.has_unfinished():
+        engine.step()
+        order += [r for r in rids if engine.is_finished(r) and r not in order]
+    first_half = order[:4]
+    assert any(r in first_half for r in rids[:4]) and any(r in first_half for r in rids[4:])  # shared, not FCFS
+    for i, r in enumerate(rids):
+        name = "qv" if i < 4 else "mlp"
+        assert engine.get_output(r).token_ids == references[name][i]
+
+
 def test_prefix_cache_is_per_adapter(tiny_llama_dir, adapters, prompts, references):
     engine = _engine(tiny_llama_dir, adapters)
     p = prompts[3] * 3  # long enough to be worth caching

@@ -126,6 +126,20 @@ def test_load_and_unload_while_traffic_flows(server, client, adapter_dirs, refer
     assert out.choices[0].text == expected[:len(out.choices[0].text)]
 
 
+def test_bench_spreads_requests_over_adapters(server, tmp_path):
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "kestrel.cli", "bench", "--base-url", server.url, "--num-requests", "8",
+                           "--request-rate", "50", "--input-len", "20", "--output-len", "4", "--lora-models", "sql",
+                           "chat", "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["completed"] == 8
+    text = httpx.get(server.url + "/metrics").text
+    assert 'kestrel:lora_requests_total{adapter="chat"}' in text and 'kestrel:lora_requests_total{adapter="sql"}' in text
+
+
 def test_metrics_per_adapter(server, client):
     client.completions.create(model="sql", prompt="x", max_tokens=3, temperature=0)
     text = httpx.get(server.url + "/metrics").text

@@ -73,6 +73,7 @@ class EngineDriver:
         self.reject = reject
         self.respond = respond or (lambda call_id, result, error: None)  # respond(call_id, result, error)
         self.compiling = CompileQueue(engine.grammars)
+        self.reading: list[tuple[Call, object]] = []  # load_lora calls whose adapter is being read (a Future)
 
     def run(self, inbox) -> None:
         """Serve commands from `inbox` (anything with get(timeout=) and get_nowait()) until Stop."""
@@ -80,6 +81,7 @@ class EngineDriver:
             while True:
                 commands = self._receive(inbox)
                 touched: set[str] = set()
+                self._finish_reads()
                 for sub, error in self.compiling.ready():
                     if error is not None:
                         self.reject(sub.request_id, error)
@@ -111,7 +113,7 @@ class EngineDriver:
         commands: list[Command] = []
         if not self.engine.has_unfinished():
             try:
-                commands.append(inbox.get(timeout=0.005 if self.compiling else IDLE_WAIT))
+                commands.append(inbox.get(timeout=0.005 if self.compiling or self.reading else IDLE_WAIT))
             except queue.Empty:
                 pass
         while True:
@@ -124,8 +126,19 @@ class EngineDriver:
         if call.method not in CALLABLE:
             self.respond(call.call_id, None, ValueError(f"unknown engine call {call.method!r}"))
             return
+        if call.method == "load_lora":  # read the adapter's files in the background while the engine computes
+            self.reading.append((call, self.engine.loras.read_async(**call.kwargs)))
+            return
+        self._finish(call, lambda: getattr(self.engine, call.method)(**call.kwargs))
+
+    def _finish_reads(self) -> None:
+        for call, fut in [(c, f) for c, f in self.reading if f.done()]:
+            self.reading.remove((call, fut))
+            self._finish(call, lambda: self.engine.load_lora(**call.kwargs, weights=fut.result()))
+
+    def _finish(self, call: Call, run) -> None:
         try:
-            result = getattr(self.engine, call.method)(**call.kwargs)
+            result = run()
         except (ValueError, TypeError, LookupError, OSError) as e:  # the caller's mistake: the engine goes on
             self.respond(call.call_id, None, e)
             return
@@ -163,3 +176,5 @@ class EngineDriver:
                 self.reject(rid, failure)
         for sub in self.compiling.remove(lambda sub: True):
             self.reject(sub.request_id, failure)
+        for call, _ in self.reading:
+            self.respond(call.call_id, None, failure)

@@ -110,11 +110,11 @@ class Engine:
                 f"{self.kernels_reason}, KV pool {self.pool.size} tokens")
 
     # ---- LoRA adapters ------------------------------------------------------------------
-    def load_lora(self, name: str, path: str) -> dict:
+    def load_lora(self, name: str, path: str, weights=None) -> dict:
         """Serve the PEFT LoRA adapter in directory `path` as `name`; returns its description (rank, pool slots
         it takes when in use, ...). Raises AdapterError (a ValueError) when the adapter cannot be served by
-        this model, ValueError when the name is taken."""
-        adapter = self.loras.register(name, path)
+        this model, ValueError when the name is taken. `weights`: what `loras.read_async` read already."""
+        adapter = self.loras.register(name, path, weights)
         log.info("LoRA adapter %r loaded from %s: rank %d, %d pool slots when in use", name, path, adapter.max_rank,
                  adapter.pages)
         return describe(adapter)

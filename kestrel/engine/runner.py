@@ -89,7 +89,7 @@ class ModelRunner:
         if fb.adapter_ids is not None:
             by_id = self.adapters.by_id
             lora = LoraBatch.build([by_id[i].residency if i else None for i in fb.adapter_ids], fb.q_starts,
-                                   self.model.kernels)
+                                   self.model.kernels, self.device)
         hidden = self.model(fb.input_ids, fb.positions, self.attention_metadata(fb), self.pool.caches, lora)
         prompt_logits = None
         if fb.prompt_logit_index is not None:

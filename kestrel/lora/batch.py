@@ -29,8 +29,10 @@ class LoraBatch:
         self.addresses = torch.stack([r.addresses for r in residencies], dim=2) if kernels is not None else None
 
     @staticmethod
-    def build(row_adapters: list[Optional[Residency]], q_starts: list[int], kernels=None) -> Optional["LoraBatch"]:
-        """From each row's adapter (None: the base model) and the rows' token ranges; None if no row has one."""
+    def build(row_adapters: list[Optional[Residency]], q_starts: list[int], kernels=None,
+              device: torch.device = torch.device("cpu")) -> Optional["LoraBatch"]:
+        """From each row's adapter (None: the base model) and the rows' token ranges; None if no row has one.
+        Token index tensors go to `device` (the model's)."""
         order: dict[int, int] = {}
         residencies: list[Residency] = []
         ranges: list[list[tuple[int, int]]] = []
@@ -56,7 +58,7 @@ class LoraBatch:
             if len(spans) == 1:
                 rows.append(slice(*spans[0]))
             else:
-                rows.append(torch.cat([torch.arange(s, e) for s, e in spans]))
+                rows.append(torch.cat([torch.arange(s, e) for s, e in spans]).to(device))
         return LoraBatch(residencies, rows, token_adapter, kernels)
 
     def apply(self, layer: int, site: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

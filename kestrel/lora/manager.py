@@ -71,13 +71,27 @@ class LoraManager:
         self.on_drop: Callable[[Adapter], None] = lambda adapter: None  # the engine frees its cached prefixes
 
     # ---- registry -----------------------------------------------------------------------
-    def register(self, name: str, path: str) -> Adapter:
-        """Read and check an adapter; raises AdapterError (bad adapter) or ValueError (name taken)."""
+    def read_async(self, name: str, path: str) -> Future:
+        """Read and check an adapter in the background (the engine keeps computing); pass the result to
+        register(). The future raises AdapterError for an adapter that cannot be served."""
+        return self._executor().submit(self._read, name, path)
+
+    def _read(self, name: str, path: str) -> LoraWeights:
+        try:
+            return load_adapter(name, path, self.cfg, self.dtype)
+        except (AdapterError, TypeError):
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever a file's contents make a library raise: a bad adapter
+            raise AdapterError(f"LoRA adapter {name!r} ({path}) could not be read: {type(e).__name__}: {e}") from e
+
+    def register(self, name: str, path: str, weights: Optional[LoraWeights] = None) -> Adapter:
+        """Read (unless `weights` were read already) and check an adapter; raises AdapterError (bad adapter)
+        or ValueError (name taken)."""
         if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
             raise AdapterError("a LoRA adapter needs a non-empty name and path")
         if name in self.by_name:
             raise ValueError(f"a LoRA adapter named {name!r} is already loaded; unload it first")
-        weights = load_adapter(name, path, self.cfg, self.dtype)
+        weights = weights if weights is not None else self._read(name, path)
         pages = pages_needed(weights, self.cfg)
         if pages > self.pool.size * 3 // 4:  # it must leave room for its requests' tokens
             raise AdapterError(f"adapter {name!r} needs {pages} pool slots but the KV pool has {self.pool.size}; "
@@ -193,10 +207,13 @@ class LoraManager:
     def _ensure_host(self, adapter: Adapter) -> None:
         if adapter.weights is not None or adapter.loading is not None:
             return
+        log.info("reading LoRA adapter %r from %s", adapter.name, adapter.path)
+        adapter.loading = self._executor().submit(self._read, adapter.name, adapter.path)
+
+    def _executor(self) -> ThreadPoolExecutor:
         if self._reader is None:
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="kestrel-lora-read")
-        log.info("reading LoRA adapter %r from %s", adapter.name, adapter.path)
-        adapter.loading = self._reader.submit(load_adapter, adapter.name, adapter.path, self.cfg, self.dtype)
+        return self._reader
 
     def _finish_read(self, adapter: Adapter) -> None:
         future, adapter.loading = adapter.loading, None
