@@ -125,7 +125,7 @@ def test_ten_thousand_clients_keep_state_bounded():
             peak = max(peak, len(ledger.usage), len(policy.counters), len(ledger._idle))
     assert peak <= 100 + 50  # the idle cap plus one wave of live clients
     assert reported == 2 * 10_000
-    assert len(metrics._labelled) == 32 and not metrics._other_waiting
+    assert len(metrics._client_label.named) == 32 and not metrics._other_waiting
     total = sum(s.value for m in metrics.client_generation_tokens.collect() for s in m.samples
                 if s.name.endswith("_total"))
     assert total == 2 * 10_000

@@ -194,6 +194,20 @@ def test_adapters_beyond_host_limit_are_read_again(tiny_llama_dir, adapters, pro
     assert all(a.loads == 2 for a in engine.loras.by_name.values())  # max_loras=1: paged in every time
 
 
+def test_adapter_unreadable_when_needed_again_fails_only_its_requests(tmp_path, tiny_llama_dir, adapters, prompts,
+                                                                    references):
+    """An adapter whose host copy was dropped (max_cpu_loras) and whose files vanished since: its waiting request
+    fails with a clear error; the others are served."""
+    import shutil
+    gone = _copy(adapters["qv"][0], tmp_path / "qv")
+    engine = Engine(tiny_llama_dir, dtype="float32", max_cpu_loras=1, lora_modules={"qv": gone, "mlp": adapters["mlp"][0]})
+    assert engine.loras.by_name["qv"].weights is None  # dropped: only one idle host copy is kept
+    shutil.rmtree(gone)
+    outs = engine.generate([prompts[0], prompts[2]], GREEDY, lora=["qv", "mlp"])
+    assert outs[0].finish_reason == "error" and "could not be read again" in outs[0].error
+    assert outs[1].token_ids == references["mlp"][2]
+
+
 def test_unknown_adapter_is_refused(tiny_llama_dir, adapters):
     engine = _engine(tiny_llama_dir, adapters)
     with pytest.raises(UnknownAdapter, match="nope.*loaded adapters: all, attn, mlp, qv"):

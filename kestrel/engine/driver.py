@@ -74,6 +74,7 @@ class EngineDriver:
         self.respond = respond or (lambda call_id, result, error: None)  # respond(call_id, result, error)
         self.compiling = CompileQueue(engine.grammars)
         self.reading: list[tuple[Call, object]] = []  # load_lora calls whose adapter is being read (a Future)
+        self.stalled = False  # the last step ran nothing though requests wait (their adapter is being read)
 
     def run(self, inbox) -> None:
         """Serve commands from `inbox` (anything with get(timeout=) and get_nowait()) until Stop."""
@@ -98,7 +99,9 @@ class EngineDriver:
                     elif isinstance(cmd, Call):
                         self._call(cmd)
                 if self.engine.has_unfinished():
-                    touched |= self.engine.step()
+                    stepped = self.engine.step()
+                    self.stalled = not stepped
+                    touched |= stepped
                 if touched or commands:
                     self._deliver(touched)
         except Exception as e:
@@ -111,9 +114,10 @@ class EngineDriver:
     def _receive(self, inbox) -> list[Command]:
         """Block only while there is nothing to compute; then take everything queued."""
         commands: list[Command] = []
-        if not self.engine.has_unfinished():
+        if self.stalled or not self.engine.has_unfinished():
             try:
-                commands.append(inbox.get(timeout=0.005 if self.compiling or self.reading else IDLE_WAIT))
+                wait = 0.005 if self.compiling or self.reading or self.stalled else IDLE_WAIT
+                commands.append(inbox.get(timeout=wait))
             except queue.Empty:
                 pass
         while True:
