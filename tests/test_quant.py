@@ -64,7 +64,10 @@ def _dequantized_copy(engine: Engine) -> Engine:
     for layer in model.layers:
         layer.fast = tuple(Linear(f.dequantize().to(torch.bfloat16), f.bias, False) if isinstance(f, QuantLinear)
                            else f for f in layer.fast)
-    model._lm_head = Linear(model._lm_head.dequantize().to(torch.bfloat16), None, False)
+    if isinstance(model._lm_head, QuantLinear):
+        model._lm_head = Linear(model._lm_head.dequantize().to(torch.bfloat16), None, False)
+    if model._lm_head_small is not None:
+        model._lm_head_small = Linear(model._lm_head_small.dequantize().to(torch.bfloat16), None, False)
     return engine
 
 
