@@ -46,11 +46,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.sample_seed, stop=args.stop or None)
     inputs = [engine.apply_chat_template([{"role": "user", "content": p}]) for p in prompts] if not args.raw else prompts
     if len(inputs) == 1:
-        for delta in engine.stream(inputs[0], params):
+        for delta in engine.stream(inputs[0], params, lora=args.lora):
             print(delta.text, end="", flush=True)
         print()
         return 0
-    outs = engine.generate(inputs, params, use_tqdm=True)
+    outs = engine.generate(inputs, params, use_tqdm=True, lora=args.lora)
     for prompt, out in zip(prompts, outs):
         print(f"### {prompt}\n{out.text}\n")
     s = engine.stats
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--raw", action="store_true", help="send prompts as plain text, without the chat template")
+    gen.add_argument("--lora", default=None, help="generate with this LoRA adapter (a name given in --lora-modules)")
     add_engine_args(gen)
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
     serve.add_argument("--host", default="127.0.0.1")
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_bench(args)
             print_summary(summary)
             return 0 if summary["completed"] else 1
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError, TypeError, LookupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1

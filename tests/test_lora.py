@@ -318,3 +318,33 @@ def test_embedded_model_mixed_batch_equals_merged(embedded_dir, embedded_adapter
         assert [got[i] for i in idx] == want, name
     base = [o.token_ids for o in Engine(embedded_dir, dtype="float32").generate(prompts, params)]
     assert sum(g != b for g, b in zip(got, base)) >= 4  # the adapters change the replies
+
+
+@pytest.mark.parametrize("kernels", ["cpp", "torch"])
+def test_bfloat16_adapters_stay_close_to_merged_float32(kernels, tiny_llama_dir, adapters, prompts):
+    """In bf16 (the default on CPUs with native bf16) the low-rank updates are rounded, not exact: teacher-forced
+    log-probabilities stay within bf16 noise of the float32 merged model's (a wrong update is off by nats)."""
+    seqs = [p + q for p, q in zip(prompts[:4], prompts[4:8])]
+    score = SamplingParams(max_tokens=1, prompt_logprobs=0, logprob_start_len=1)
+    engine = Engine(tiny_llama_dir, dtype="bfloat16", kernels=kernels,
+                    lora_modules={n: p for n, (p, _) in adapters.items()})
+    for name in ("all", "attn"):
+        got = engine.generate(seqs, score, lora=name)
+        want = Engine(adapters[name][1], dtype="float32").generate(seqs, score)
+        errors = [abs(g.logprob - w.logprob) for a, b in zip(got, want)
+                  for g, w in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])]
+        assert sum(errors) / len(errors) < 0.1 and max(errors) < 1.0, (name, sum(errors) / len(errors), max(errors))
+
+
+def test_cli_generate_with_an_adapter(tiny_llama_dir, adapters, prompts):
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "kestrel.cli", "generate", "--model", tiny_llama_dir, "--dtype", "float32", "--raw",
+           "--max-tokens", "6", "--temperature", "0", "--lora-modules", f"qv={adapters['qv'][0]}"]
+    out = subprocess.run(cmd + ["--lora", "qv", "the river"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    expected = _engine(tiny_llama_dir, adapters).generate("the river", SamplingParams(max_tokens=6, temperature=0),
+                                                          lora="qv")[0].text
+    assert out.stdout.rstrip("\n") == expected
+    bad = subprocess.run(cmd + ["--lora", "nope", "the river"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "'nope' does not exist" in bad.stderr
