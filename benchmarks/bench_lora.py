@@ -189,7 +189,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from kestrel import Engine
-    from kestrel.lora.adapter import load_adapter
     from kestrel.model.loader import load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir(None)

@@ -25,7 +25,7 @@ sys.path.insert(0, {root!r})
 from benchmarks.bench_quant import text_windows
 from benchmarks.common import batch1_speed
 from kestrel import Engine, SamplingParams
-e = Engine(dtype={dtype!r}, quantization={quant!r})
+e = Engine(dtype={dtype!r}, quantization={quant!r}, batch_weights="quantized")  # the quantized kernels at every size
 windows = text_windows(e.tokenizer, {windows}, {window})
 outs = e.generate(windows, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1))
 nll, top1 = 0.0, []

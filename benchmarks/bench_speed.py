@@ -28,6 +28,7 @@ from benchmarks.common import (RESULTS, cpu_name, run_for_result, save_results, 
 
 KESTREL_CONFIGS = {  # label -> Engine keyword arguments
     "kestrel default": {},
+    "kestrel default, quantized batches": {"batch_weights": "quantized"},
     "kestrel default, PyTorch ops only": {"kernels": "torch"},
     "kestrel unquantized": {"quantization": "none"},
     "kestrel float32 unquantized": {"dtype": "float32", "quantization": "none"},
@@ -163,7 +164,8 @@ def main() -> None:
     serve = {}
     if not args.skip_serving:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
-        for label, extra in (("kestrel default", []), ("kestrel unquantized", ["--quantization", "none"])):
+        for label, extra in (("kestrel default", []), ("kestrel quantized batches", ["--batch-weights", "quantized"]),
+                             ("kestrel unquantized", ["--quantization", "none"])):
             serve[label] = serving(label, [os.path.join(ROOT, ".venv/bin/kestrel"), "serve", "--port", str(args.port),
                                            *extra], env, args.port, args)
         if os.path.exists(os.path.join(llama_bin, "llama-server")):
@@ -199,7 +201,7 @@ def main() -> None:
     prefill = max((r["prefill512_tok_s"] for r in k.values() if r), default=None)
     if prefill and "pp512" in lb:
         ratios["prefill vs llama.cpp pp512"] = prefill / lb["pp512"]
-    for label in ("kestrel default", "kestrel unquantized"):
+    for label in ("kestrel default", "kestrel quantized batches", "kestrel unquantized"):
         mine = serve.get(label) or {}
         for peer in [p for p in serve if not p.startswith("kestrel") and serve[p]]:
             for w in ("random", "shared-prefix"):

@@ -78,13 +78,14 @@ def test_quantized_engine_matches_its_dequantized_reference(chat_prompt_ids, qua
     path, so what differs is the quantized kernels against dense bf16 matmuls on the same weights: bf16 rounding
     (measured: mean |dlogprob| ~0.035, max ~0.5, top-1 agreement ~0.97); a wrong kernel is off by nats."""
     params = SamplingParams(max_tokens=24, temperature=0.0)
-    quantized = Engine(dtype="bfloat16", quantization=quantization)
+    quantized = Engine(dtype="bfloat16", quantization=quantization, batch_weights="quantized")
     assert quantized.quantization == quantization
     outs = quantized.generate(chat_prompt_ids[:6], params)
     seqs = [o.prompt_token_ids + o.token_ids for o in outs]
     score = [SamplingParams(max_tokens=1, prompt_logprobs=1, logprob_start_len=len(o.prompt_token_ids)) for o in outs]
     mine = quantized.generate(seqs, score)
-    reference = _dequantized_copy(Engine(dtype="bfloat16", quantization=quantization)).generate(seqs, score)
+    reference = _dequantized_copy(Engine(dtype="bfloat16", quantization=quantization,
+                                         batch_weights="quantized")).generate(seqs, score)
     errors, agree = [], []
     for a, b, o in zip(mine, reference, outs):
         for pos in range(len(o.prompt_token_ids), len(a.prompt_token_ids)):
@@ -102,3 +103,32 @@ def test_auto_quantization():
     assert Engine(max_total_tokens=256, dtype="float32").quantization == "none"  # exact float32 asked for
     out = e.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0.0))[0]
     assert out.output_tokens == 4
+
+
+def test_dense_copies_for_many_token_steps_hold_the_quantized_values(chat_prompt_ids):
+    """batch_weights: steps of more than two tokens run on bf16 copies dequantized from the int4 weights where the
+    CPU has native bf16 (else quantized weights throughout, and asking for copies is an error)."""
+    import torch.nn.functional as F
+
+    from kestrel.model.linear import can_prepack
+
+    if not can_prepack(torch.empty(0, dtype=torch.bfloat16)):  # an AVX2-only CPU: no fast bf16 matmul
+        with pytest.raises(ValueError, match="native bf16"):
+            Engine(dtype="bfloat16", batch_weights="dense")
+        assert all(layer.dense is None for layer in Engine(dtype="bfloat16").model.layers)
+        return
+    hybrid = Engine(dtype="bfloat16")  # auto: copies on this CPU
+    assert hybrid.quantization == "int4" and "dense bf16 copies" in hybrid.describe()
+    x = torch.randn(8, hybrid.model.cfg.hidden_size, dtype=torch.bfloat16)
+    layer = hybrid.model.layers[5]
+    for quantized, dense in zip(layer.fast[:1] + layer.fast[2:3], layer.dense[:1] + layer.dense[2:3]):
+        assert torch.equal(dense(x), F.linear(x, quantized.dequantize().to(torch.bfloat16), quantized.bias))
+    # teacher-forced scoring (prefill: the dense copies) against the quantized kernels' scoring
+    outs = hybrid.generate(chat_prompt_ids[:4], SamplingParams(max_tokens=16, temperature=0.0))
+    seqs = [o.prompt_token_ids + o.token_ids for o in outs]
+    score = [SamplingParams(max_tokens=1, prompt_logprobs=1, logprob_start_len=len(o.prompt_token_ids)) for o in outs]
+    dense = hybrid.generate(seqs, score)
+    quantized = Engine(dtype="bfloat16", batch_weights="quantized").generate(seqs, score)
+    errors = [abs(a.logprob - b.logprob) for d, q, o in zip(dense, quantized, outs)
+              for a, b in zip(d.prompt_logprobs[len(o.prompt_token_ids):], q.prompt_logprobs[len(o.prompt_token_ids):])]
+    assert sum(errors) / len(errors) < 0.05 and max(errors) < 1.0, (sum(errors) / len(errors), max(errors))

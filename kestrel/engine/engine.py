@@ -25,8 +25,8 @@ from kestrel.engine.clients import ANONYMOUS
 from kestrel.engine.hardware import place
 from kestrel import kernels
 from kestrel.lora.manager import LoraManager, describe
-from kestrel.model.loader import (chat_template_ids, load_model, load_tokenizer, resolve_model_dir,
-                                  resolve_quantization)
+from kestrel.model.loader import (chat_template_ids, load_model, load_tokenizer, resolve_batch_weights,
+                                  resolve_model_dir, resolve_quantization)
 
 Prompt = Union[str, list[int]]
 log = logging.getLogger("kestrel.engine")
@@ -75,7 +75,9 @@ class Engine:
         self.device, self.dtype = self.placement.device, self.placement.dtype
         self.model_dir = resolve_model_dir(cfg.model, cfg.cache_dir)
         self.quantization, self.quantization_reason = resolve_quantization(cfg.quantization, self.model_dir, cfg.dtype)
-        self.model = load_model(self.model_dir, self.dtype, self.device, self.quantization)
+        self.dense_copies, self.batch_weights_reason = resolve_batch_weights(
+            cfg.batch_weights, self.quantization, self.model_dir, self.dtype)
+        self.model = load_model(self.model_dir, self.dtype, self.device, self.quantization, self.dense_copies)
         self.model.kernels, self.kernels_reason = kernels.resolve(cfg.kernels, self.device, self.dtype)
         self.tokenizer = load_tokenizer(self.model_dir)
         mc = self.model.cfg
@@ -106,7 +108,8 @@ class Engine:
 
     def describe(self) -> str:
         """Where and how this engine computes, and why (the server logs it at start)."""
-        return (f"{self.placement.describe()}, weights {self.quantization} ({self.quantization_reason}), "
+        batches = f" with {self.batch_weights_reason}" if self.batch_weights_reason else ""
+        return (f"{self.placement.describe()}, weights {self.quantization} ({self.quantization_reason}){batches}, "
                 f"{self.kernels_reason}, KV pool {self.pool.size} tokens")
 
     # ---- LoRA adapters ------------------------------------------------------------------

@@ -41,7 +41,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-HEAD_INT8_MAX_ROWS = 2  # logits of up to this many rows use a quantized model's int8 head (see freeze)
+QUANTIZED_MAX_ROWS = 2  # a quantized model with dense copies uses its quantized weights up to this many rows (freeze)
 
 
 def _no_adapter(layer: int, site: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -61,8 +61,12 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(2 * cfg.intermediate_size, h))
         self.down = nn.Parameter(torch.empty(h, cfg.intermediate_size))
         self.fast: tuple | None = None  # qkv, o, gate_up, down: Linear or QuantLinear, set by freeze()
+        self.dense: tuple | None = None  # a quantized layer's dense copies, for steps of many tokens (freeze)
 
-    def linears(self) -> tuple[Linear, Linear, Linear, Linear]:
+    def linears(self, rows: int = 1) -> tuple[Linear, Linear, Linear, Linear]:
+        """The layer's linears for a step of `rows` tokens."""
+        if self.dense is not None and rows > QUANTIZED_MAX_ROWS:
+            return self.dense
         if self.fast is None:
             return (Linear(self.qkv, self.qkv_bias, False), Linear(self.o, None, False),
                     Linear(self.gate_up, None, False), Linear(self.down, None, False))
@@ -85,12 +89,16 @@ class LlamaForCausalLM(nn.Module):
         self._layer_specs: tuple | None = None  # the layers as decoder_layers() takes them (see layer_specs)
 
     @torch.no_grad()
-    def freeze(self, quantization: str = "none", prebuilt: dict[int, dict] | None = None) -> None:
+    def freeze(self, quantization: str = "none", prebuilt: dict[int, dict] | None = None,
+               dense_copies: bool = False) -> None:
         """Prepare for inference after loading: pre-pack weights where that is exact and faster, or quantize
         them (int8 | int4). The output head of a quantized model is int8; where oneDNN's bf16 path exists
         (native-bf16 CPUs) a dense packed copy serves logits of more than HEAD_INT8_MAX_ROWS rows (measured on
         Zen 4: int8 ~7% faster at batch-1 decode, where bytes read decide; the dense copy 2x faster at 4 rows and
-        4x at 16, where int8's compute does). `prebuilt` holds layers' linears already
+        4x at 16, where int8's compute does). With `dense_copies` (native-bf16 CPUs) the layers' linears get the
+        same treatment: steps of more than QUANTIZED_MAX_ROWS tokens run on bf16 copies dequantized from the
+        quantized weights (same values; oneDNN's bf16 matmul is 2-2.5x faster than the int4 kernel from 8 rows
+        on, while one or two rows read a quarter of the bytes with int4). `prebuilt` holds layers' linears already
         quantized (read straight from a GGUF file), by layer index and name.
 
         Packed or quantized weights replace the dense ones (the embedding stays dense for lookups), so the
@@ -111,6 +119,8 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     fast.append(quantize(getattr(layer, name), bias, quantization))
             layer.fast = tuple(fast)
+            if dense_copies and quantization != "none":
+                layer.dense = tuple(Linear(f.dequantize().to(torch.bfloat16), f.bias, True) for f in fast)
             for name in names:
                 if pack or quantization != "none" or name in ready:
                     getattr(layer, name).data = torch.empty(0, dtype=self.embed.dtype)
@@ -159,7 +169,7 @@ class LlamaForCausalLM(nn.Module):
         hidden = F.embedding(input_ids, self.embed)
         norm_shape = (cfg.hidden_size,)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
-            qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears()
+            qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears(num_tokens)
             x = F.rms_norm(hidden, norm_shape, layer.input_norm, eps)
             qkv = adapt(i, "qkv", x, qkv_proj(x))
             qk = qkv[:, : (nh + nkv) * d].view(num_tokens, nh + nkv, d)
@@ -206,7 +216,9 @@ class LlamaForCausalLM(nn.Module):
         num_tokens = input_ids.shape[0]
         cos_table, sin_table = self.rope_tables()
         hidden = F.embedding(input_ids, self.embed)
-        specs = self.layer_specs()
+        # the quantized weights as the C++ loop takes them, unless this step runs on dense copies
+        dense_step = self.layers[0].dense is not None and num_tokens > QUANTIZED_MAX_ROWS
+        specs = None if dense_step else self.layer_specs()
         # the table serves every token (no row left to SDPA, no cascade decode): the layers in one C++ call
         if specs is not None and meta.token_rows is not None and not meta.multi and not meta.decode_shared_len:
             norms, kinds, groups, tensors = specs
@@ -218,7 +230,7 @@ class LlamaForCausalLM(nn.Module):
         adapt = lora.apply if lora is not None else _no_adapter
         delta = None
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
-            qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears()
+            qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears(num_tokens)
             x = ops.add_rms_norm(hidden, delta, layer.input_norm, eps)
             qkv = adapt(i, "qkv", x, qkv_proj(x).contiguous())
             ops.rope_store(qkv, positions, cos_table, sin_table, k_cache, v_cache, meta.slot_mapping, nh, nkv)
@@ -231,7 +243,7 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given hidden rows."""
-        if self._lm_head_small is not None and hidden.shape[0] <= HEAD_INT8_MAX_ROWS:
+        if self._lm_head_small is not None and hidden.shape[0] <= QUANTIZED_MAX_ROWS:
             return self._lm_head_small(hidden).float()
         if self._lm_head is not None:
             return self._lm_head(hidden).float()

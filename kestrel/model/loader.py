@@ -75,8 +75,37 @@ def resolve_quantization(requested: str, model_dir: str, dtype: str) -> tuple[st
     return "none", f"auto: the GGUF layers are {'/'.join(kinds)}"
 
 
+def dense_copy_bytes(model_dir: str) -> int:
+    """Bytes of bf16 copies of a model's layer linears (what batch_weights="dense" adds to a quantized model)."""
+    c = ModelConfig.from_dir(model_dir)
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    per_layer = (q + 2 * kv) * c.hidden_size + c.hidden_size * q + 3 * c.intermediate_size * c.hidden_size
+    return 2 * per_layer * c.num_layers
+
+
+def resolve_batch_weights(requested: str, quantization: str, model_dir: str, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether a quantized model keeps dense bf16 copies for steps of many tokens, and why."""
+    from kestrel.model.linear import can_prepack
+
+    if quantization == "none":
+        return False, ""
+    if requested == "quantized":
+        return False, "quantized weights at every batch size, as requested"
+    native = dtype == torch.bfloat16 and can_prepack(torch.empty(0, dtype=dtype))
+    if not native:
+        if requested == "dense":
+            raise ValueError("batch_weights='dense' needs bfloat16 and oneDNN's bf16 matmul (a CPU with native bf16)")
+        return False, "quantized weights at every batch size (no native bf16 matmul here)"
+    size = dense_copy_bytes(model_dir)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if requested == "auto" and size > ram // 4:
+        return False, f"quantized weights at every batch size (a dense copy, {size / 2**30:.1f} GiB, is over a " \
+                      f"quarter of RAM)"
+    return True, f"dense bf16 copies for steps of many tokens (+{size / 2**20:.0f} MiB)"
+
+
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device,
-               quantization: str = "none") -> LlamaForCausalLM:
+               quantization: str = "none", dense_copies: bool = False) -> LlamaForCausalLM:
     """The model, its weights in `dtype` or quantized (int8 | int4). With int4 and a directory converted from a
     GGUF file of Q4_0/Q4_1 layers, the layers' linears come straight from the file's blocks and are never held
     as floats."""
@@ -102,7 +131,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device,
         weights = ((n, t) for n, t in weights if not (n.endswith(".weight") and n.split(".")[-2] in skip))
     model.load_hf_weights(weights, skip_linears=bool(skip))
     model = model.to(dtype).eval().requires_grad_(False)
-    model.freeze(quantization, prebuilt)
+    model.freeze(quantization, prebuilt, dense_copies)
     return model
 
 
