@@ -120,7 +120,7 @@ class LlamaForCausalLM(nn.Module):
                     fast.append(quantize(getattr(layer, name), bias, quantization))
             layer.fast = tuple(fast)
             if dense_copies and quantization != "none":
-                layer.dense = tuple(Linear(f.dequantize().to(torch.bfloat16), f.bias, True) for f in fast)
+                layer.dense = tuple(Linear(f.dequantize(torch.bfloat16), f.bias, True) for f in fast)
             for name in names:
                 if pack or quantization != "none" or name in ready:
                     getattr(layer, name).data = torch.empty(0, dtype=self.embed.dtype)

@@ -39,7 +39,8 @@ class QuantLinear:
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight the kernel computes with, in `dtype`."""
         raise NotImplementedError
 
 
@@ -61,8 +62,8 @@ class Int8Linear(QuantLinear):
     def _mm(self, x):
         return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
 
-    def dequantize(self) -> torch.Tensor:
-        return self.q.float() * self.scale.float()[:, None]
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.q.float() * self.scale.float()[:, None]).to(dtype)
 
 
 class Int4Linear(QuantLinear):
@@ -99,11 +100,16 @@ class Int4Linear(QuantLinear):
     def _mm(self, x):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros)
 
-    def dequantize(self) -> torch.Tensor:
-        # the kernel (its float32 path) applied to the identity: (q - 8) * scale + zero from its own packing
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        # the kernel applied to the identity: (q - 8) * scale + zero from its own packing. In bf16 it takes the
+        # kernel's fast path (~40x faster than float32's; the result is float32's rounded to bf16)
+        if dtype == COMPUTE:
+            eye = torch.eye(self.shape[1], dtype=COMPUTE)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group,
+                                                              self.scales_zeros).t().contiguous()
         eye = torch.eye(self.shape[1], dtype=torch.float32)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group,
-                                                          self.scales_zeros.float()).t().contiguous()
+                                                          self.scales_zeros.float()).t().contiguous().to(dtype)
 
 
 def quantize(w: torch.Tensor, bias: Optional[torch.Tensor], kind: str):
