@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 import torch
+
+from tests.lora_utils import copy_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,9 +58,7 @@ def _save_tiny(tmp_root, embedded_dir, name, hf_config) -> str:
                 p.normal_(0.0, 0.08)
     path = os.path.join(tmp_root, name)
     model.save_pretrained(path, max_shard_size="2MB")  # sharded on purpose
-    for f in os.listdir(embedded_dir):
-        if f.startswith(("tokenizer", "special_tokens")) or f == "chat_template.jinja":
-            shutil.copy(os.path.join(embedded_dir, f), path)
+    copy_tokenizer(embedded_dir, path)
     return path
 
 

@@ -1,4 +1,5 @@
-"""Random-weight LoRA adapters made with PEFT, and their merged-weights references, for tests."""
+"""Random-weight LoRA adapters made with PEFT, their merged-weights references, and the tokenizer files a
+locally made model directory needs, for tests."""
 from __future__ import annotations
 
 import os
@@ -36,7 +37,12 @@ def merge(base_dir: str, adapter_dir: str, out_dir: str) -> str:
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir)
-    for f in os.listdir(base_dir):
-        if f.startswith(("tokenizer", "special_tokens")) or f == "chat_template.jinja":
-            shutil.copy(os.path.join(base_dir, f), out_dir)
+    copy_tokenizer(base_dir, out_dir)
     return out_dir
+
+
+def copy_tokenizer(src_dir: str, dst_dir: str) -> None:
+    """Copy a model directory's tokenizer files (and chat template) next to weights saved elsewhere."""
+    for f in os.listdir(src_dir):
+        if f.startswith(("tokenizer", "special_tokens")) or f == "chat_template.jinja":
+            shutil.copy(os.path.join(src_dir, f), dst_dir)

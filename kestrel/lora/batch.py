@@ -63,7 +63,7 @@ class LoraBatch:
 
     def apply(self, layer: int, site: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y += the batch's low-rank updates of `site` in `layer` for input x; returns y."""
-        if self.kernels is not None and x.device.type == "cpu":
+        if self.kernels is not None:  # (the C++ kernels only ever run on CPU)
             self.kernels.lora_apply(y, x.contiguous(), self.token_adapter, self.addresses, layer,
                                     SITE_ORDER.index(site))
             return y

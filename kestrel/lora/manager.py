@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,7 +66,6 @@ class LoraManager:
         self.by_name: dict[str, Adapter] = {}
         self.by_id: dict[int, Adapter] = {}  # every adapter still holding memory (unloaded ones until drained)
         self._reader: Optional[ThreadPoolExecutor] = None
-        self._lock = threading.Lock()
         self.on_drop: Callable[[Adapter], None] = lambda adapter: None  # the engine frees its cached prefixes
 
     # ---- registry -----------------------------------------------------------------------
@@ -234,10 +232,6 @@ class LoraManager:
                 break
             adapter.weights = None
             held -= 1
-
-    def shutdown(self) -> None:
-        if self._reader is not None:
-            self._reader.shutdown(wait=False, cancel_futures=True)
 
     def describe(self) -> list[dict]:
         """The served adapters, for listings."""

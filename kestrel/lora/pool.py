@@ -61,7 +61,7 @@ def place(weights: LoraWeights, pool: KVPool, first: int, pages: int, cfg: Model
         vbuf = v_cache[first:first + pages].view(-1)
         at = bt = 0
         sites: dict[str, SiteWeights] = {}
-        for site, targets in SITES.items():
+        for site_index, (site, targets) in enumerate(SITES.items()):
             start, parts, col = at, [], 0
             for t in targets:
                 ab = weights.modules.get((layer, t))
@@ -77,7 +77,7 @@ def place(weights: LoraWeights, pool: KVPool, first: int, pages: int, cfg: Model
                 w = sites[site] = SiteWeights(kbuf[start:at].view(col, shapes[targets[0]][0]), parts)
                 for j, (c, offset, b_t) in enumerate(parts):
                     r = b_t.shape[0]
-                    res.addresses[layer, SITE_ORDER.index(site), j] = torch.tensor(
+                    res.addresses[layer, site_index, j] = torch.tensor(
                         [w.a[c:c + r].data_ptr(), b_t.data_ptr(), r, b_t.shape[1], offset])
         res.sites.append(sites)
     return res

@@ -50,7 +50,7 @@ def engine_main(config: EngineConfig, inbox, outbox) -> None:
         sys.exit(1)
     outbox.put(("ready", dict(model_dir=engine.model_dir, context_length=engine.context_length,
                               vocab_size=engine.vocab_size, max_total_tokens=engine.pool.size,
-                              policy=config.policy, placement=engine.describe(), loras=engine.list_loras())))
+                              policy=config.policy, placement=engine.describe())))
     lora_counts = LoraCounts()
 
     def deliver(deltas, finished) -> None:
