@@ -25,7 +25,7 @@ class EngineConfig:
                                                                  "file's Q4_0/Q4_1 layers unless float32 is asked "
                                                                  "for, else none)"})
     batch_weights: str = field(default="auto", metadata={"help": "with quantized weights, what steps of more than "
-                                                                  "two tokens compute with: dense (a bf16 copy "
+                                                                  "four tokens compute with: dense (a bf16 copy "
                                                                   "dequantized from them: the same values, 2-2.5x "
                                                                   "faster matmuls from 8 rows on; needs native bf16) "
                                                                   "| quantized | auto (dense where the CPU has native "
