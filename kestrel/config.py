@@ -10,6 +10,7 @@ POLICIES = ("fcfs", "lpm", "priority", "vtc")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 BATCH_WEIGHTS = ("auto", "dense", "quantized")
 KERNELS = ("auto", "cpp", "torch")
+SPECULATIVE = ("none", "lookahead")
 
 
 @dataclass
@@ -59,6 +60,23 @@ class EngineConfig:
                                                                           "needed (default: all)"})
     max_loras: Optional[int] = field(default=None, metadata={"help": "most adapters resident in the pool at once "
                                                                       "(default: as many as memory holds)"})
+    speculative: str = field(default="none", metadata={"help": "none | lookahead (exact parallel decoding: n-grams "
+                                                                "from a Jacobi window and the prompt, verified in "
+                                                                "the same forward; used on a step only when it is "
+                                                                "expected to pay)"})
+    lookahead_window: Optional[int] = field(default=None, metadata={"help": "lookahead: Jacobi window columns W, 0 for "
+                                                                             "candidates from the prompt and output "
+                                                                             "only (default: 4 on CPU, 15 on GPU)"})
+    lookahead_ngram: Optional[int] = field(default=None, metadata={"help": "lookahead: n-gram length N (window levels "
+                                                                            "+ 1; candidates are N-1 tokens) "
+                                                                            "(default: 5)"})
+    lookahead_pool: Optional[int] = field(default=None, metadata={"help": "lookahead: candidates verified per step and "
+                                                                           "n-grams kept per first token, G "
+                                                                           "(default: 4 on CPU, 15 on GPU)"})
+    lookahead_always: bool = field(default=False, metadata={"help": "lookahead: draft on every step as deep as the "
+                                                                     "sizes allow (the paper's behaviour), instead "
+                                                                     "of only where the measured step cost says it "
+                                                                     "pays"})
     enable_lora: bool = field(default=False, metadata={"help": "accepted for vLLM's command lines: adapters are "
                                                                 "always enabled"})
 
@@ -87,6 +105,11 @@ class EngineConfig:
         for name in ("max_cpu_loras", "max_loras"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.speculative not in SPECULATIVE:
+            raise ValueError(f"speculative must be one of {SPECULATIVE}, got {self.speculative!r}")
+        for name, low in (("lookahead_window", 0), ("lookahead_ngram", 2), ("lookahead_pool", 1)):
+            if getattr(self, name) is not None and getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         self.lora_modules = parse_lora_modules(self.lora_modules)
 
     @classmethod

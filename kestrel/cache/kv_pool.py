@@ -65,9 +65,12 @@ class ReqToTokenTable:
     Attention reads a request's context as one row slice, so building a batch needs no per-token Python.
     """
 
-    def __init__(self, num_rows: int, max_context: int, device: torch.device):
-        self.table = torch.zeros(num_rows, max_context, dtype=torch.int64, device=device)
+    def __init__(self, num_rows: int, max_context: int, device: torch.device, scratch_rows: int = 0):
+        self.table = torch.zeros(num_rows + scratch_rows, max_context, dtype=torch.int64, device=device)
         self._free_rows = list(range(num_rows - 1, -1, -1))
+        # rows after the requests' ones, never handed out: a step writes there what each token of a tree-masked
+        # row sees, so the attention kernel (which reads a prefix of a row per token) serves tree rows too
+        self.scratch_start, self.num_scratch = num_rows, scratch_rows
 
     @property
     def num_free(self) -> int:

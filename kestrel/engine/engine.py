@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence as Seq, Union
 
 import torch
@@ -13,6 +13,9 @@ from kestrel.cache.kv_pool import KVPool, ReqToTokenTable
 from kestrel.cache.radix_cache import RadixCache
 from kestrel.config import EngineConfig
 from kestrel.decoding.grammar import GrammarCompiler, GrammarSpec
+from kestrel.engine.forward_batch import ForwardBatch
+from kestrel.engine.lookahead import (LookaheadSizes, LookaheadState, StepCost, calibrate, calibration_sizes,
+                                      default_sizes)
 from kestrel.engine.output_processor import OutputProcessor
 from kestrel.engine.policy import make_policy
 from kestrel.engine.request import CompletionOutput, RequestOutput, Sequence, Status, TokenLogprob
@@ -30,6 +33,9 @@ from kestrel.model.loader import (chat_template_ids, load_model, load_tokenizer,
 
 Prompt = Union[str, list[int]]
 log = logging.getLogger("kestrel.engine")
+LOOKAHEAD_SCRATCH_ROWS = 256  # draft tokens one step may hold (the table rows that describe what each sees)
+CALIBRATION_CONTEXT = 256
+CALIBRATION_MAX_TOKENS = 64
 
 
 @dataclass
@@ -47,6 +53,7 @@ class StreamDelta:
     prompt_logprobs: Optional[list] = None  # on the final delta of a request that asked for them
     queue_time: Optional[float] = None  # on the final delta
     error: Optional[str] = None  # on the final delta when finish_reason is "error"
+    spec: tuple[int, int, int] = (0, 0, 0)  # lookahead so far: (steps with a draft, tokens they gave, drafted)
 
 
 @dataclass
@@ -58,6 +65,9 @@ class EngineStats:
     cached_tokens: int = 0
     output_tokens: int = 0
     forced_tokens: int = 0  # output tokens appended by jump-forward, without a forward step each
+    spec_steps: int = 0  # sequence-steps that verified a lookahead draft
+    spec_tokens: int = 0  # output tokens those gave (one each plus the accepted draft tokens)
+    spec_histogram: dict = field(default_factory=dict)  # tokens a lookahead step gave -> sequence-steps
 
 
 class Engine:
@@ -86,13 +96,24 @@ class Engine:
         per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
         size = cfg.max_total_tokens or max(2, int(cfg.kv_cache_memory_gb * 2**30) // per_token)
         self.pool = KVPool(size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
-        self.table = ReqToTokenTable(cfg.max_running_requests, self.context_length + 1, self.device)
+        self.lookahead_sizes: Optional[LookaheadSizes] = None
+        if cfg.speculative == "lookahead":
+            d = default_sizes(self.device)
+            self.lookahead_sizes = LookaheadSizes(
+                d.window if cfg.lookahead_window is None else cfg.lookahead_window,
+                d.ngram if cfg.lookahead_ngram is None else cfg.lookahead_ngram,
+                d.pool if cfg.lookahead_pool is None else cfg.lookahead_pool)
+        scratch = LOOKAHEAD_SCRATCH_ROWS if self.lookahead_sizes else 0
+        self.table = ReqToTokenTable(cfg.max_running_requests, self.context_length + 1, self.device, scratch)
         self.cache = RadixCache(self.pool, enabled=not cfg.disable_radix_cache)
         self.loras = LoraManager(mc, self.pool, self.dtype, cfg.max_cpu_loras, cfg.max_loras)
         self.loras.on_drop = lambda adapter: self.cache.drop_namespace(adapter.id)
-        self.scheduler = Scheduler(cfg, self.pool, self.table, self.cache, make_policy(cfg), self.device,
-                                   adapters=self.loras)
         self.runner = ModelRunner(self.model, self.pool, self.table, self.device, adapters=self.loras)
+        self.step_cost = None
+        if self.lookahead_sizes is not None:
+            self.step_cost = StepCost.flat() if cfg.lookahead_always else self._calibrate()
+        self.scheduler = Scheduler(cfg, self.pool, self.table, self.cache, make_policy(cfg), self.device,
+                                   adapters=self.loras, step_cost=self.step_cost)
         self.sampler = Sampler(self.device, cfg.seed)
         eos = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -109,8 +130,43 @@ class Engine:
     def describe(self) -> str:
         """Where and how this engine computes, and why (the server logs it at start)."""
         batches = f" with {self.batch_weights_reason}" if self.batch_weights_reason else ""
+        spec = ""
+        if self.lookahead_sizes:
+            z = self.lookahead_sizes
+            when = ("on every step" if self.config.lookahead_always else
+                    f"where it pays; step cost measured: {self.step_cost(4) / self.step_cost(1):.2f}x at 4 tokens, "
+                    f"{self.step_cost(16) / self.step_cost(1):.2f}x at 16")
+            spec = f", lookahead decoding (W={z.window}, N={z.ngram}, G={z.pool}; {when})"
         return (f"{self.placement.describe()}, weights {self.quantization} ({self.quantization_reason}){batches}, "
-                f"{self.kernels_reason}, KV pool {self.pool.size} tokens")
+                f"{self.kernels_reason}, KV pool {self.pool.size} tokens{spec}")
+
+    def _calibrate(self) -> StepCost:
+        """Time forwards of 1..CALIBRATION_MAX_TOKENS tokens (one row over CALIBRATION_CONTEXT positions of
+        scratch K/V) so lookahead's planner knows what extra tokens cost on this machine from the first step;
+        each step's own time refines it after. ~1 s on two CPU cores."""
+        ctx = min(CALIBRATION_CONTEXT, self.context_length - CALIBRATION_MAX_TOKENS - 1)
+        row = self.table.scratch_start
+
+        def measure(t: int) -> float:
+            slots = torch.tensor(self.pool.alloc(ctx + t), dtype=torch.int64)
+            try:
+                self.table.table[row, :ctx + t] = slots.to(self.table.table.device)
+                fb = ForwardBatch(
+                    input_ids=torch.zeros(t, dtype=torch.int64, device=self.device),
+                    positions=torch.arange(ctx, ctx + t, device=self.device),
+                    slot_mapping=slots[ctx:].to(self.device), kv_rows=torch.tensor([row], device=self.device),
+                    kv_lens=[ctx + t], q_starts=[0, t], num_decode=1 if t == 1 else 0,
+                    masks=[] if t == 1 else [None], logit_index=torch.arange(t, device=self.device),
+                    logits_in_order=True)
+                start = time.perf_counter()
+                self.runner.forward(fb)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                return time.perf_counter() - start
+            finally:
+                self.pool.free(slots)
+
+        return calibrate(measure, calibration_sizes(CALIBRATION_MAX_TOKENS))
 
     # ---- LoRA adapters ------------------------------------------------------------------
     def load_lora(self, name: str, path: str, weights=None) -> dict:
@@ -186,6 +242,9 @@ class Engine:
         now = time.monotonic()
         seqs = [Sequence(rid, i, ids, params, arrival_time=now, client=client or ANONYMOUS, priority=priority,
                          lora=adapter, waits_for_leader=i > 0, grammar=grammars[i]) for i in range(params.n)]
+        if self.lookahead_sizes is not None:
+            for s in seqs:
+                s.lookahead = LookaheadState.for_prompt(self.lookahead_sizes, ids)
         self._requests[rid] = seqs
         for s in seqs:
             self.scheduler.add(s)
@@ -266,12 +325,17 @@ class Engine:
         logits, prompt_logits = self.runner.forward(plan.batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        self.stats.forward_time += time.perf_counter() - t1
+        elapsed = time.perf_counter() - t1
+        self.stats.forward_time += elapsed
+        if self.step_cost is not None:
+            self.step_cost.observe(plan.batch.num_tokens, elapsed)
         seqs = plan.sampling
-        tokens, logprobs = self.sampler(logits, seqs) if seqs else ([], [])
-        return seqs, tokens, logprobs, (prompt_logits, plan.prompt_scoring) if prompt_logits is not None else None
+        tokens, logprobs = self.sampler(logits[:len(seqs)], seqs) if seqs else ([], [])
+        drafts = [(seq, logits[first:first + seq.draft.num_tokens]) for seq, first in plan.drafts]
+        return (seqs, tokens, logprobs, (prompt_logits, plan.prompt_scoring) if prompt_logits is not None else None,
+                drafts)
 
-    def _commit(self, batch: ScheduledBatch, seqs, tokens, logprobs, prompt_logits) -> None:
+    def _commit(self, batch: ScheduledBatch, seqs, tokens, logprobs, prompt_logits, drafts) -> None:
         self.scheduler.advance(batch)
         self.scheduler.cache_prefilled(batch)
         if prompt_logits is not None:
@@ -284,6 +348,51 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - detokenizing or grammar: this request only
                 log.exception("request %s failed after sampling", seq.request_id)
                 self._fail_request(seq.request_id, e)
+        for seq, logits in drafts:
+            if seq.finished:
+                continue
+            try:
+                self._verify(seq, logits)
+            except Exception as e:  # noqa: BLE001 - as above
+                log.exception("request %s failed after sampling", seq.request_id)
+                self._fail_request(seq.request_id, e)
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Accept the longest path of the sequence's lookahead draft that matches what the sampler picks,
+        token by token from the root (its pending token's logits), each through _append as in plain decoding
+        (stop strings, max_tokens, grammars and their jump-forward all apply), and keep its K/V; then free the
+        rest of the draft's slots and move the window on. Sampling at each node is speculative (the node's
+        children are the drafts), so outputs follow the same distribution as plain decoding."""
+        state = seq.lookahead
+        draft, state.draft = state.draft, None
+        current = seq.all_ids[-1]
+        base = seq.num_computed - 1  # advance() counted the pending token
+        window_out = state.window_outputs(draft, logits.argmax(dim=-1).tolist()) if draft.window_levels else None
+        node, produced, rejected = 0, 0, False
+        while True:
+            children = draft.children.get(node, {})
+            token, lp = self.sampler.speculative(logits[node:node + 1], seq, list(children))
+            before = len(seq.output_ids)
+            self._append(seq, token, lp)
+            produced += 1
+            child = children.get(token)
+            rejected = bool(children) and child is None
+            if (seq.finished or child is None or len(seq.output_ids) != before + 1
+                    or seq.output_ids[-1] != token):
+                break
+            self.scheduler.keep_draft_token(seq, base + child)
+            node = child
+        if not seq.finished:
+            self.scheduler.drop_draft(seq)
+        if window_out is not None:
+            state.after_step(draft, window_out, current)
+        state.record(draft.plan, produced - 1, rejected)
+        seq.spec_steps += 1
+        seq.spec_tokens += produced
+        seq.spec_proposed += draft.proposed
+        self.stats.spec_steps += 1
+        self.stats.spec_tokens += produced
+        self.stats.spec_histogram[produced] = self.stats.spec_histogram.get(produced, 0) + 1
 
     def _append(self, seq: Sequence, token: int, lp) -> None:
         self.output.append(seq, token, lp)
@@ -395,7 +504,8 @@ class Engine:
         out = RequestOutput(request_id, lead.prompt_ids, outs, lead.cached_tokens, finished, ttft,
                             end - lead.arrival_time if finished and end else None, lead.prompt_logprob_list(),
                             lead.first_admit_time - lead.arrival_time if lead.first_admit_time else None,
-                            sum(s.forced_tokens for s in seqs))
+                            sum(s.forced_tokens for s in seqs), sum(s.spec_steps for s in seqs),
+                            sum(s.spec_tokens for s in seqs), sum(s.spec_proposed for s in seqs))
         if pop:
             self.stats.cached_tokens += lead.cached_tokens
         return out
@@ -453,6 +563,11 @@ class Engine:
         return self.generate([self.apply_chat_template(c) for c in conversations], sampling_params, use_tqdm,
                              client=client, priority=priority, lora=lora)
 
+    def take_spec_histogram(self) -> dict[int, int]:
+        """Lookahead steps by the tokens each gave, since the last call (the server's /metrics histogram)."""
+        out, self.stats.spec_histogram = self.stats.spec_histogram, {}
+        return out
+
     def take_deltas(self, request_ids) -> list[StreamDelta]:
         """What each completion of these requests produced since the last call (for streaming)."""
         out = []
@@ -466,7 +581,8 @@ class Engine:
                                            seq.finished, seq.finish_reason, seq.cached_tokens,
                                            seq.prompt_logprob_list() if seq.finished else None,
                                            seq.first_admit_time - seq.arrival_time
-                                           if seq.finished and seq.first_admit_time else None, seq.error))
+                                           if seq.finished and seq.first_admit_time else None, seq.error,
+                                           (seq.spec_steps, seq.spec_tokens, seq.spec_proposed)))
                     seq.sent = (len(visible), len(seq.output_ids))
                     seq.sent_final = seq.finished
         return out

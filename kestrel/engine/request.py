@@ -51,6 +51,10 @@ class Sequence:
     generator: Optional[torch.Generator] = None
     grammar: object = None  # GrammarState when the output is constrained
     forced_tokens: int = 0  # output tokens appended by jump-forward (no forward step of their own)
+    lookahead: object = None  # kestrel.engine.lookahead.LookaheadState when it decodes with lookahead
+    spec_steps: int = 0  # decode steps that verified a lookahead draft
+    spec_tokens: int = 0  # output tokens those steps produced (accepted draft tokens + one each)
+    spec_proposed: int = 0  # candidate tokens those steps verified
     # output state
     text: str = ""
     text_mark: int = 0  # len(text) before the last token was appended
@@ -67,6 +71,11 @@ class Sequence:
     outputs_charged: int = 0
     sent: tuple[int, int] = (0, 0)  # (visible text chars, output tokens) already handed out as deltas
     sent_final: bool = False
+
+    @property
+    def draft(self):
+        """This step's lookahead draft (between scheduling and commit), else None."""
+        return self.lookahead.draft if self.lookahead is not None else None
 
     @property
     def all_ids(self) -> list[int]:
@@ -129,6 +138,13 @@ class RequestOutput:
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # per prompt token (None where not computed)
     queue_time: Optional[float] = None  # seconds from arrival to first admission
     forced_tokens: int = 0  # output tokens that constrained decoding's jump-forward appended
+    spec_steps: int = 0  # lookahead decoding: decode steps that verified a draft (all completions)
+    spec_tokens: int = 0  # output tokens those steps gave (one each, plus the accepted draft tokens)
+    spec_proposed: int = 0  # draft candidate tokens those steps verified
+
+    @property
+    def accepted_draft_tokens(self) -> int:
+        return self.spec_tokens - self.spec_steps
 
     @property
     def text(self) -> str:

@@ -23,6 +23,12 @@ def _common_prefix_columns(kv_index: torch.Tensor, limit: int) -> int:
     return n if n >= SHARED_PREFIX_MIN_LEN else 0
 
 
+def _prefix_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Which rows of a [q, q] tree mask are causal (query i sees exactly new tokens 0..i)."""
+    q = mask.shape[0]
+    return (mask == torch.ones(q, q, dtype=torch.bool).tril()).all(dim=1)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, pool: KVPool, table: ReqToTokenTable, device: torch.device,
                  adapters=None):
@@ -60,15 +66,23 @@ class ModelRunner:
         return meta
 
     def _kernel_rows(self, fb: ForwardBatch, meta: AttentionMetadata) -> int:
-        """Give the C++ kernel the decode rows and the causal multi-token rows up to KERNEL_MAX_QUERY_ROWS long
-        that follow them (in order: its output comes first); returns the first row left to `meta.multi`."""
+        """Give the C++ kernel the decode rows and the multi-token rows up to KERNEL_MAX_QUERY_ROWS long that
+        follow them (in order: its output comes first); returns the first row left to `meta.multi`. A token of a
+        tree-masked row that sees more than a prefix of its row reads a scratch row of the table listing what it
+        sees (while scratch rows last)."""
         nd, end = fb.num_decode, fb.num_decode
-        while (end < fb.num_rows and fb.masks[end - nd] is None
-               and fb.q_starts[end + 1] - fb.q_starts[end] <= KERNEL_MAX_QUERY_ROWS):
+        scratch = self.table.num_scratch
+        while end < fb.num_rows and fb.q_starts[end + 1] - fb.q_starts[end] <= KERNEL_MAX_QUERY_ROWS:
+            mask = fb.masks[end - nd]
+            if mask is not None:
+                need = int((~_prefix_rows(mask)).sum())
+                if need > scratch:
+                    break
+                scratch -= need
             end += 1
         if end == 0:
             return 0
-        # token i of a row with q_len queries and kv_len positions sees kv_len - q_len + i + 1 positions
+        # token i of a causal row with q_len queries and kv_len positions sees kv_len - q_len + i + 1 positions
         q_lens = [fb.q_starts[r + 1] - fb.q_starts[r] for r in range(end)]
         lens: list[int] = []
         for r in range(end):
@@ -78,7 +92,31 @@ class ModelRunner:
         meta.table = self.table.table
         meta.token_rows = torch.repeat_interleave(fb.kv_rows[:end], counts) if end > nd else fb.kv_rows[:nd]
         meta.token_lens = torch.tensor(lens, dtype=torch.int64)
+        next_scratch = self.table.scratch_start
+        for r in range(nd, end):
+            mask = fb.masks[r - nd]
+            if mask is not None:
+                next_scratch = self._tree_rows(fb, r, mask, meta, next_scratch)
         return end
+
+    def _tree_rows(self, fb: ForwardBatch, r: int, mask: torch.Tensor, meta: AttentionMetadata, scratch: int) -> int:
+        """Point the tokens of tree-masked row r that see more than a prefix of the row at scratch rows holding
+        the row's context and then the slots of the new tokens each one sees; returns the next free scratch row."""
+        table = self.table.table
+        q0, q_len = fb.q_starts[r], fb.q_starts[r + 1] - fb.q_starts[r]
+        ctx = fb.kv_lens[r] - q_len
+        tree = (~_prefix_rows(mask)).nonzero().view(-1)
+        k = tree.shape[0]
+        if not k:
+            return scratch
+        row = int(fb.kv_rows[r])
+        sub = mask[tree]
+        order = torch.sort((~sub).to(torch.uint8), dim=1, stable=True).indices  # what each sees first, in row order
+        table[scratch:scratch + k, :ctx] = table[row, :ctx]
+        table[scratch:scratch + k, ctx:ctx + q_len] = table[row, ctx:ctx + q_len][order]
+        meta.token_rows[q0 + tree] = torch.arange(scratch, scratch + k, device=meta.token_rows.device)
+        meta.token_lens[q0 + tree] = ctx + sub.sum(dim=1)
+        return scratch + k
 
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -96,5 +134,5 @@ class ModelRunner:
             prompt_logits = self.model.logits(hidden[fb.prompt_logit_index])
         if fb.logit_index is None:
             return hidden.new_empty(0, 0), prompt_logits
-        rows = hidden if fb.logit_index.shape[0] == fb.num_tokens else hidden[fb.logit_index]
+        rows = hidden if fb.logits_in_order else hidden[fb.logit_index]
         return self.model.logits(rows), prompt_logits

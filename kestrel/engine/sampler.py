@@ -18,26 +18,69 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[Optional[TokenLogprob]]]:
         """logits: float32 [rows, vocab], one row per sequence. Returns sampled ids and logprob records."""
         params = [s.params for s in seqs]
-        rows = len(seqs)
-        raw_logprobs = None
+        raw_logprobs = self._raw_logprobs(logits, params)
+        logits = self._process(logits, seqs)
+        if all(p.greedy for p in params):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, seqs)
+        token_list = tokens.tolist()
+        return token_list, self._records(raw_logprobs, token_list, params)
+
+    @torch.inference_mode()
+    def speculative(self, logits: torch.Tensor, seq: Sequence, drafts: list[int]) -> tuple[int, Optional[TokenLogprob]]:
+        """One token for `seq` from logits [1, vocab] given draft tokens proposed with probability one (lookahead's
+        candidates at this position, distinct). Greedy: the argmax, as __call__. Sampling: speculative sampling's
+        rule for one-hot drafts (SpecInfer's, as the lookahead reference does): each draft in turn is accepted
+        with its probability under the processed distribution, else removed from it and the rest renormalized;
+        with none accepted, a sample from what remains. The token follows the processed distribution exactly."""
+        params = [seq.params]
+        raw_logprobs = self._raw_logprobs(logits, params)
+        logits = self._process(logits, [seq])
+        if seq.params.greedy or not drafts:
+            token = int((logits.argmax(dim=-1) if seq.params.greedy else self._sample(logits, [seq]))[0])
+            return token, self._records(raw_logprobs, [token], params)[0]
+        probs, ids = self._filtered(logits, [seq])
+        probs, ids = probs[0].double(), ids[0]
+        probs /= probs.sum()
+        for d in drafts:
+            at = (ids == d).nonzero()
+            p = float(probs[at[0, 0]]) if at.numel() else 0.0
+            if p > 0.0 and float(self._uniforms([seq])[0]) < p:
+                return d, self._records(raw_logprobs, [d], params)[0]
+            if p > 0.0:
+                probs[at[0, 0]] = 0.0
+                probs /= probs.sum()
+        cdf = probs.cumsum(dim=-1)
+        u = float(self._uniforms([seq])[0])
+        token = int(ids[int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype)).clamp_(
+            max=ids.shape[0] - 1))])
+        return token, self._records(raw_logprobs, [token], params)[0]
+
+    @staticmethod
+    def _raw_logprobs(logits: torch.Tensor, params) -> Optional[torch.Tensor]:
         if any(p.logprobs is not None for p in params):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)  # the model's distribution, as vLLM reports
+            return torch.log_softmax(logits, dim=-1)  # the model's distribution, as vLLM reports
+        return None
+
+    def _process(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+        """Constraints (grammar bitmask, in place) and penalties applied to the raw logits."""
         constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
         if constrained:
             bitmask = new_bitmask(len(constrained), logits.shape[1])
             for row, i in enumerate(constrained):
                 seqs[i].grammar.fill_bitmask(bitmask, row)
             apply_bitmask(logits, bitmask, constrained)
-        if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
+        if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in (s.params for s in seqs)):
             logits = self._apply_penalties(logits.clone(), seqs)
-        if all(p.greedy for p in params):
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = self._sample(logits, seqs)
-        token_list = tokens.tolist()
-        records: list[Optional[TokenLogprob]] = [None] * rows
+        return logits
+
+    @staticmethod
+    def _records(raw_logprobs: Optional[torch.Tensor], token_list: list[int], params) -> list[Optional[TokenLogprob]]:
+        records: list[Optional[TokenLogprob]] = [None] * len(token_list)
         if raw_logprobs is not None:
             k = max(p.logprobs or 0 for p in params)
+            tokens = torch.tensor(token_list, device=raw_logprobs.device)
             chosen = raw_logprobs.gather(1, tokens.view(-1, 1)).view(-1).tolist()
             top_vals, top_ids = raw_logprobs.topk(max(k, 1), dim=-1)
             top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
@@ -45,13 +88,14 @@ class Sampler:
                 if p.logprobs is not None:
                     n = p.logprobs
                     records[i] = TokenLogprob(token_list[i], chosen[i], dict(zip(top_ids[i][:n], top_vals[i][:n])))
-        return token_list, records
+        return records
 
-    def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+    def _filtered(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Temperature, then top-k/top-p/min-p: (probabilities sorted descending with dropped ones zeroed, not
+        renormalized; their token ids)."""
         params = [s.params for s in seqs]
         rows, vocab = logits.shape
         dev = logits.device
-        greedy = torch.tensor([p.greedy for p in params], device=dev)
         temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
         scaled = logits / temps.unsqueeze(1)
         sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
@@ -66,7 +110,13 @@ class Sampler:
         if any(p.min_p > 0.0 for p in params):
             min_p = torch.tensor([p.min_p for p in params], device=dev)
             drop |= probs < (min_p * probs[:, 0]).unsqueeze(1)
-        probs = probs.masked_fill(drop, 0.0)
+        return probs.masked_fill(drop, 0.0), sorted_ids
+
+    def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+        rows, vocab = logits.shape
+        dev = logits.device
+        greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
+        probs, sorted_ids = self._filtered(logits, seqs)
         cdf = probs.cumsum(dim=-1)
         u = self._uniforms(seqs).to(dev)
         choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).clamp_(max=vocab - 1)

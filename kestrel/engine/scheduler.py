@@ -17,6 +17,7 @@ from kestrel.cache.radix_cache import RadixCache
 from kestrel.config import EngineConfig
 from kestrel.engine.clients import ClientLedger, ServiceCost
 from kestrel.engine.forward_batch import StepPlan, build
+from kestrel.engine.lookahead import PLANS, StepCost, choose_plan, could_pay
 from kestrel.engine.policy import SchedulePolicy
 from kestrel.engine.request import Sequence, Status
 
@@ -59,8 +60,10 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, pool: KVPool, table: ReqToTokenTable, cache: RadixCache,
-                 policy: SchedulePolicy, device: torch.device = torch.device("cpu"), adapters=None):
+                 policy: SchedulePolicy, device: torch.device = torch.device("cpu"), adapters=None,
+                 step_cost: StepCost | None = None):
         self.config = config
+        self.step_cost = step_cost  # measured forward time by step size: set when lookahead decoding is on
         self.adapters = adapters  # kestrel.lora.manager.LoraManager: adapters share the pool with KV
         self.unservable: list[Sequence] = []  # waiting sequences whose adapter could not be read: to fail
         self.device = device  # where forward batches go
@@ -168,7 +171,9 @@ class Scheduler:
         if budget > 0 and self.waiting:
             admitted = self._admit(budget, need, batch)
             need += admitted
-        # 4. hand out slots
+        # 4. lookahead drafts, when the planner expects them to pay for their tokens
+        drafted = self._plan_lookahead(decode, need) if self.step_cost is not None else []
+        # 5. hand out slots
         if decode:
             slots = torch.tensor(self.pool.alloc(len(decode)), dtype=torch.int64)
             rows = torch.tensor([s.row for s in decode])
@@ -176,11 +181,74 @@ class Scheduler:
             self.table.table[rows, cols] = slots.to(self.table.table.device)
             for seq in decode:
                 seq.num_slots = seq.num_computed + 1
+        for seq in drafted:  # the draft's tokens take the columns after the pending token
+            extra = seq.draft.num_tokens - 1
+            self.table.write(seq.row, seq.num_computed + 1, self.pool.alloc(extra))
+            seq.num_slots += extra
         for seq, chunk in batch.prefill:
             self.table.write(seq.row, seq.num_computed, self.pool.alloc(chunk))
             seq.num_slots = seq.num_computed + chunk
         batch.decode = decode
         return batch
+
+    def _plan_lookahead(self, decode: list[Sequence], step_tokens: int) -> list[Sequence]:
+        """Give decoding sequences that use lookahead this step's draft, as deep as `choose_plan` expects to
+        pay (nothing when the step is compute-bound), within the free slots (drafts never evict or retract)
+        and the table's scratch rows. Returns the drafted sequences."""
+        options, seqs = [], []
+        users = [seq for seq in decode if seq.lookahead is not None]
+        for seq in users:
+            seq.lookahead.draft = None
+            seq.lookahead.check_shadow(seq.prompt_ids, seq.output_ids)
+        if not users or not could_pay([s.lookahead for s in users], step_tokens, len(decode), self.step_cost):
+            return []
+        positions = self.table.table.shape[1] - 1  # the context length: positions 0..positions-1
+        for seq in users:
+            state = seq.lookahead
+            state.learn(seq.prompt_ids, seq.output_ids)
+            current = seq.output_ids[-1] if seq.output_ids else seq.prompt_ids[-1]
+            pos_room = positions - 1 - seq.num_computed
+            out_room = seq.params.max_tokens - len(seq.output_ids) - 1
+            proposals = {}
+            for plan in PLANS:
+                prop = state.propose(plan, current, pos_room, out_room)
+                if prop is not None:
+                    proposals[plan] = prop
+            options.append((state, proposals))
+            seqs.append(seq)
+        if not seqs:
+            return []
+        plan, depths = choose_plan(options, step_tokens, len(decode), self.step_cost)
+        drafted = []
+        room = min(self.pool.num_free - step_tokens, self.table.num_scratch)
+        for i, seq in enumerate(seqs):
+            prop = options[i][1].get(plan) if plan is not None else None
+            draft = prop.draft(depths[i]) if prop is not None else None
+            if draft is None or draft.num_tokens == 1 or draft.num_tokens - 1 > room:
+                seq.lookahead.leave_shadow(seq.prompt_ids, seq.output_ids)
+                continue
+            room -= draft.num_tokens - 1
+            seq.lookahead.draft = draft
+            seq.lookahead.shadow = None  # this step gives real evidence
+            drafted.append(seq)
+        return drafted
+
+    def keep_draft_token(self, seq: Sequence, column: int) -> None:
+        """An accepted draft token: the K/V the step computed at table column `column` of the sequence's row
+        is that of its next token, so the slot moves to column num_computed (swapped, so the row still lists
+        every slot the step holds) and counts as computed."""
+        table, row, at = self.table.table, seq.row, seq.num_computed
+        if column != at:
+            table[row, [at, column]] = table[row, [column, at]]
+        seq.num_computed += 1
+
+    def drop_draft(self, seq: Sequence) -> None:
+        """After verification: free the slots of draft tokens that were not accepted, and charge the client
+        for the output tokens the step gave."""
+        if seq.num_slots > seq.num_computed:
+            self.pool.free(self.table.table[seq.row, seq.num_computed:seq.num_slots].cpu())
+        seq.num_slots = seq.num_computed
+        self._account(seq, samples=False)
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         """The ForwardBatch the runner executes for this (part of a) step, and what its logits are for."""

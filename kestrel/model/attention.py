@@ -21,7 +21,8 @@ class MultiTokenRow:
     start: int
     end: int
     kv_index: torch.Tensor  # [kv_len] pool slots, the request's whole context incl. its new tokens
-    mask: Optional[torch.Tensor] = None  # [q_len, kv_len] bool (True = attend); None = causal, aligned right
+    mask: Optional[torch.Tensor] = None  # [q_len, q_len] bool over the new tokens (True = attend), each also seeing
+    # the whole context before them; None = causal
 
 
 @dataclass
@@ -108,7 +109,9 @@ def _row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     qq = q[row.start:row.end].transpose(0, 1).unsqueeze(0)
     q_len, kv_len = row.end - row.start, row.kv_index.shape[0]
     mask = row.mask
-    if mask is None and q_len != kv_len:
+    if mask is not None and q_len != kv_len:
+        mask = torch.cat((mask.new_ones(q_len, kv_len - q_len), mask.to(q.device)), dim=1)
+    elif mask is None and q_len != kv_len:
         mask = causal_mask(q_len, kv_len, q.device)
     o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
     return o[0].transpose(0, 1).reshape(q_len, num_heads * head_dim)

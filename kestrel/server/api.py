@@ -173,7 +173,7 @@ def build_app(server: Server) -> FastAPI:
                     "finish_reason": c.finish_reason} for i, c in enumerate(r.choices)]
         n_out = sum(len(c.token_ids) for c in r.choices)
         return dict(head, object="chat.completion", choices=choices,
-                    usage=server.usage(r.prompt_tokens, n_out, r.cached_tokens))
+                    usage=server.usage(r.prompt_tokens, n_out, r.cached_tokens, r.spec))
 
     def chat_stream(req, flight: Flight, head) -> AsyncIterator[str]:
         def render(d):
@@ -229,7 +229,7 @@ def build_app(server: Server) -> FastAPI:
         if req.stream:
             return await started(completion_stream(req, flights[0], head), flights[0])
         results = await collect(request, flights)
-        choices, n_prompt, n_out, cached = [], 0, 0, 0
+        choices, n_prompt, n_out, cached, spec = [], 0, 0, 0, (0, 0, 0)
         for ids, r in zip(all_ids, results):
             prefix = server.tokenizer.decode(ids) if req.echo else ""
             for c in r.choices:
@@ -238,7 +238,9 @@ def build_app(server: Server) -> FastAPI:
                 n_out += len(c.token_ids)
             n_prompt += r.prompt_tokens
             cached += r.cached_tokens
-        return dict(head, object="text_completion", choices=choices, usage=server.usage(n_prompt, n_out, cached))
+            spec = tuple(a + b for a, b in zip(spec, r.spec))
+        return dict(head, object="text_completion", choices=choices,
+                    usage=server.usage(n_prompt, n_out, cached, spec))
 
     def completion_stream(req, flight: Flight, head) -> AsyncIterator[str]:
         def render(d):
@@ -263,7 +265,7 @@ def build_app(server: Server) -> FastAPI:
                     yield sse(dict(chunk, choices=[choice]))
             if req.stream_options and req.stream_options.include_usage:
                 yield sse(dict(chunk, choices=[], usage=server.usage(len(flight.ids), flight.out_tokens,
-                                                                     flight.cached)))
+                                                                     flight.cached, flight.spec)))
         except APIError as e:
             yield sse(e.body())
         finally:
@@ -300,9 +302,10 @@ def build_app(server: Server) -> FastAPI:
             return [[x.logprob, x.token_id, {str(t): v for t, v in x.top.items()}] for x in lps if x is not None]
 
         outs = []
-        for c in r.choices:
+        for i, c in enumerate(r.choices):
             meta = {"id": rid, "prompt_tokens": r.prompt_tokens, "completion_tokens": len(c.token_ids),
-                    "cached_tokens": r.cached_tokens, "finish_reason": c.finish_reason}
+                    "cached_tokens": r.cached_tokens, "finish_reason": c.finish_reason,
+                    "spec_verify_ct": r.spec_by_index.get(i, (0, 0, 0))[0]}  # SGLang's: steps that verified a draft
             if req.return_logprob:
                 meta["input_token_logprobs"] = pairs(r.prompt_logprobs or [])
                 meta["output_token_logprobs"] = pairs(c.logprobs)
@@ -319,7 +322,7 @@ def build_app(server: Server) -> FastAPI:
                 texts[d.index] += d.text
                 out_ids[d.index] += d.token_ids
                 meta = {"id": flight.rid, "prompt_tokens": len(flight.ids), "completion_tokens": len(out_ids[d.index]),
-                        "cached_tokens": d.cached_tokens, "finish_reason": d.finish_reason}
+                        "cached_tokens": d.cached_tokens, "finish_reason": d.finish_reason, "spec_verify_ct": d.spec[0]}
                 yield sse({"index": d.index, "text": texts[d.index], "output_ids": out_ids[d.index], "meta_info": meta})
         except APIError as e:
             yield sse(e.body())

@@ -49,6 +49,7 @@ def engine_main(config: EngineConfig, inbox, outbox) -> None:
         outbox.put(("failed", f"{type(e).__name__}: {e} (traceback in the server log)"))
         sys.exit(1)
     outbox.put(("ready", dict(model_dir=engine.model_dir, context_length=engine.context_length,
+                              speculative=engine.lookahead_sizes is not None,
                               vocab_size=engine.vocab_size, max_total_tokens=engine.pool.size,
                               policy=config.policy, placement=engine.describe())))
     lora_counts = LoraCounts()
@@ -94,7 +95,8 @@ def engine_load(engine) -> dict:
     return dict(running=len(s.running), waiting=len(s.waiting), kv_used=used, kv_size=engine.pool.size,
                 kv_free=engine.pool.num_free, kv_evictable=engine.cache.evictable_size,
                 kv_cached=engine.cache.total_size, retractions=s.num_retractions,
-                clients=s.clients.take_changed(), clients_tracked=len(s.clients.usage))
+                clients=s.clients.take_changed(), clients_tracked=len(s.clients.usage),
+                spec_steps=engine.take_spec_histogram())
 
 
 class EngineDead(RuntimeError):

@@ -77,6 +77,9 @@ class Metrics:
                                   ["adapter"], registry=r)
         self.lora_evictions = Counter("kestrel:lora_evictions", "Times an idle LoRA adapter was paged out of the "
                                       "KV pool to make room", ["adapter"], registry=r)
+        self.spec_tokens_per_step = Histogram(
+            "kestrel:spec_decode_tokens_per_step", "Lookahead decoding: output tokens one sequence's step gave "
+            "(1 + accepted draft tokens)", buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 16), registry=r)
         self.engine_restarts = Gauge("kestrel:engine_restarts", "Times the engine process was restarted after a "
                                      "failure", registry=r)
 
@@ -95,6 +98,9 @@ class Metrics:
             self._retractions_seen = load["retractions"]
         for client, change in load.get("clients", {}).items():
             self.on_client(client, change)
+        for tokens, count in load.get("spec_steps", {}).items():
+            for _ in range(count):  # prometheus_client observes one value at a time
+                self.spec_tokens_per_step.observe(tokens)
         for adapter, (loads, evictions) in load.get("loras", {}).items():
             label = self._adapter_label(adapter)
             if loads > 0:

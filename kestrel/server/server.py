@@ -34,6 +34,8 @@ class Result:
     prompt_tokens: int
     cached_tokens: int = 0
     prompt_logprobs: Optional[list] = None
+    spec: tuple[int, int, int] = (0, 0, 0)  # lookahead: steps with a draft, tokens they gave, tokens drafted
+    spec_by_index: dict = field(default_factory=dict)  # the same per completion
 
 
 class Flight:
@@ -47,6 +49,7 @@ class Flight:
         self.first: Optional[float] = None
         self.done: set[int] = set()
         self.out_tokens, self.cached, self.reason, self.queue_time = 0, 0, None, None
+        self.spec_by_index: dict[int, tuple[int, int, int]] = {}
         self._closed = False
         self.response_id = rid
         self._queue = server.client.submit(rid, ids, params, origin.client, origin.priority, lora)
@@ -54,6 +57,11 @@ class Flight:
     @property
     def finished(self) -> bool:
         return len(self.done) == self.params.n
+
+    @property
+    def spec(self) -> tuple[int, int, int]:
+        """Lookahead counts summed over the request's completions."""
+        return tuple(sum(v[i] for v in self.spec_by_index.values()) for i in range(3))
 
     async def deltas(self) -> AsyncIterator:
         """StreamDelta objects until all n completions have finished; engine trouble raises APIError."""
@@ -70,6 +78,7 @@ class Flight:
                 self.first = time.monotonic() - self.start
             self.out_tokens += len(item.token_ids)
             self.cached = item.cached_tokens
+            self.spec_by_index[item.index] = item.spec
             if item.finished:
                 self.done.add(item.index)
                 self.reason = item.finish_reason
@@ -237,14 +246,26 @@ class Server:
                 result.cached_tokens = d.cached_tokens
                 if d.prompt_logprobs is not None:
                     result.prompt_logprobs = d.prompt_logprobs
+            result.spec, result.spec_by_index = flight.spec, dict(flight.spec_by_index)
         finally:
             flight.close()
         return result
 
     # ---- formatting ---------------------------------------------------------------------
-    def usage(self, prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached: int, spec=(0, 0, 0)) -> dict:
+        """OpenAI's usage object. With lookahead decoding on, OpenAI's completion_tokens_details counts draft
+        tokens accepted and rejected (as for its Predicted Outputs), and the `lookahead` extension how many
+        steps verified a draft and the output tokens each gave on average."""
+        out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+               "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
+        if self.client.info.get("speculative"):
+            steps, tokens, proposed = spec
+            accepted = tokens - steps
+            out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                                "rejected_prediction_tokens": proposed - accepted}
+            out["lookahead"] = {"steps": steps,
+                                "accepted_tokens_per_step": round(tokens / steps, 3) if steps else None}
+        return out
 
     def chat_logprobs(self, lps: list) -> dict:
         def entry(tid, lp):
