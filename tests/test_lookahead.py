@@ -316,3 +316,17 @@ def test_programs_run_unchanged_with_lookahead(embedded_dir):
         finally:
             backend.shutdown()
     assert results[0] == results[1]
+
+
+def test_drafts_stop_at_the_end_of_the_context(tiny_llama_dir, tokenizer):
+    """Near the context's end a draft may not reach past the last position (nor past the table's last column,
+    which a wide tree could even where its depth fits)."""
+    p = tokenizer(REPETITIVE).input_ids[:40]
+    kw = dict(dtype="float32", context_length=64)
+    params = SamplingParams(max_tokens=64 - len(p), temperature=0, ignore_eos=True)
+    want = Engine(tiny_llama_dir, **kw).generate(p, params)[0]
+    spec = Engine(tiny_llama_dir, speculative="lookahead", lookahead_always=True, lookahead_pool=8, **kw)
+    got = spec.generate(p, params)[0]
+    assert got.token_ids == want.token_ids and len(got.token_ids) == 64 - len(p)
+    assert got.spec_steps > 0
+    assert_pool_whole(spec)

@@ -224,7 +224,10 @@ class Scheduler:
         for i, seq in enumerate(seqs):
             prop = options[i][1].get(plan) if plan is not None else None
             draft = prop.draft(depths[i]) if prop is not None else None
-            if draft is None or draft.num_tokens == 1 or draft.num_tokens - 1 > room:
+            # the row's tokens take table columns up to num_computed + num_tokens - 1 (the table's last column
+            # is the context length)
+            if (draft is None or draft.num_tokens == 1 or draft.num_tokens - 1 > room
+                    or seq.num_computed + draft.num_tokens > positions + 1):
                 seq.lookahead.leave_shadow(seq.prompt_ids, seq.output_ids)
                 continue
             room -= draft.num_tokens - 1

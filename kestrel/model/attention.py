@@ -110,7 +110,8 @@ def _row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     q_len, kv_len = row.end - row.start, row.kv_index.shape[0]
     mask = row.mask
     if mask is not None and q_len != kv_len:
-        mask = torch.cat((mask.new_ones(q_len, kv_len - q_len), mask.to(q.device)), dim=1)
+        mask = mask.to(q.device)
+        mask = torch.cat((mask.new_ones(q_len, kv_len - q_len), mask), dim=1)
     elif mask is None and q_len != kv_len:
         mask = causal_mask(q_len, kv_len, q.device)
     o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
