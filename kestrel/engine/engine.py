@@ -348,6 +348,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - detokenizing or grammar: this request only
                 log.exception("request %s failed after sampling", seq.request_id)
                 self._fail_request(seq.request_id, e)
+        start = time.perf_counter()
         for seq, logits in drafts:
             if seq.finished:
                 continue
@@ -356,6 +357,9 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - as above
                 log.exception("request %s failed after sampling", seq.request_id)
                 self._fail_request(seq.request_id, e)
+        if drafts:  # what drafting costs the host per drafted sequence, for the planner
+            host = time.perf_counter() - start + self.scheduler.lookahead_host_time
+            self.step_cost.observe_draft(host / len(drafts))
 
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Accept the longest path of the sequence's lookahead draft that matches what the sampler picks,
@@ -367,11 +371,18 @@ class Engine:
         draft, state.draft = state.draft, None
         current = seq.all_ids[-1]
         base = seq.num_computed - 1  # advance() counted the pending token
-        window_out = state.window_outputs(draft, logits.argmax(dim=-1).tolist()) if draft.window_levels else None
+        p = seq.params
+        simple = (p.greedy and seq.grammar is None and p.logprobs is None and p.repetition_penalty == 1.0
+                  and not p.frequency_penalty and not p.presence_penalty)
+        argmax = logits.argmax(dim=-1).tolist() if simple or draft.window_levels else None
+        window_out = state.window_outputs(draft, argmax) if draft.window_levels else None
         node, produced, rejected = 0, 0, False
         while True:
             children = draft.children.get(node, {})
-            token, lp = self.sampler.speculative(logits[node:node + 1], seq, list(children))
+            if simple:  # what the sampler would pick: the argmax of the raw logits
+                token, lp = argmax[node], None
+            else:
+                token, lp = self.sampler.speculative(logits[node:node + 1], seq, list(children))
             before = len(seq.output_ids)
             self._append(seq, token, lp)
             produced += 1

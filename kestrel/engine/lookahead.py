@@ -139,10 +139,12 @@ class Proposal:
             depths.append(d)
             seen.append((seen[up - 1] if up else [0]) + [index])
         t = len(tokens) + 1
+        rows, cols = [0], [0]
+        for i, visible in enumerate(seen, start=1):
+            rows.extend([i] * len(visible))
+            cols.extend(visible)
         mask = torch.zeros(t, t, dtype=torch.bool)
-        mask[0, 0] = True
-        for i, cols in enumerate(seen, start=1):
-            mask[i, cols] = True
+        mask[rows, cols] = True
         return Draft(tokens, depths, mask, children, self.plan, self.window_levels, self.window_width,
                      len(tokens) - len(self.window))
 
@@ -296,6 +298,11 @@ class StepCost:
     def __init__(self) -> None:
         self.seconds: dict[int, float] = {}
         self.frozen = False
+        self.per_draft = 0.0  # host time a drafted sequence adds to a step (planning it, verifying it): EMA
+
+    def observe_draft(self, seconds: float) -> None:
+        if not self.frozen:
+            self.per_draft += 0.1 * (seconds - self.per_draft)
 
     @classmethod
     def flat(cls) -> "StepCost":
@@ -335,7 +342,7 @@ def could_pay(options: list[LookaheadState], base_tokens: int, num_decode: int, 
     most = sum(s.sizes.window_tokens + s.sizes.pool * (s.sizes.ngram - 1) for s in options)
     k = 1
     while k <= most:
-        if (num_decode + k * best) / cost(base_tokens + k) > plain:
+        if (num_decode + k * best) / (cost(base_tokens + k) + cost.per_draft) > plain:
             return True
         k = k + 1 if k < 8 else k * 2
     return False
@@ -348,8 +355,8 @@ def choose_plan(options: list[tuple[LookaheadState, dict[str, Proposal]]], base_
 
     A step of `base_tokens` tokens yields `num_decode` output tokens. Under a plan with acceptance estimate a,
     a sequence's trie level d (w tokens) adds a^d expected tokens (all d levels must match). Levels are bought
-    best value per token first, and the prefix that maximizes expected output tokens per second of forward
-    time (`cost`: measured) is kept if it beats plain decoding by MIN_GAIN and the cheaper plans. On a compute-bound step (a big
+    best value per token first, and the prefix that maximizes expected output tokens per second of step time
+    (`cost`: the forward's, measured, plus the host time each drafted sequence adds) is kept if it beats plain decoding by MIN_GAIN and the cheaper plans. On a compute-bound step (a big
     batch, a prefill chunk) every token costs nearly its full price, no level pays and lookahead is off; where
     a step is bound by reading weights extra tokens are nearly free and deep drafts pay. The window adds a
     fixed block of tokens per sequence for n-grams it finds later: it is taken when its rate is within
@@ -374,12 +381,15 @@ def choose_plan(options: list[tuple[LookaheadState, dict[str, Proposal]]], base_
         steps.sort(reverse=True)
         depths = [0] * len(options)
         tokens, gain = base_tokens + fixed, 0.0
-        plan_rate, plan_depths = num_decode / cost(tokens), list(depths)
+        host = cost.per_draft * sum(1 for _, p in options if p.get(plan) is not None and p[plan].window)
+        plan_rate, plan_depths = num_decode / (cost(tokens) + host), list(depths)
         for _, neg_d, i, w, expected in steps:
             tokens += w
             gain += expected
+            if not depths[i] and not options[i][1][plan].window:
+                host += cost.per_draft  # this sequence is drafted from here on
             depths[i] = -neg_d
-            rate = (num_decode + gain) / cost(tokens)
+            rate = (num_decode + gain) / (cost(tokens) + host)
             if rate > plan_rate:
                 plan_rate, plan_depths = rate, list(depths)
         if not fixed and not any(plan_depths):

@@ -72,13 +72,15 @@ class ModelRunner:
         sees (while scratch rows last)."""
         nd, end = fb.num_decode, fb.num_decode
         scratch = self.table.num_scratch
+        trees = []  # (row, its tokens that need a scratch row)
         while end < fb.num_rows and fb.q_starts[end + 1] - fb.q_starts[end] <= KERNEL_MAX_QUERY_ROWS:
             mask = fb.masks[end - nd]
             if mask is not None:
-                need = int((~_prefix_rows(mask)).sum())
-                if need > scratch:
+                tree = (~_prefix_rows(mask)).nonzero().view(-1)
+                if tree.shape[0] > scratch:
                     break
-                scratch -= need
+                scratch -= tree.shape[0]
+                trees.append((end, tree))
             end += 1
         if end == 0:
             return 0
@@ -93,19 +95,17 @@ class ModelRunner:
         meta.token_rows = torch.repeat_interleave(fb.kv_rows[:end], counts) if end > nd else fb.kv_rows[:nd]
         meta.token_lens = torch.tensor(lens, dtype=torch.int64)
         next_scratch = self.table.scratch_start
-        for r in range(nd, end):
-            mask = fb.masks[r - nd]
-            if mask is not None:
-                next_scratch = self._tree_rows(fb, r, mask, meta, next_scratch)
+        for r, tree in trees:
+            next_scratch = self._tree_rows(fb, r, tree, meta, next_scratch)
         return end
 
-    def _tree_rows(self, fb: ForwardBatch, r: int, mask: torch.Tensor, meta: AttentionMetadata, scratch: int) -> int:
-        """Point the tokens of tree-masked row r that see more than a prefix of the row at scratch rows holding
-        the row's context and then the slots of the new tokens each one sees; returns the next free scratch row."""
-        table = self.table.table
+    def _tree_rows(self, fb: ForwardBatch, r: int, tree: torch.Tensor, meta: AttentionMetadata, scratch: int) -> int:
+        """Point the tokens `tree` of tree-masked row r (those that see more than a prefix of the row) at scratch
+        rows holding the row's context and then the slots of the new tokens each one sees; returns the next free
+        scratch row."""
+        table, mask = self.table.table, fb.masks[r - fb.num_decode]
         q0, q_len = fb.q_starts[r], fb.q_starts[r + 1] - fb.q_starts[r]
         ctx = fb.kv_lens[r] - q_len
-        tree = (~_prefix_rows(mask)).nonzero().view(-1)
         k = tree.shape[0]
         if not k:
             return scratch

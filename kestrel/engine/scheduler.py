@@ -64,6 +64,7 @@ class Scheduler:
                  step_cost: StepCost | None = None):
         self.config = config
         self.step_cost = step_cost  # measured forward time by step size: set when lookahead decoding is on
+        self.lookahead_host_time = 0.0  # seconds the last schedule() spent planning drafts
         self.adapters = adapters  # kestrel.lora.manager.LoraManager: adapters share the pool with KV
         self.unservable: list[Sequence] = []  # waiting sequences whose adapter could not be read: to fail
         self.device = device  # where forward batches go
@@ -172,7 +173,11 @@ class Scheduler:
             admitted = self._admit(budget, need, batch)
             need += admitted
         # 4. lookahead drafts, when the planner expects them to pay for their tokens
-        drafted = self._plan_lookahead(decode, need) if self.step_cost is not None else []
+        drafted = []
+        if self.step_cost is not None:
+            start = time.perf_counter()
+            drafted = self._plan_lookahead(decode, need)
+            self.lookahead_host_time = time.perf_counter() - start  # the engine adds verification's and learns
         # 5. hand out slots
         if decode:
             slots = torch.tensor(self.pool.alloc(len(decode)), dtype=torch.int64)
