@@ -25,7 +25,10 @@ import torch
 
 WINDOW_PLAN, LOOKUP_PLAN, SINGLE_PLAN = "window", "lookup", "single"
 PLANS = (SINGLE_PLAN, LOOKUP_PLAN, WINDOW_PLAN)  # cheapest first
-PRIOR_ACCEPT = 0.5  # chance a draft token is accepted, assumed for a plan not yet tried
+# chance a draft token is accepted, assumed before any evidence: low, so that where tokens cost something (a CPU)
+# a request drafts only once its shadows (what it would have drafted, checked against what came) show its text
+# is predictable; where they are nearly free (a GPU at small batches) it pays from the first step
+PRIOR_ACCEPT = 0.25
 EMA = 0.15  # weight of one verified (or shadow-checked) draft token in a plan's acceptance estimate
 MIN_GAIN = 1.03  # a plan must promise at least 3% more tokens per second than the one it displaces
 

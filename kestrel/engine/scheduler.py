@@ -206,6 +206,9 @@ class Scheduler:
             seq.lookahead.draft = None
             seq.lookahead.check_shadow(seq.prompt_ids, seq.output_ids)
         if not users or not could_pay([s.lookahead for s in users], step_tokens, len(decode), self.step_cost):
+            for seq in users:  # no draft could pay: gather evidence for when one might
+                seq.lookahead.learn(seq.prompt_ids, seq.output_ids)
+                seq.lookahead.leave_shadow(seq.prompt_ids, seq.output_ids)
             return []
         positions = self.table.table.shape[1] - 1  # the context length: positions 0..positions-1
         for seq in users:
