@@ -6,13 +6,10 @@ import random
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from kestrel import Engine, SamplingParams
 from kestrel.engine.lookahead import (LOOKUP_PLAN, SINGLE_PLAN, WINDOW_PLAN, LookaheadSizes, LookaheadState,
                                       NgramPool, StepCost, choose_plan)
-from kestrel.engine.request import Sequence
-from kestrel.engine.sampler import Sampler
 
 REPETITIVE = "one two three four five six seven eight nine ten " * 4
 
@@ -183,37 +180,33 @@ def test_greedy_identical_on_the_embedded_model(embedded_dir, tokenizer):
 
 
 # ---- sampling -------------------------------------------------------------------------------
-def test_speculative_rule_samples_the_processed_distribution():
-    """Drafts proposed with probability one are accepted with the target's probability, else removed: the
-    token drawn must follow the processed distribution (temperature, top-k), whatever the drafts."""
-    torch.manual_seed(0)
-    vocab = 50
-    logits = torch.randn(1, vocab) * 2
-    params = SamplingParams(temperature=0.8, top_k=6)
-    seq = Sequence("r", 0, [1], params)
-    sampler = Sampler(torch.device("cpu"), seed=1)
-    probs = torch.softmax(logits / 0.8, dim=-1)[0]
-    top = probs.topk(6)
-    expected = torch.zeros(vocab, dtype=torch.float64)
-    expected[top.indices] = top.values.double() / top.values.sum().double()
-    drafts = [int(top.indices[1]), int(top.indices[4]), int(probs.argmin())]  # likely, unlikely, impossible
-    n = 12000
-    counts = torch.zeros(vocab)
-    for _ in range(n):
-        token, _ = sampler.speculative(logits.clone(), seq, drafts)
-        counts[token] += 1
-    kept = top.indices.tolist()
-    assert counts.sum() == counts[kept].sum()  # never a token top-k removed, a draft included
-    want = expected[kept] / expected[kept].sum() * float(counts.sum())
-    assert chisquare(counts[kept].double().numpy(), want.numpy()).pvalue > 1e-3
+def test_seeded_sampling_gives_plain_sampling_tokens(plain, spec, tokenizer):
+    """Each token is drawn as plain sampling draws it (one uniform of the request's own stream) and a draft is
+    accepted when it equals it: speculative sampling's rule for one-hot drafts. So a seeded request gives the
+    very tokens it gives without lookahead, drafts or not, with every sampling parameter."""
+    p = tokenizer(REPETITIVE).input_ids
+    p += plain.generate(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0].token_ids
+    params = [SamplingParams(max_tokens=24, temperature=t, top_k=k, top_p=q, min_p=m, seed=s, ignore_eos=True,
+                             repetition_penalty=r)
+              for s, (t, k, q, m, r) in enumerate([(1.0, 3, 1.0, 0.0, 1.0), (0.7, 0, 0.9, 0.0, 1.0),
+                                                   (1.3, 0, 1.0, 0.05, 1.1), (0.5, 5, 0.95, 0.0, 1.0)] * 3)]
+    want = plain.generate([p] * len(params), params)
+    got = spec.generate([p] * len(params), params)
+    same = sum(g.token_ids == w.token_ids for g, w in zip(got, want))
+    # a tree row's float32 logits differ from a one-token row's in the last bits (as a batch's do from a lone
+    # request's), which can move a uniform across a CDF boundary: rarely, and only after a long common prefix
+    assert same >= len(params) - 2
+    assert all(g.token_ids[:8] == w.token_ids[:8] for g, w in zip(got, want))
+    assert sum(o.accepted_draft_tokens for o in got) > 5  # drafts were accepted while sampling
 
 
 def test_sampling_with_lookahead_follows_plain_sampling(plain, spec, tokenizer):
-    """End to end: the first three tokens' joint distribution over many seeds, lookahead against plain."""
+    """Unseeded requests draw from the engine's one stream, whose draws lookahead consumes differently; the
+    first three tokens' joint distribution must still be plain sampling's (chi-square over 400 samples each)."""
     p = tokenizer(REPETITIVE).input_ids
     # the prompt ends with the model's own greedy loop: its n-grams are drafted, and often sampled
     p += plain.generate(p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0].token_ids
-    params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=3, seed=s, ignore_eos=True) for s in range(400)]
+    params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=3, ignore_eos=True)] * 400
     a = [tuple(o.token_ids) for o in plain.generate([p] * 400, params)]
     outs = spec.generate([p] * 400, params)
     assert sum(o.accepted_draft_tokens for o in outs) > 50  # drafts were verified and accepted

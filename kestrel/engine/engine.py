@@ -365,8 +365,13 @@ class Engine:
         """Accept the longest path of the sequence's lookahead draft that matches what the sampler picks,
         token by token from the root (its pending token's logits), each through _append as in plain decoding
         (stop strings, max_tokens, grammars and their jump-forward all apply), and keep its K/V; then free the
-        rest of the draft's slots and move the window on. Sampling at each node is speculative (the node's
-        children are the drafts), so outputs follow the same distribution as plain decoding."""
+        rest of the draft's slots and move the window on.
+
+        Sampling: speculative sampling's rule for drafts proposed with probability one (the pool's) accepts a
+        draft d with probability p(d) and otherwise draws from p without the drafts. Drawing the token as plain
+        sampling does (p processed as usual, one uniform from the request's stream) and accepting the child it
+        equals realizes exactly that rule, so outputs follow plain sampling's distribution, and a seeded request
+        draws the same uniforms and gives the same tokens as without lookahead, whatever was drafted."""
         state = seq.lookahead
         draft, state.draft = state.draft, None
         current = seq.all_ids[-1]
@@ -382,7 +387,8 @@ class Engine:
             if simple:  # what the sampler would pick: the argmax of the raw logits
                 token, lp = argmax[node], None
             else:
-                token, lp = self.sampler.speculative(logits[node:node + 1], seq, list(children))
+                tokens, lps = self.sampler(logits[node:node + 1], [seq])
+                token, lp = tokens[0], lps[0]
             before = len(seq.output_ids)
             self._append(seq, token, lp)
             produced += 1

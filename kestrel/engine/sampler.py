@@ -27,36 +27,6 @@ class Sampler:
         token_list = tokens.tolist()
         return token_list, self._records(raw_logprobs, token_list, params)
 
-    @torch.inference_mode()
-    def speculative(self, logits: torch.Tensor, seq: Sequence, drafts: list[int]) -> tuple[int, Optional[TokenLogprob]]:
-        """One token for `seq` from logits [1, vocab] given draft tokens proposed with probability one (lookahead's
-        candidates at this position, distinct). Greedy: the argmax, as __call__. Sampling: speculative sampling's
-        rule for one-hot drafts (SpecInfer's, as the lookahead reference does): each draft in turn is accepted
-        with its probability under the processed distribution, else removed from it and the rest renormalized;
-        with none accepted, a sample from what remains. The token follows the processed distribution exactly."""
-        params = [seq.params]
-        raw_logprobs = self._raw_logprobs(logits, params)
-        logits = self._process(logits, [seq])
-        if seq.params.greedy or not drafts:
-            token = int((logits.argmax(dim=-1) if seq.params.greedy else self._sample(logits, [seq]))[0])
-            return token, self._records(raw_logprobs, [token], params)[0]
-        probs, ids = self._filtered(logits, [seq])
-        probs, ids = probs[0].double(), ids[0]
-        probs /= probs.sum()
-        for d in drafts:
-            at = (ids == d).nonzero()
-            p = float(probs[at[0, 0]]) if at.numel() else 0.0
-            if p > 0.0 and float(self._uniforms([seq])[0]) < p:
-                return d, self._records(raw_logprobs, [d], params)[0]
-            if p > 0.0:
-                probs[at[0, 0]] = 0.0
-                probs /= probs.sum()
-        cdf = probs.cumsum(dim=-1)
-        u = float(self._uniforms([seq])[0])
-        token = int(ids[int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype)).clamp_(
-            max=ids.shape[0] - 1))])
-        return token, self._records(raw_logprobs, [token], params)[0]
-
     @staticmethod
     def _raw_logprobs(logits: torch.Tensor, params) -> Optional[torch.Tensor]:
         if any(p.logprobs is not None for p in params):
