@@ -7,8 +7,9 @@ Three engines with the default weights (the best quantization for the CPU): plai
 prompt's and output's own n-grams, no Jacobi window: what vLLM and SGLang ship as n-gram speculation). Batch 1:
 every prompt on every engine in turn, `--rounds` times, the fastest kept (greedy: with --dtype float32 the outputs
 must be identical, the `identical` column checks it; in bf16 batch shapes change rounding and outputs may part), wall
-clock per output token while decoding (first token to last) and tokens per decode step (hardware-free). Then `--concurrent` requests at once (the
-prompts repeated): the median over `--rounds` alternating rounds of each engine's output tokens per second over
+clock per output token while decoding (first token to last) and tokens per decode step (hardware-free). Then
+3 x `--concurrent` requests (the prompts repeated) served with `--concurrent` in flight: the median over
+`--rounds` alternating rounds of each engine's output tokens per second over
 plain decoding's in the same round. Results go to benchmarks/results/lookahead.json.
 """
 from __future__ import annotations
@@ -57,6 +58,22 @@ def prompts(tok) -> list[tuple[str, str, list[int]]]:
                                       "started the great wheel turning. The villagers brought there grain from "
                                       "miles arround.")),
     ]
+
+
+def sustained(engine, prompts_ids: list[list[int]], params, concurrency: int) -> float:
+    """Output tokens per second serving `prompts_ids` with `concurrency` requests in flight, a new one admitted
+    as each finishes (as `kestrel bench --max-concurrency` loads a server): a request that finishes sooner frees
+    its place, which a closed batch, waiting for its slowest request, would not show."""
+    queue, live, tokens = list(prompts_ids), set(), 0
+    start = time.perf_counter()
+    while queue or live:
+        while queue and len(live) < concurrency:
+            live.add(engine.add_request(queue.pop(0), params))
+        engine.step()
+        for rid in [r for r in live if engine.is_finished(r)]:
+            tokens += engine.get_output(rid, pop=True).output_tokens
+            live.remove(rid)
+    return tokens / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -119,21 +136,19 @@ def main() -> None:
         summary = {label: per_token("plain") / per_token(label) for label in list(engines)[1:]}
         results.setdefault("by_kind", {})[kind] = summary
         print(f"{kind}: " + ", ".join(f"{k} {v:.2f}x" for k, v in summary.items()) + " (decode time per token, all prompts)")
-    batch = [cases[i % len(cases)][2] for i in range(args.concurrent)]
+    batch = [cases[i % len(cases)][2] for i in range(3 * args.concurrent)]
     ratios: dict[str, list[float]] = {label: [] for label in engines}
     for _ in range(args.rounds):  # engines alternate; ratios are taken within a round (the machine drifts)
         rates = {}
         for label, e in engines.items():
             e.cache.evict(e.cache.evictable_size)
-            t = time.perf_counter()
-            outs = e.generate(batch, params)
-            rates[label] = sum(o.output_tokens for o in outs) / (time.perf_counter() - t)
+            rates[label] = sustained(e, batch, params, args.concurrent)
         for label in engines:
             ratios[label].append(rates[label] / rates["plain"])
         results["concurrent"].setdefault("rounds", []).append(rates)
     median = {label: sorted(r)[len(r) // 2] for label, r in ratios.items()}
     results["concurrent"]["median_ratio"] = median
-    print(f"{args.concurrent} concurrent, median of {args.rounds} rounds' ratios to plain: "
+    print(f"{args.concurrent} concurrent ({len(batch)} requests), median of {args.rounds} rounds' ratios to plain: "
           + ", ".join(f"{k} {v:.2f}x" for k, v in median.items() if k != "plain")
           + f" (plain {sorted(r['plain'] for r in results['concurrent']['rounds'])[args.rounds // 2]:.0f} tok/s)")
     save_results(results, os.path.join(RESULTS, "lookahead.json"))

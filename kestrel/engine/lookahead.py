@@ -294,9 +294,9 @@ class LookaheadState:
 
 
 class StepCost:
-    """Forward time by tokens in the step: measured by a calibration run at start, then refined by every step
-    of a calibrated size (EMA). Between sizes it interpolates linearly, beyond the largest it grows in
-    proportion. It need not grow with tokens: float32 matmuls of 2-4 rows cost more than of 5-8 on Zen 4."""
+    """Forward time by tokens in the step: measured by a calibration run at start, then refined by every step.
+    Between sizes it interpolates linearly, beyond the largest it grows in proportion. It need not grow with
+    tokens: float32 matmuls of 2-4 rows cost more than of 5-8 on Zen 4."""
 
     def __init__(self) -> None:
         self.seconds: dict[int, float] = {}
@@ -316,11 +316,26 @@ class StepCost:
         return cost
 
     def observe(self, tokens: int, seconds: float, weight: float = 0.05) -> None:
+        """A step of `tokens` took `seconds`. weight 1: a calibration point. Else the measured sizes around
+        `tokens` move towards what the step says (each by its share of the interpolation), so real steps (many
+        rows, longer contexts than the calibration's one row) correct every region of the curve they touch,
+        drafted steps included."""
         if self.frozen:
             return
-        if weight >= 1.0 or tokens in self.seconds:
-            old = self.seconds.get(tokens, seconds)
-            self.seconds[tokens] = (1 - weight) * old + weight * seconds
+        if weight >= 1.0 or not self.seconds:
+            self.seconds[tokens] = seconds
+            return
+        ratio = seconds / self(tokens)
+        known = self.seconds.keys()
+        lo = max((k for k in known if k <= tokens), default=None)
+        hi = min((k for k in known if k >= tokens), default=None)
+        if lo is None or hi is None or lo == hi:
+            shares = [(lo if hi is None else hi, 1.0)]
+        else:
+            f = (tokens - lo) / (hi - lo)
+            shares = [(lo, 1 - f), (hi, f)]
+        for k, share in shares:
+            self.seconds[k] *= 1 + weight * share * (ratio - 1)
 
     def __call__(self, tokens: int) -> float:
         known = self.seconds.keys()
