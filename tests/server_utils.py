@@ -41,6 +41,11 @@ class ServerProcess:
         self.proc.kill()
         raise RuntimeError("server did not become healthy")
 
+    def openai_client(self, api_key: str = "unused"):
+        """The real openai client, pointed at this server's /v1."""
+        import openai
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key)
+
     def log(self) -> str:
         with open(self.log_file.name) as f:
             return f.read()

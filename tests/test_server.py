@@ -6,7 +6,6 @@ import re
 import time
 
 import httpx
-import openai
 import pytest
 
 from tests.server_utils import ServerProcess
@@ -23,7 +22,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    return server.openai_client()
 
 
 def test_models(client):

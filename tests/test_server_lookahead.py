@@ -3,7 +3,6 @@ usage reports what lookahead accepted, streaming, the native API and /metrics.""
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 
 from kestrel import Engine, SamplingParams
@@ -23,7 +22,7 @@ def server(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    return server.openai_client()
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def server(tiny_llama_dir, adapter_dirs):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    return server.openai_client()
 
 
 @pytest.fixture(scope="module")

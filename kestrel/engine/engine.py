@@ -377,8 +377,7 @@ class Engine:
         current = seq.all_ids[-1]
         base = seq.num_computed - 1  # advance() counted the pending token
         p = seq.params
-        simple = (p.greedy and seq.grammar is None and p.logprobs is None and p.repetition_penalty == 1.0
-                  and not p.frequency_penalty and not p.presence_penalty)
+        simple = p.greedy and seq.grammar is None and p.logprobs is None and not p.penalized
         argmax = logits.argmax(dim=-1).tolist() if simple or draft.window_levels else None
         window_out = state.window_outputs(draft, argmax) if draft.window_levels else None
         node, produced, rejected = 0, 0, False

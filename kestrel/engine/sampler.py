@@ -18,39 +18,26 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[Optional[TokenLogprob]]]:
         """logits: float32 [rows, vocab], one row per sequence. Returns sampled ids and logprob records."""
         params = [s.params for s in seqs]
-        raw_logprobs = self._raw_logprobs(logits, params)
-        logits = self._process(logits, seqs)
-        if all(p.greedy for p in params):
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = self._sample(logits, seqs)
-        token_list = tokens.tolist()
-        return token_list, self._records(raw_logprobs, token_list, params)
-
-    @staticmethod
-    def _raw_logprobs(logits: torch.Tensor, params) -> Optional[torch.Tensor]:
+        rows = len(seqs)
+        raw_logprobs = None
         if any(p.logprobs is not None for p in params):
-            return torch.log_softmax(logits, dim=-1)  # the model's distribution, as vLLM reports
-        return None
-
-    def _process(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
-        """Constraints (grammar bitmask, in place) and penalties applied to the raw logits."""
+            raw_logprobs = torch.log_softmax(logits, dim=-1)  # the model's distribution, as vLLM reports
         constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
         if constrained:
             bitmask = new_bitmask(len(constrained), logits.shape[1])
             for row, i in enumerate(constrained):
                 seqs[i].grammar.fill_bitmask(bitmask, row)
             apply_bitmask(logits, bitmask, constrained)
-        if any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in (s.params for s in seqs)):
+        if any(p.penalized for p in params):
             logits = self._apply_penalties(logits.clone(), seqs)
-        return logits
-
-    @staticmethod
-    def _records(raw_logprobs: Optional[torch.Tensor], token_list: list[int], params) -> list[Optional[TokenLogprob]]:
-        records: list[Optional[TokenLogprob]] = [None] * len(token_list)
+        if all(p.greedy for p in params):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, seqs)
+        token_list = tokens.tolist()
+        records: list[Optional[TokenLogprob]] = [None] * rows
         if raw_logprobs is not None:
             k = max(p.logprobs or 0 for p in params)
-            tokens = torch.tensor(token_list, device=raw_logprobs.device)
             chosen = raw_logprobs.gather(1, tokens.view(-1, 1)).view(-1).tolist()
             top_vals, top_ids = raw_logprobs.topk(max(k, 1), dim=-1)
             top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
@@ -58,14 +45,13 @@ class Sampler:
                 if p.logprobs is not None:
                     n = p.logprobs
                     records[i] = TokenLogprob(token_list[i], chosen[i], dict(zip(top_ids[i][:n], top_vals[i][:n])))
-        return records
+        return token_list, records
 
-    def _filtered(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Temperature, then top-k/top-p/min-p: (probabilities sorted descending with dropped ones zeroed, not
-        renormalized; their token ids)."""
+    def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
         params = [s.params for s in seqs]
         rows, vocab = logits.shape
         dev = logits.device
+        greedy = torch.tensor([p.greedy for p in params], device=dev)
         temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
         scaled = logits / temps.unsqueeze(1)
         sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
@@ -80,13 +66,7 @@ class Sampler:
         if any(p.min_p > 0.0 for p in params):
             min_p = torch.tensor([p.min_p for p in params], device=dev)
             drop |= probs < (min_p * probs[:, 0]).unsqueeze(1)
-        return probs.masked_fill(drop, 0.0), sorted_ids
-
-    def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
-        rows, vocab = logits.shape
-        dev = logits.device
-        greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
-        probs, sorted_ids = self._filtered(logits, seqs)
+        probs = probs.masked_fill(drop, 0.0)
         cdf = probs.cumsum(dim=-1)
         u = self._uniforms(seqs).to(dev)
         choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).clamp_(max=vocab - 1)

@@ -111,6 +111,11 @@ class SamplingParams:
         """Temperatures this small are greedy (as in vLLM): dividing logits by them overflows float32."""
         return self.temperature < GREEDY_BELOW
 
+    @property
+    def penalized(self) -> bool:
+        """Whether repetition, frequency or presence penalties change the logits."""
+        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
+
 
 class InvalidParameter(ValueError):
     """A request parameter with a wrong type or value; `param` names it (the API's error `param`)."""

@@ -200,7 +200,7 @@ class Scheduler:
         """Give decoding sequences that use lookahead this step's draft, as deep as `choose_plan` expects to
         pay (nothing when the step is compute-bound), within the free slots (drafts never evict or retract)
         and the table's scratch rows. Returns the drafted sequences."""
-        options, seqs = [], []
+        options = []
         users = [seq for seq in decode if seq.lookahead is not None]
         for seq in users:
             seq.lookahead.draft = None
@@ -223,13 +223,10 @@ class Scheduler:
                 if prop is not None:
                     proposals[plan] = prop
             options.append((state, proposals))
-            seqs.append(seq)
-        if not seqs:
-            return []
         plan, depths = choose_plan(options, step_tokens, len(decode), self.step_cost)
         drafted = []
         room = min(self.pool.num_free - step_tokens, self.table.num_scratch)
-        for i, seq in enumerate(seqs):
+        for i, seq in enumerate(users):
             prop = options[i][1].get(plan) if plan is not None else None
             draft = prop.draft(depths[i]) if prop is not None else None
             # the row's tokens take table columns up to num_computed + num_tokens - 1 (the table's last column
@@ -256,10 +253,15 @@ class Scheduler:
     def drop_draft(self, seq: Sequence) -> None:
         """After verification: free the slots of draft tokens that were not accepted, and charge the client
         for the output tokens the step gave."""
-        if seq.num_slots > seq.num_computed:
-            self.pool.free(self.table.table[seq.row, seq.num_computed:seq.num_slots].cpu())
+        self._free_uncomputed(seq)
         seq.num_slots = seq.num_computed
         self._account(seq, samples=False)
+
+    def _free_uncomputed(self, seq: Sequence) -> None:
+        """Free the slots the sequence holds past its computed tokens (a step's that failed, a draft's that was
+        not accepted): they hold no K/V anyone keeps."""
+        if seq.num_slots > seq.num_computed:
+            self.pool.free(self.table.table[seq.row, seq.num_computed:seq.num_slots].cpu())
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         """The ForwardBatch the runner executes for this (part of a) step, and what its logits are for."""
@@ -400,8 +402,7 @@ class Scheduler:
             self._move_to_cache(seq, n)
         else:
             self.pool.free(self.table.table[seq.row, seq.prefix_len:n].cpu())
-        if seq.num_slots > n:
-            self.pool.free(self.table.table[seq.row, n:seq.num_slots].cpu())
+        self._free_uncomputed(seq)
         seq.num_slots = 0
         if seq.prefix_node is not None:
             self.cache.unlock(seq.prefix_node)
