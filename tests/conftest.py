@@ -48,6 +48,12 @@ def chat_prompt_ids(tokenizer) -> list[list[int]]:
     return out
 
 
+def kernel_device(kernels: str) -> str:
+    """The device for an engine on `kernels`: the C++ kernels are CPU kernels, so on a GPU machine the tests of
+    them run on its CPU (and the others on the GPU)."""
+    return "cpu" if kernels == "cpp" else "auto"
+
+
 def _save_tiny(tmp_root, embedded_dir, name, hf_config) -> str:
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)

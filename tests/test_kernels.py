@@ -117,7 +117,7 @@ def test_engine_on_kernels_equals_engine_on_torch_ops(tiny_llama_dir):
     params = SamplingParams(max_tokens=24, temperature=0.0)
     outs = {}
     for which in ("cpp", "torch"):
-        engine = Engine(tiny_llama_dir, dtype="float32", kernels=which, chunked_prefill_size=48)
+        engine = Engine(tiny_llama_dir, dtype="float32", kernels=which, device="cpu", chunked_prefill_size=48)
         assert (engine.model.kernels is not None) == (which == "cpp")
         got = [o.token_ids for o in engine.generate(prompts + shared, params)]
         got += [o.token_ids for o in engine.generate([prompts[2]], SamplingParams(max_tokens=8, n=3, temperature=0.0))]

@@ -12,6 +12,7 @@ import torch
 from kestrel import Engine, SamplingParams
 from kestrel.lora.adapter import AdapterError
 from kestrel.lora.manager import UnknownAdapter
+from tests.conftest import kernel_device
 from tests.lora_utils import make_adapter, merge
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
@@ -64,7 +65,7 @@ def test_mixed_batch_equals_merged_weights(kernels, tiny_llama_dir, adapters, pr
     together, requests arriving mid-run): each output equals its merged model's."""
     names = [None, *ADAPTERS]
     choice = [names[i % len(names)] for i in range(len(prompts))]
-    engine = _engine(tiny_llama_dir, adapters, kernels=kernels, chunked_prefill_size=32)
+    engine = _engine(tiny_llama_dir, adapters, kernels=kernels, device=kernel_device(kernels), chunked_prefill_size=32)
     first = [engine.add_request(p, GREEDY, lora=c) for p, c in zip(prompts[:6], choice[:6])]
     for _ in range(3):  # the first half is decoding when the second half's prefills join it
         engine.step()
@@ -326,7 +327,7 @@ def test_bfloat16_adapters_stay_close_to_merged_float32(kernels, tiny_llama_dir,
     log-probabilities stay within bf16 noise of the float32 merged model's (a wrong update is off by nats)."""
     seqs = [p + q for p, q in zip(prompts[:4], prompts[4:8])]
     score = SamplingParams(max_tokens=1, prompt_logprobs=0, logprob_start_len=1)
-    engine = Engine(tiny_llama_dir, dtype="bfloat16", kernels=kernels,
+    engine = Engine(tiny_llama_dir, dtype="bfloat16", kernels=kernels, device=kernel_device(kernels),
                     lora_modules={n: p for n, (p, _) in adapters.items()})
     for name in ("all", "attn"):
         got = engine.generate(seqs, score, lora=name)

@@ -31,6 +31,19 @@ def test_conversion_is_cached(embedded_dir):
     assert os.stat(weights).st_mtime_ns == before
 
 
+def test_a_wrongly_converted_tokenizer_is_refused(tokenizer):
+    """The converted tokenizer's EOS is the file's (im_end), and a tokenizer whose EOS disagrees with the GGUF
+    metadata (what transformers 5.17 built) is refused with the fix, not served."""
+    import pytest
+
+    from kestrel.model.gguf_convert import check_tokenizer
+
+    assert tokenizer.eos_token == "<|im_end|>"
+    check_tokenizer(tokenizer, {"eos_token_id": tokenizer.eos_token_id})
+    with pytest.raises(ValueError, match=r"converted this GGUF file's tokenizer wrongly.*transformers>=5\.18"):
+        check_tokenizer(tokenizer, {"eos_token_id": tokenizer.eos_token_id + 1})
+
+
 def test_embedded_config(embedded_dir):
     cfg = ModelConfig.from_dir(embedded_dir)
     assert (cfg.architecture, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == ("llama", 30, 9, 3)

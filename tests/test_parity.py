@@ -6,7 +6,7 @@ import random
 import pytest
 
 from kestrel import Engine, SamplingParams
-from tests.conftest import hf_greedy
+from tests.conftest import hf_greedy, kernel_device
 
 MAX_NEW = 32
 
@@ -29,7 +29,7 @@ def test_tiny_models_match_hf(request, which, seed, kernels):
     model_dir = request.getfixturevalue(which)
     prompts = _random_prompts(8, seed=seed)
     ref = hf_greedy(model_dir, prompts, MAX_NEW, stop_at_eos=True)
-    got, _ = _kestrel(model_dir, prompts, chunked_prefill_size=32, kernels=kernels)
+    got, _ = _kestrel(model_dir, prompts, chunked_prefill_size=32, kernels=kernels, device=kernel_device(kernels))
     assert got == ref
 
 

@@ -78,14 +78,14 @@ def test_quantized_engine_matches_its_dequantized_reference(chat_prompt_ids, qua
     path, so what differs is the quantized kernels against dense bf16 matmuls on the same weights: bf16 rounding
     (measured: mean |dlogprob| ~0.035, max ~0.5, top-1 agreement ~0.97); a wrong kernel is off by nats."""
     params = SamplingParams(max_tokens=24, temperature=0.0)
-    quantized = Engine(dtype="bfloat16", quantization=quantization, batch_weights="quantized")
+    quantized = Engine(dtype="bfloat16", quantization=quantization, batch_weights="quantized", device="cpu")
     assert quantized.quantization == quantization
     outs = quantized.generate(chat_prompt_ids[:6], params)
     seqs = [o.prompt_token_ids + o.token_ids for o in outs]
     score = [SamplingParams(max_tokens=1, prompt_logprobs=1, logprob_start_len=len(o.prompt_token_ids)) for o in outs]
     mine = quantized.generate(seqs, score)
     reference = _dequantized_copy(Engine(dtype="bfloat16", quantization=quantization,
-                                         batch_weights="quantized")).generate(seqs, score)
+                                         batch_weights="quantized", device="cpu")).generate(seqs, score)
     errors, agree = [], []
     for a, b, o in zip(mine, reference, outs):
         for pos in range(len(o.prompt_token_ids), len(a.prompt_token_ids)):
@@ -97,10 +97,14 @@ def test_quantized_engine_matches_its_dequantized_reference(chat_prompt_ids, qua
     assert sum(agree) / len(agree) >= 0.9, sum(agree) / len(agree)
 
 
-def test_auto_quantization():
-    e = Engine(max_total_tokens=256)  # the embedded model is a GGUF file of Q4_1 layers
+def test_auto_quantization(embedded_dir):
+    from kestrel.model.loader import resolve_quantization
+
+    e = Engine(max_total_tokens=256, device="cpu")  # the embedded model is a GGUF file of Q4_1 layers
     assert e.quantization == "int4" and "Q4_1" in e.quantization_reason
-    assert Engine(max_total_tokens=256, dtype="float32").quantization == "none"  # exact float32 asked for
+    assert Engine(max_total_tokens=256, dtype="float32", device="cpu").quantization == "none"  # exact float32 asked for
+    # on a GPU the CPU's int4 kernels cannot run: auto serves the dequantized weights
+    assert resolve_quantization("auto", embedded_dir, "auto", torch.device("cuda"))[0] == "none"
     out = e.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0.0))[0]
     assert out.output_tokens == 4
 
@@ -114,10 +118,10 @@ def test_dense_copies_for_many_token_steps_hold_the_quantized_values(chat_prompt
 
     if not can_prepack(torch.empty(0, dtype=torch.bfloat16)):  # an AVX2-only CPU: no fast bf16 matmul
         with pytest.raises(ValueError, match="native bf16"):
-            Engine(dtype="bfloat16", batch_weights="dense")
-        assert all(layer.dense is None for layer in Engine(dtype="bfloat16").model.layers)
+            Engine(dtype="bfloat16", batch_weights="dense", device="cpu")
+        assert all(layer.dense is None for layer in Engine(dtype="bfloat16", device="cpu").model.layers)
         return
-    hybrid = Engine(dtype="bfloat16")  # auto: copies on this CPU
+    hybrid = Engine(dtype="bfloat16", device="cpu")  # auto: copies on this CPU
     assert hybrid.quantization == "int4" and "dense bf16 copies" in hybrid.describe()
     x = torch.randn(8, hybrid.model.cfg.hidden_size, dtype=torch.bfloat16)
     layer = hybrid.model.layers[5]

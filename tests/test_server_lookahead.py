@@ -14,7 +14,7 @@ PROMPT = "one two three four five six seven eight nine ten " * 4
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
     srv = ServerProcess("--model", tiny_llama_dir, "--dtype", "float32", "--max-total-tokens", "4096",
-                        "--speculative", "lookahead", "--lookahead-window", "3", "--lookahead-ngram", "4",
+                        "--speculative", "lookahead", "--lookahead-window", "3", "--lookahead-ngram", "4", "--lookahead-pool", "4",
                         "--lookahead-always")  # the planner's choices are tested offline; here, the plumbing
     yield srv
     assert srv.stop() == 0

@@ -14,7 +14,7 @@ import tempfile
 
 import numpy as np
 
-CONVERTER_VERSION = 2  # 2: records the layers' quantization types in kestrel.json
+CONVERTER_VERSION = 3  # 2: records the layers' quantization types in kestrel.json; 3: checks the tokenizer
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
 LAYER_NAMES = {
@@ -125,7 +125,21 @@ def convert_gguf(gguf_path: str, out_dir: str, progress: bool = True) -> None:
         json.dump({"gguf_file": os.path.abspath(gguf_path), "gguf_layer_types": layer_types}, f, indent=2)
     tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_path)),
                                               gguf_file=os.path.basename(gguf_path))
+    check_tokenizer(tokenizer, cfg)
     tokenizer.save_pretrained(out_dir)
+
+
+def check_tokenizer(tokenizer, cfg: dict) -> None:
+    """Refuse a tokenizer transformers built wrongly from GGUF metadata. transformers 5.17 gave byte-level BPE
+    vocabularies (SmolLM2's) a SentencePiece decoder and the wrong EOS: generation would not stop, and the
+    grammar engine, which reads each token's bytes through the decoder, would allow the wrong tokens."""
+    import transformers
+
+    want = cfg.get("eos_token_id")
+    if want is not None and tokenizer.eos_token_id != want:
+        raise ValueError(
+            f"transformers {transformers.__version__} converted this GGUF file's tokenizer wrongly (EOS token id "
+            f"{tokenizer.eos_token_id}, the file says {want}); install transformers>=5.18")
 
 
 def gguf_origin(model_dir: str) -> dict | None:

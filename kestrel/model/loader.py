@@ -56,10 +56,12 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def resolve_quantization(requested: str, model_dir: str, dtype: str) -> tuple[str, str]:
+def resolve_quantization(requested: str, model_dir: str, dtype: str,
+                         device: torch.device = torch.device("cpu")) -> tuple[str, str]:
     """The quantization to run (none | int8 | int4) and why. `auto` keeps a GGUF file's 4-bit layers as int4
     (the weights are 4-bit already, and decoding reads a quarter of the bytes), unless `dtype` float32 was
-    asked for explicitly (exact float math); anything else runs unquantized."""
+    asked for explicitly (exact float math) or the engine runs on a GPU (the int4 kernels are CPU kernels);
+    anything else runs unquantized."""
     from kestrel.model.gguf_blocks import INT4_TYPES
 
     if requested != "auto":
@@ -67,6 +69,8 @@ def resolve_quantization(requested: str, model_dir: str, dtype: str) -> tuple[st
     origin = gguf_origin(model_dir)
     if origin is None:
         return "none", "auto: unquantized weights"
+    if device.type != "cpu":
+        return "none", f"auto: the quantized kernels are CPU kernels, {device.type} runs the dequantized weights"
     kinds = origin["gguf_layer_types"]
     if dtype == "float32":
         return "none", "auto: float32 was asked for"
