@@ -16,7 +16,9 @@ def engine():
     (dict(top_p=0.0), "top_p"),
     (dict(top_k=-5), "top_k"),
     (dict(min_p=1.5), "min_p"),
-    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=-1), "max_tokens"),
+    (dict(max_tokens=0, n=2), "n must be 1 when max_tokens is 0"),  # prefill only samples nothing to share
+    (dict(max_tokens=2, min_tokens=5), "min_tokens must be at most max_tokens"),
     (dict(n=0), "n "),
     (dict(logprobs=100), "logprobs"),
     (dict(frequency_penalty=5.0), "frequency_penalty"),

@@ -55,7 +55,7 @@ class Call:
     kwargs: dict
 
 
-CALLABLE = ("load_lora", "unload_lora")  # what a Call may run
+CALLABLE = ("load_lora", "unload_lora", "flush_cache")  # what a Call may run
 Command = Union[Submit, Abort, Stop, Call]
 Deliver = Callable[[list[StreamDelta], list[RequestOutput]], None]
 Reject = Callable[[str, BaseException], None]

@@ -54,6 +54,7 @@ class StreamDelta:
     queue_time: Optional[float] = None  # on the final delta
     error: Optional[str] = None  # on the final delta when finish_reason is "error"
     spec: tuple[int, int, int] = (0, 0, 0)  # lookahead so far: (steps with a draft, tokens they gave, drafted)
+    stop_reason: Optional[Union[int, str]] = None  # on the final delta: the stop token id or stop string
 
 
 @dataclass
@@ -84,7 +85,8 @@ class Engine:
         self.placement = place(cfg.device, cfg.dtype, cfg.num_threads)
         self.device, self.dtype = self.placement.device, self.placement.dtype
         self.model_dir = resolve_model_dir(cfg.model, cfg.cache_dir)
-        self.quantization, self.quantization_reason = resolve_quantization(cfg.quantization, self.model_dir, cfg.dtype)
+        self.quantization, self.quantization_reason = resolve_quantization(
+            cfg.quantization, self.model_dir, cfg.dtype, self.device)
         self.dense_copies, self.batch_weights_reason = resolve_batch_weights(
             cfg.batch_weights, self.quantization, self.model_dir, self.dtype)
         self.model = load_model(self.model_dir, self.dtype, self.device, self.quantization, self.dense_copies)
@@ -114,11 +116,11 @@ class Engine:
             self.step_cost = StepCost.flat() if cfg.lookahead_always else self._calibrate()
         self.scheduler = Scheduler(cfg, self.pool, self.table, self.cache, make_policy(cfg), self.device,
                                    adapters=self.loras, step_cost=self.step_cost)
-        self.sampler = Sampler(self.device, cfg.seed)
         eos = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = eos
+        self.sampler = Sampler(self.device, cfg.seed, eos)
         self.output = OutputProcessor(self.tokenizer, eos, self.context_length)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, eos)
         self._requests: dict[str, list[Sequence]] = {}
@@ -185,6 +187,13 @@ class Engine:
 
     def list_loras(self) -> list[dict]:
         return self.loras.describe()
+
+    def flush_cache(self) -> int:
+        """Drop every cached prefix (SGLang's /flush_cache, e.g. between benchmark runs); returns the tokens
+        freed. Refused (ValueError) while requests are queued or running, whose prefixes are in use."""
+        if self.has_unfinished():
+            raise ValueError("the cache is not flushed while requests are running or queued; retry when idle")
+        return self.cache.evict(self.cache.evictable_size)
 
     # ---- requests -----------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -340,6 +349,10 @@ class Engine:
         self.scheduler.cache_prefilled(batch)
         if prompt_logits is not None:
             self._record_prompt_logprobs(*prompt_logits)
+        for seq, _ in batch.prefill:  # prefill-only requests end with their prompt computed (and cached)
+            if seq.params.max_tokens == 0 and seq.num_computed == seq.total_len and not seq.finished:
+                self.output.finish(seq, "length", time.monotonic())
+                self.scheduler.finish(seq)
         for seq, token, lp in zip(seqs, tokens, logprobs):
             if seq.finished:  # a sibling's failure failed the whole request
                 continue
@@ -377,7 +390,7 @@ class Engine:
         current = seq.all_ids[-1]
         base = seq.num_computed - 1  # advance() counted the pending token
         p = seq.params
-        simple = p.greedy and seq.grammar is None and p.logprobs is None and not p.penalized
+        simple = p.plain_argmax and seq.grammar is None
         argmax = logits.argmax(dim=-1).tolist() if simple or draft.window_levels else None
         window_out = state.window_outputs(draft, argmax) if draft.window_levels else None
         node, produced, rejected = 0, 0, False
@@ -513,7 +526,8 @@ class Engine:
         seqs = self._requests.pop(request_id) if pop else self._requests[request_id]
         lead = seqs[0]
         outs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason,
-                                 list(s.logprobs) if s.params.logprobs is not None else None, s.error) for s in seqs]
+                                 list(s.logprobs) if s.params.logprobs is not None else None, s.error, s.stop_reason)
+                for s in seqs]
         finished = all(s.finished for s in seqs)
         ttft = lead.first_token_time - lead.arrival_time if lead.first_token_time else None
         end = max((s.finish_time or 0.0) for s in seqs)
@@ -598,7 +612,7 @@ class Engine:
                                            seq.prompt_logprob_list() if seq.finished else None,
                                            seq.first_admit_time - seq.arrival_time
                                            if seq.finished and seq.first_admit_time else None, seq.error,
-                                           (seq.spec_steps, seq.spec_tokens, seq.spec_proposed)))
+                                           (seq.spec_steps, seq.spec_tokens, seq.spec_proposed), seq.stop_reason))
                     seq.sent = (len(visible), len(seq.output_ids))
                     seq.sent_final = seq.finished
         return out

@@ -30,6 +30,7 @@ class OutputProcessor:
         if seq.detok is None:
             seq.detok = self._decoder(seq.prompt_ids, p.skip_special_tokens)
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            seq.stop_reason = token
             self.finish(seq, "stop", now)
             return
         piece = seq.detok.step(self.backend, token)
@@ -39,9 +40,10 @@ class OutputProcessor:
             if p.stop:
                 longest = max(len(s) for s in p.stop)
                 start = max(0, old_len - longest + 1)
-                hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
+                hits = [(i, s) for i, s in ((seq.text.find(s, start), s) for s in p.stop) if i >= 0]
                 if hits:
-                    seq.text = seq.text[: min(hits)]
+                    at, seq.stop_reason = min(hits)
+                    seq.text = seq.text[:at]
                     self.finish(seq, "stop", now)
                     return
         if len(seq.output_ids) >= p.max_tokens or seq.total_len >= self.context_length:
@@ -83,4 +85,4 @@ class OutputProcessor:
         if seq.finish_reason is not None or not seq.params.stop:
             return seq.text
         hold = max(len(s) for s in seq.params.stop) - 1
-        return seq.text[: len(seq.text) - hold] if hold else seq.text
+        return seq.text[: max(0, len(seq.text) - hold)]  # (a text shorter than the hold shows nothing yet)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -59,6 +59,7 @@ class Sequence:
     text: str = ""
     text_mark: int = 0  # len(text) before the last token was appended
     finish_reason: Optional[str] = None  # stop | length | abort | error
+    stop_reason: Optional[Union[int, str]] = None  # what stopped it: the stop token's id or the stop string
     error: Optional[str] = None  # what went wrong, when finish_reason is "error"
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # prompt position -> logprob
@@ -118,6 +119,7 @@ class CompletionOutput:
     finish_reason: Optional[str]
     logprobs: Optional[list[TokenLogprob]] = None
     error: Optional[str] = None  # set when finish_reason is "error": the engine failed on this request
+    stop_reason: Optional[Union[int, str]] = None  # the stop token id or stop string that ended it (vLLM's)
 
     @property
     def output_tokens(self) -> int:

@@ -10,9 +10,10 @@ from kestrel.engine.request import Sequence, TokenLogprob
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0):
+    def __init__(self, device: torch.device, seed: int = 0, eos_token_ids: Seq[int] = ()):
         self.device = device
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.eos_token_ids = sorted(eos_token_ids)
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[Optional[TokenLogprob]]]:
@@ -30,6 +31,9 @@ class Sampler:
             apply_bitmask(logits, bitmask, constrained)
         if any(p.penalized for p in params):
             logits = self._apply_penalties(logits.clone(), seqs)
+        early = [i for i, s in enumerate(seqs) if len(s.output_ids) < s.params.min_tokens]
+        if early:
+            logits = self._forbid_ending(logits.clone(), [seqs[i] for i in early], early)
         if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)
         else:
@@ -85,6 +89,14 @@ class Sampler:
             if s.generator is not None:
                 u[i] = torch.rand(1, generator=s.generator, dtype=torch.float64)[0]
         return u.float()
+
+    def _forbid_ending(self, logits: torch.Tensor, seqs: Seq[Sequence], rows: list[int]) -> torch.Tensor:
+        """min_tokens: before a row has that many output tokens, EOS and its stop_token_ids cannot be drawn."""
+        for row, seq in zip(rows, seqs):
+            enders = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else self.eos_token_ids)
+            if enders:
+                logits[row, torch.tensor(enders, device=logits.device)] = float("-inf")
+        return logits
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:

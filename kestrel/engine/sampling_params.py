@@ -18,7 +18,8 @@ _UNSET = object()
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: prefill only (cache the prompt, score it with prompt_logprobs; sample nothing)
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end the output before this many tokens
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0 disables
@@ -33,6 +34,7 @@ class SamplingParams:
     n: int = 1
     logprobs: Optional[int] = None  # number of top alternatives per token (0 = only the sampled token's)
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # accepted for SGLang/vLLM; fast tokenizers (all Kestrel loads) ignore it
     prompt_logprobs: Optional[int] = None  # logprobs of the prompt's own tokens (top alternatives per token)
     logprob_start_len: int = 0  # prompt logprobs from this position on (e.g. where a continuation starts)
     # constrained decoding (at most one): the output matches a regex, a JSON schema (dict, JSON text or a
@@ -78,7 +80,12 @@ class SamplingParams:
         if self.repetition_penalty <= 0.0:
             raise InvalidParameter("repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY}]",
                                    self.repetition_penalty)
-        for name in ("ignore_eos", "skip_special_tokens", "json_object", "jump_forward"):
+        if self.max_tokens == 0 and self.n > 1:
+            raise InvalidParameter("n", "must be 1 when max_tokens is 0 (prefill only: nothing is sampled)", self.n)
+        if self.min_tokens > self.max_tokens:
+            raise InvalidParameter("min_tokens", f"must be at most max_tokens ({self.max_tokens})", self.min_tokens)
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "json_object",
+                     "jump_forward"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameter(name, "must be true or false", getattr(self, name))
         if not isinstance(self.stop, list) or len(self.stop) > MAX_STOP or any(
@@ -116,6 +123,11 @@ class SamplingParams:
         """Whether repetition, frequency or presence penalties change the logits."""
         return self.repetition_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
 
+    @property
+    def plain_argmax(self) -> bool:
+        """Whether the sampler's pick is the argmax of the raw logits (greedy, nothing reshapes them)."""
+        return self.greedy and not self.penalized and not self.min_tokens and self.logprobs is None
+
 
 class InvalidParameter(ValueError):
     """A request parameter with a wrong type or value; `param` names it (the API's error `param`)."""
@@ -143,7 +155,8 @@ def _is(value: Any, kind: type) -> bool:
 _OPTIONAL = {"seed", "logprobs", "prompt_logprobs"}
 # (field, int or float, lowest, highest); top_p and repetition_penalty also exclude 0 (checked after)
 _RANGES = [
-    ("max_tokens", int, 1, 2**31 - 1),
+    ("max_tokens", int, 0, 2**31 - 1),
+    ("min_tokens", int, 0, 2**31 - 1),
     ("temperature", float, 0.0, 100.0),
     ("top_p", float, 0.0, 1.0),
     ("top_k", int, -1, 2**31 - 1),
