@@ -13,13 +13,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kestrel.engine.sampling_params import SamplingParams
 from kestrel.server.middleware import Guard
 from kestrel.server.engine_process import CallFailed, EngineDead
 from kestrel.server.protocol import (AbortRequest, APIError, ChatCompletionRequest, CompletionRequest,
-                                     DetokenizeRequest, GenerateRequest, LoadLoraRequest, TokenizeRequest,
-                                     UnloadLoraRequest)
+                                     DetokenizeRequest, LoadLoraRequest, TokenizeRequest, UnloadLoraRequest)
 from kestrel.server.server import Flight, Server
+from kestrel.server.sglang_api import add_sglang_routes
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
@@ -170,7 +169,7 @@ def build_app(server: Server) -> FastAPI:
         r, = await collect(request, [flight])
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                     "logprobs": server.chat_logprobs(c.logprobs) if req.logprobs else None,
-                    "finish_reason": c.finish_reason} for i, c in enumerate(r.choices)]
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for i, c in enumerate(r.choices)]
         n_out = sum(len(c.token_ids) for c in r.choices)
         return dict(head, object="chat.completion", choices=choices,
                     usage=server.usage(r.prompt_tokens, n_out, r.cached_tokens, r.spec))
@@ -234,6 +233,7 @@ def build_app(server: Server) -> FastAPI:
             prefix = server.tokenizer.decode(ids) if req.echo else ""
             for c in r.choices:
                 choices.append({"index": len(choices), "text": prefix + c.text, "finish_reason": c.finish_reason,
+                                "stop_reason": c.stop_reason,
                                 "logprobs": server.completion_logprobs(c.logprobs) if req.logprobs is not None else None})
                 n_out += len(c.token_ids)
             n_prompt += r.prompt_tokens
@@ -272,63 +272,7 @@ def build_app(server: Server) -> FastAPI:
             flight.close()
         yield "data: [DONE]\n\n"
 
-    @app.post("/generate")
-    async def generate(req: GenerateRequest, request: Request):
-        if (req.text is None) == (req.input_ids is None):
-            raise APIError(400, "give exactly one of text or input_ids", "text")
-        lora = server.resolve_model(req.lora_path, "lora_path")
-        ids = server.prompt_ids(req.text if req.text is not None else req.input_ids,
-                                "text" if req.text is not None else "input_ids")
-        sp = dict(req.sampling_params)
-        for sglang_name, name in (("max_new_tokens", "max_tokens"), ("ebnf", "grammar")):  # SGLang's names
-            if sglang_name in sp:
-                sp[name] = sp.pop(sglang_name)
-        try:
-            params = SamplingParams(**sp)
-        except TypeError as e:
-            raise APIError(400, f"sampling_params: {e}", "sampling_params") from None
-        params.max_tokens = server.limits(len(ids), params.max_tokens, "text")
-        if req.return_logprob:
-            params.prompt_logprobs = params.logprobs = req.top_logprobs_num
-            params.logprob_start_len = req.logprob_start_len
-        server.validate(params)
-        rid, origin = f"gen-{uuid.uuid4().hex}", server.origin(req, request.headers.get("x-kestrel-client"))
-        flight = server.open(ids, params, rid, origin, lora=lora)
-        if req.stream:
-            return await started(generate_stream(flight), flight)
-        r, = await collect(request, [flight])
-
-        def pairs(lps):  # SGLang's shape: [logprob, token_id, top {token_id: logprob}]
-            return [[x.logprob, x.token_id, {str(t): v for t, v in x.top.items()}] for x in lps if x is not None]
-
-        outs = []
-        for i, c in enumerate(r.choices):
-            meta = {"id": rid, "prompt_tokens": r.prompt_tokens, "completion_tokens": len(c.token_ids),
-                    "cached_tokens": r.cached_tokens, "finish_reason": c.finish_reason,
-                    "spec_verify_ct": r.spec_by_index.get(i, (0, 0, 0))[0]}  # SGLang's: steps that verified a draft
-            if req.return_logprob:
-                meta["input_token_logprobs"] = pairs(r.prompt_logprobs or [])
-                meta["output_token_logprobs"] = pairs(c.logprobs)
-            outs.append({"text": c.text, "output_ids": c.token_ids, "meta_info": meta})
-        return outs[0] if params.n == 1 else outs
-
-    async def generate_stream(flight: Flight) -> AsyncIterator[str]:
-        """SGLang's stream shape: each event carries a completion's text so far and its meta_info."""
-        n = flight.params.n
-        texts, out_ids = [""] * n, [[] for _ in range(n)]
-        try:
-            yield ""  # primed by `started`
-            async for d in flight.deltas():
-                texts[d.index] += d.text
-                out_ids[d.index] += d.token_ids
-                meta = {"id": flight.rid, "prompt_tokens": len(flight.ids), "completion_tokens": len(out_ids[d.index]),
-                        "cached_tokens": d.cached_tokens, "finish_reason": d.finish_reason, "spec_verify_ct": d.spec[0]}
-                yield sse({"index": d.index, "text": texts[d.index], "output_ids": out_ids[d.index], "meta_info": meta})
-        except APIError as e:
-            yield sse(e.body())
-        finally:
-            flight.close()
-        yield "data: [DONE]\n\n"
+    add_sglang_routes(app, server, started, collect)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):

@@ -123,17 +123,20 @@ class CompletionRequest(SamplingFields):
 
 
 class GenerateRequest(BaseModel):
-    """SGLang-style native request."""
+    """SGLang's native /generate request: one prompt or a batch (a list of texts or of input_ids lists); the
+    other fields are one value for the batch or a list with one per prompt."""
 
     model_config = ConfigDict(extra="ignore")
 
-    text: Optional[str] = None
-    input_ids: Optional[list[int]] = None
-    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    text: Optional[Union[str, list[str]]] = None
+    input_ids: Optional[Union[list[int], list[list[int]]]] = None
+    sampling_params: Union[dict[str, Any], list[dict[str, Any]]] = Field(default_factory=dict)
     stream: bool = False
-    return_logprob: bool = False  # logprobs of the prompt from logprob_start_len on, and of the output
-    logprob_start_len: int = 0  # e.g. where a given continuation starts inside the prompt
-    top_logprobs_num: int = 0
+    return_logprob: Union[bool, list[bool]] = False  # logprobs of the output, and of the prompt from logprob_start_len
+    logprob_start_len: Union[int, list[int]] = -1  # -1: no prompt logprobs (SGLang's default)
+    top_logprobs_num: Union[int, list[int]] = 0
+    return_text_in_logprobs: bool = False  # each logprob entry's third item: the token's text (else None)
+    rid: Optional[Union[str, list[str]]] = None  # the request id (abortable by it; a batch's get -0, -1, ...)
     user: Optional[str] = None  # the client, for fair scheduling (as in the OpenAI APIs)
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     lora_path: Optional[str] = None  # SGLang's name for the LoRA adapter (its name, as loaded)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Union
 
 from kestrel.engine.sampling_params import InvalidParameter, SamplingParams
 from kestrel.model.loader import chat_template_ids
@@ -18,6 +18,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     finish_reason: Optional[str] = None
+    stop_reason: Optional[Union[int, str]] = None
 
 
 @dataclass(frozen=True)
@@ -162,16 +163,17 @@ class Server:
         except (TemplateError, ValueError) as e:
             raise APIError(400, f"the model's chat template rejected these messages: {e}", "messages") from None
 
-    def limits(self, n_prompt: int, max_tokens: Optional[int], param: str) -> int:
-        """The max_tokens to use, or a 400 when the request cannot fit the context or the KV pool."""
+    def limits(self, n_prompt: int, max_tokens: Optional[int], param: str, least: int = 1) -> int:
+        """The max_tokens to use, or a 400 when the request cannot fit the context or the KV pool. `least`: 0 where
+        a prefill-only request is allowed (SGLang's max_new_tokens 0); OpenAI's routes need a token."""
         limit = self.context_limit
         if max_tokens is None:
             max_tokens = limit - n_prompt
             if max_tokens < 1:
                 raise APIError(400, f"the prompt has {n_prompt} tokens; this model's context length is {limit}", param,
                                code="context_length_exceeded")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise APIError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}", "max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < least:
+            raise APIError(400, f"max_tokens must be an integer >= {least}, got {max_tokens!r}", "max_tokens")
         if n_prompt + max_tokens > limit:
             raise APIError(400, f"this model's maximum context length is {limit} tokens; the request has {n_prompt} "
                                 f"prompt tokens and asks for {max_tokens} more", "max_tokens",
@@ -243,6 +245,7 @@ class Server:
                 c.token_ids += d.token_ids
                 c.logprobs += d.logprobs
                 c.finish_reason = d.finish_reason or c.finish_reason
+                c.stop_reason = d.stop_reason if d.stop_reason is not None else c.stop_reason
                 result.cached_tokens = d.cached_tokens
                 if d.prompt_logprobs is not None:
                     result.prompt_logprobs = d.prompt_logprobs
