@@ -38,15 +38,26 @@ class Backend:
     def shutdown(self) -> None:
         pass
 
+    def flush_cache(self) -> None:
+        """Drop the engine's cached prefixes (refused while requests run)."""
+        raise NotImplementedError
+
+    def get_server_info(self) -> dict:
+        raise NotImplementedError
+
     # ---- shared logic -------------------------------------------------------------------
     def role_markers(self, role: str, first: bool) -> tuple[str, str]:
         """The text the chat template puts before and after a message's content (`first`: it opens
         the conversation, where templates add a BOS or a default system prompt)."""
         return _markers(self, role, first)
 
-    def select(self, text: str, choices: list[str]) -> tuple[int, list[float]]:
-        """SGLang's select: each choice's mean token log-probability given the text. The shared prefix
+    def select(self, text: str, choices: list[str], method=None) -> tuple[int, list[float]]:
+        """SGLang's select: score each choice's tokens given the text and pick by `method` (a
+        kestrel.lang.choices method; default: the highest mean token log-probability). The shared prefix
         is computed once (then held by the radix cache) and all choices are scored in one batch."""
+        from kestrel.lang.choices import token_length_normalized
+
+        method = method or token_length_normalized
         prefix = self.tokenize(text)
         candidates = [self.tokenize(text + c) for c in choices]
         starts = []
@@ -58,10 +69,14 @@ class Backend:
                 raise ValueError(f"select: {text + choices[len(starts)]!r} is a single token; with no text before "
                                  "the choice there is nothing to score it against")
             starts.append(max(1, min(n, len(cand) - 1)))
-        self.generate(prefix, {"max_tokens": 1, "temperature": 0.0})  # one pass over the shared prefix
+        self.generate(prefix, {"max_tokens": 0})  # one prefill-only pass over the shared prefix
         logprobs = self.score(candidates, starts)
-        scores = [sum(lp) / len(lp) for lp in logprobs]
-        return max(range(len(choices)), key=lambda i: scores[i]), scores
+        unconditional = None
+        if method.needs_unconditional:  # the choice's tokens alone; the first has no context: 0, as in SGLang
+            alone = [cand[start:] for cand, start in zip(candidates, starts)]
+            scored = self.score([a for a in alone if len(a) > 1], [1] * sum(len(a) > 1 for a in alone))
+            unconditional = [[0.0] + (scored.pop(0) if len(a) > 1 else []) for a in alone]
+        return method(logprobs, unconditional)
 
 
 def _failed(error: BaseException) -> RuntimeError:
@@ -96,7 +111,8 @@ class EngineBackend(Backend):
         self._lock = threading.Lock()
         self._failure: Optional[BaseException] = None
         self._ids = itertools.count()
-        self._driver = EngineDriver(engine, self._deliver, self._reject)
+        self._calls: dict[str, Future] = {}
+        self._driver = EngineDriver(engine, self._deliver, self._reject, self._respond)
         self._thread = threading.Thread(target=self._loop, daemon=True, name="kestrel-lang-engine")
         self._thread.start()
 
@@ -156,20 +172,52 @@ class EngineBackend(Backend):
         if fut is not None:
             fut.set_exception(error)
 
+    def _respond(self, call_id: str, result, error) -> None:
+        fut = self._calls.pop(call_id)
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    def _engine_call(self, method: str, **kwargs):
+        """Run an engine management method on the driver's thread, between steps."""
+        from kestrel.engine.driver import Call
+
+        fut: Future = Future()
+        call_id = f"call-{next(self._ids)}"
+        self._calls[call_id] = fut
+        self._inbox.put(Call(call_id, method, kwargs))
+        return fut.result()
+
+    def flush_cache(self) -> None:
+        self._engine_call("flush_cache")
+
+    def get_server_info(self) -> dict:
+        import dataclasses
+
+        from kestrel import __version__
+        return dict(dataclasses.asdict(self.engine.config), version=__version__, placement=self.engine.describe())
+
     def generate(self, prompt, params, on_text=None, lora=None):
         from kestrel.engine.sampling_params import SamplingParams
 
+        from kestrel.server.sglang_api import finish_reason
+
         out = self._submit(prompt, SamplingParams(**params), on_text, lora).result()
-        return {"text": out.text, "meta_info": {"prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens,
-                                                "completion_tokens": out.output_tokens,
-                                                "finish_reason": out.finish_reason,
-                                                "forced_tokens": out.forced_tokens}}
+        first = out.outputs[0]
+        meta = {"prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens,
+                "completion_tokens": out.output_tokens, "forced_tokens": out.forced_tokens,
+                "finish_reason": finish_reason(first.finish_reason, first.stop_reason, out.output_tokens)}
+        if first.logprobs is not None:  # SGLang's shape: [logprob, token_id, text]
+            text = self.engine.tokenizer.decode
+            meta["output_token_logprobs"] = [[x.logprob, x.token_id, text([x.token_id])] for x in first.logprobs]
+        return {"text": out.text, "meta_info": meta}
 
     def score(self, prompts, starts):
         from kestrel.engine.sampling_params import SamplingParams
 
-        futures = [self._submit(p, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
-                                                  logprob_start_len=s)) for p, s in zip(prompts, starts)]
+        futures = [self._submit(p, SamplingParams(max_tokens=0, prompt_logprobs=0, logprob_start_len=s))
+                   for p, s in zip(prompts, starts)]
         return [[x.logprob for x in f.result().prompt_logprobs if x is not None] for f in futures]
 
     def tokenize(self, text):
@@ -188,7 +236,10 @@ class EngineBackend(Backend):
 class RuntimeEndpoint(Backend):
     """A Kestrel server (`kestrel serve`), through /generate, /tokenize and /detokenize."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:30000", api_key: Optional[str] = None, timeout: float = 600):
+    def __init__(self, base_url: str = "http://127.0.0.1:30000", api_key: Optional[str] = None, timeout: float = 600,
+                 chat_template_name: Optional[str] = None):
+        """`chat_template_name` is accepted for SGLang programs and not needed: roles are rendered by the
+        server's own chat template (the model's)."""
         import httpx
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -211,7 +262,10 @@ class RuntimeEndpoint(Backend):
         return {"text": prompt} if isinstance(prompt, str) else {"input_ids": list(prompt)}
 
     def generate(self, prompt, params, on_text=None, lora=None):
+        params = dict(params)
         body = dict(self._body(prompt), sampling_params=params)
+        if "logprobs" in params:  # the output's logprobs, in meta_info as the server gives them
+            body.update(return_logprob=True, top_logprobs_num=params.pop("logprobs"), return_text_in_logprobs=True)
         if lora is not None:
             body["lora_path"] = lora  # SGLang's field
         if on_text is None:
@@ -235,9 +289,9 @@ class RuntimeEndpoint(Backend):
 
     def score(self, prompts, starts):
         def one(ids, start):
-            r = self._post("/generate", {"input_ids": ids, "sampling_params": {"max_tokens": 1, "temperature": 0.0},
+            r = self._post("/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 0},
                                          "return_logprob": True, "logprob_start_len": start})
-            return [lp for lp, _, _ in r["meta_info"]["input_token_logprobs"]]
+            return [lp for lp, _, _ in r["meta_info"]["input_token_logprobs"] if lp is not None]
         return list(self._pool.map(one, prompts, starts))
 
     def tokenize(self, text):
@@ -246,6 +300,17 @@ class RuntimeEndpoint(Backend):
     def render_chat(self, messages):
         ids = self._post("/tokenize", {"messages": messages, "add_generation_prompt": False})["tokens"]
         return self._post("/detokenize", {"tokens": ids})["prompt"]
+
+    def flush_cache(self):
+        self._post("/flush_cache", {})
+
+    def get_server_info(self):
+        r = self.http.get("/server_info")
+        r.raise_for_status()
+        return r.json()
+
+    def get_model_name(self) -> str:
+        return self.http.get("/get_model_info").json()["model_path"]
 
     def shutdown(self):
         self._pool.shutdown()
