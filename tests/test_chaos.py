@@ -138,7 +138,7 @@ class Chaos:
             self.fail(f"generate: {r.status_code} {r.text}")
             return
         out = r.json()
-        self.check_choice("regex", out["text"], out["meta_info"]["finish_reason"])
+        self.check_choice("regex", out["text"], out["meta_info"]["finish_reason"]["type"])  # SGLang's object
         self.counts["completed native"] += 1
 
     async def invalid(self, http: httpx.AsyncClient, rng: random.Random) -> None:

@@ -85,7 +85,7 @@ def test_abort_on_the_native_route(server):
                 if last["meta_info"]["completion_tokens"] == 3:
                     httpx.post(server.url + "/abort", json={"request_id": last["meta_info"]["id"]}, headers=AUTH)
     assert lines[-1] == "data: [DONE]"
-    assert last["meta_info"]["finish_reason"] == "abort" and last["meta_info"]["completion_tokens"] < 1500
+    assert last["meta_info"]["finish_reason"]["type"] == "abort" and last["meta_info"]["completion_tokens"] < 1500
 
 
 def test_stream_over_the_queue_limit_gets_503_before_any_body(server):

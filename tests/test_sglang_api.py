@@ -190,6 +190,8 @@ def test_native_generate_features(http, server, tokenizer):
     # SGLang parameters Kestrel lacks are refused, not ignored; OpenAI's routes keep needing a token
     bad = http.post("/generate", json={"text": "x", "sampling_params": {"stop_regex": "a+"}})
     assert bad.status_code == 400 and "stop_regex" in bad.json()["error"]["message"]
+    image = http.post("/generate", json={"text": "x", "image_data": "data:image/png;base64,AAAA"})
+    assert image.status_code == 400 and "text-only" in image.json()["error"]["message"]
     assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}).status_code == 400
     assert http.get("/get_server_info").json()["context_length"] == http.get("/server_info").json()["context_length"]
 

@@ -137,6 +137,7 @@ class GenerateRequest(BaseModel):
     top_logprobs_num: Union[int, list[int]] = 0
     return_text_in_logprobs: bool = False  # each logprob entry's third item: the token's text (else None)
     rid: Optional[Union[str, list[str]]] = None  # the request id (abortable by it; a batch's get -0, -1, ...)
+    image_data: Optional[Any] = None  # refused: Kestrel serves text models
     user: Optional[str] = None  # the client, for fair scheduling (as in the OpenAI APIs)
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     lora_path: Optional[str] = None  # SGLang's name for the LoRA adapter (its name, as loaded)

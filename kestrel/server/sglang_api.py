@@ -58,7 +58,7 @@ def finish_reason(reason: Optional[str], stop_reason, completion_tokens: int, er
         return {"type": "stop", "matched": stop_reason}
     if reason == "length":
         return {"type": "length", "length": completion_tokens}
-    return {"type": "abort", "message": error or reason}
+    return {"type": "abort", "message": error or ("aborted" if reason == "abort" else reason)}
 
 
 def add_sglang_routes(app: FastAPI, server: Server, started, collect) -> None:
@@ -93,6 +93,8 @@ def add_sglang_routes(app: FastAPI, server: Server, started, collect) -> None:
         """One job per prompt (its token ids, sampling params and logprob options), and whether it is a batch."""
         if (req.text is None) == (req.input_ids is None):
             raise APIError(400, "give exactly one of text or input_ids", "text")
+        if req.image_data is not None:
+            raise APIError(400, "image_data is not supported: Kestrel serves text-only models", "image_data")
         if req.text is not None:
             batched, prompts, field = isinstance(req.text, list), req.text, "text"
         else:
