@@ -158,7 +158,7 @@ def _to_llguidance(spec: GrammarSpec) -> str:
             raise ValueError(f"not valid JSON ({e})") from None
         if not isinstance(schema, dict):
             raise ValueError("a JSON schema must be an object")
-        return llg.LLMatcher.grammar_from_json_schema(_closed_objects(schema), overrides=JSON_OPTIONS)
+        return llg.LLMatcher.grammar_from_json_schema(closed_objects(schema), overrides=JSON_OPTIONS)
     if spec.kind == "choices":
         choices = json.loads(spec.source)
         return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
@@ -167,15 +167,15 @@ def _to_llguidance(spec: GrammarSpec) -> str:
     raise ValueError(f"unknown constraint kind {spec.kind!r}")
 
 
-def _closed_objects(schema):
+def closed_objects(schema):
     """Objects with `properties` and no `additionalProperties` get `additionalProperties: false`, as
     xgrammar's strict mode (vLLM's and SGLang's default) and OpenAI's strict schemas do: the output holds
     the schema's keys, in the schema's order, and nothing else."""
     if isinstance(schema, list):
-        return [_closed_objects(x) for x in schema]
+        return [closed_objects(x) for x in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: (_closed_objects(v) if k not in ("enum", "const", "default", "examples") else v) for k, v in schema.items()}
+    out = {k: (closed_objects(v) if k not in ("enum", "const", "default", "examples") else v) for k, v in schema.items()}
     if "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -144,7 +144,10 @@ def load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def chat_template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation rendered by the model's chat template, ready for the assistant's turn."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+def chat_template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                      tools: Optional[list[dict]] = None) -> list[int]:
+    """Token ids of a conversation rendered by the model's chat template, ready for the assistant's turn; `tools`
+    (OpenAI's tool objects) go to templates that render them."""
+    extra = {"tools": tools} if tools else {}
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, **extra)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding

@@ -19,6 +19,7 @@ from kestrel.server.protocol import (AbortRequest, APIError, ChatCompletionReque
                                      DetokenizeRequest, LoadLoraRequest, TokenizeRequest, UnloadLoraRequest)
 from kestrel.server.server import Flight, Server
 from kestrel.server.sglang_api import add_sglang_routes
+from kestrel.server.tools import ToolStream, history, parse_calls, plan_tools
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
@@ -154,34 +155,56 @@ def build_app(server: Server) -> FastAPI:
     async def chat(req: ChatCompletionRequest, request: Request):
         lora = server.resolve_model(req.model)
         origin = server.origin(req, request.headers.get("x-kestrel-client"))
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        ids = server.chat_ids(messages)
+        plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+        native = plan is not None and server.template_renders_tools
+        messages = history(req.messages, plan, server.template_renders_tools)
+        ids = server.chat_ids(messages, tools=[{"type": "function", "function": fn} for fn in plan.functions]
+                              if native else None)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
         max_tokens = server.limits(len(ids), req.max_completion_tokens or req.max_tokens, "messages")
         params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        if plan is not None:
+            if params.constrained:
+                raise APIError(400, "tools cannot be combined with response_format or guided_* (the tools' grammar "
+                                    "constrains the reply)", "tools")
+            params.grammar = plan.grammar()
         server.validate(params)
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": cid, "created": created, "model": lora or server.model_name}
         flight = server.open(ids, params, cid, origin, lora=lora)
         if req.stream:
-            return await started(chat_stream(req, flight, head), flight)
+            return await started(chat_stream(req, flight, head, plan), flight)
         r, = await collect(request, [flight])
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": server.chat_logprobs(c.logprobs) if req.logprobs else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for i, c in enumerate(r.choices)]
+        choices = []
+        for i, c in enumerate(r.choices):
+            calls = parse_calls(c.text) if plan is not None else None
+            message = {"role": "assistant", "content": None if calls else c.text}
+            if calls:
+                message["tool_calls"] = calls
+            choices.append({"index": i, "message": message,
+                            "logprobs": server.chat_logprobs(c.logprobs) if req.logprobs else None,
+                            "finish_reason": "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason,
+                            "stop_reason": c.stop_reason})
         n_out = sum(len(c.token_ids) for c in r.choices)
         return dict(head, object="chat.completion", choices=choices,
                     usage=server.usage(r.prompt_tokens, n_out, r.cached_tokens, r.spec))
 
-    def chat_stream(req, flight: Flight, head) -> AsyncIterator[str]:
+    def chat_stream(req, flight: Flight, head, plan) -> AsyncIterator[str]:
+        tools = [ToolStream() for _ in range(flight.params.n)] if plan is not None else None
+
         def render(d):
             out = []
-            if d.text or d.logprobs:
+            if tools is not None:  # text deltas once the reply is not a call; each call once complete
+                out = [{"index": d.index, "delta": delta, "finish_reason": None, "logprobs": None}
+                       for delta in tools[d.index].feed(d.text, d.finished)]
+            elif d.text or d.logprobs:
                 out.append({"index": d.index, "delta": {"content": d.text}, "finish_reason": None,
                             "logprobs": server.chat_logprobs(d.logprobs) if req.logprobs else None})
             if d.finished:
-                out.append({"index": d.index, "delta": {}, "logprobs": None, "finish_reason": d.finish_reason})
+                called = tools is not None and tools[d.index].calls > 0
+                out.append({"index": d.index, "delta": {}, "logprobs": None,
+                            "finish_reason": "tool_calls" if called and d.finish_reason == "stop" else d.finish_reason})
             return out
 
         opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}

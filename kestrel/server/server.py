@@ -152,14 +152,20 @@ class Server:
             raise APIError(400, "the prompt is empty", param)
         return ids
 
-    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    @property
+    def template_renders_tools(self) -> bool:
+        """Whether the model's chat template has a tools section (else tools go into the system message)."""
+        return "tools" in (self.tokenizer.chat_template or "")
+
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                 tools: Optional[list[dict]] = None) -> list[int]:
         from jinja2 import TemplateError
 
         if not messages:
             raise APIError(400, "messages must hold at least one message", "messages")
         self.check_text_size(sum(len(m["content"]) for m in messages), "messages")
         try:
-            return chat_template_ids(self.tokenizer, messages, add_generation_prompt)
+            return chat_template_ids(self.tokenizer, messages, add_generation_prompt, tools)
         except (TemplateError, ValueError) as e:
             raise APIError(400, f"the model's chat template rejected these messages: {e}", "messages") from None
 
