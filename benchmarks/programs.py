@@ -68,7 +68,7 @@ def tree_of_thought(s, question, branches=2):
         f += kl.assistant(f"Approach {i + 1}: ", kl.gen("plan", max_tokens=24, temperature=0.0, stop="\n"))
         f += kl.user("Is this approach sound?")
         f += kl.assistant(kl.select("verdict", choices=["yes", "no"]))
-    best = max(range(branches), key=lambda i: forks[i].get_meta_info("verdict")["normalized_logprobs"][0])
+    best = max(range(branches), key=lambda i: forks[i].get_meta_info("verdict")["normalized_prompt_logprobs"][0])
     s += kl.assistant(f"Best approach: {best + 1}. ", kl.gen("answer", max_tokens=24, temperature=0.0))
 
 

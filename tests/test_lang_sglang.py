@@ -124,14 +124,40 @@ def test_choice_methods_decide_as_documented():
     assert sgl.unconditional_likelihood_normalized(cond, prior) == (0, [0.0, -1.0])
 
 
+def test_streamed_runs_and_forks_at_the_start(backends):
+    """Reading a streamed run's state waits for the program body (it may branch on earlier results); a program
+    may fork before it has any text."""
+    @sgl.function
+    def branching(s):
+        s += "Q: " + sgl.gen("q", max_tokens=3, temperature=0)
+        if s["q"] is not None:
+            s += " A: " + sgl.gen("a", max_tokens=3, temperature=0)
+
+    @sgl.function
+    def forked_first(s):
+        forks = s.fork(2)
+        forks += lambda i: f"Topic {i}: " + sgl.gen("t", max_tokens=2, temperature=0)
+        forks.join()
+
+    for backend in backends.values():
+        state = branching.run(backend=backend, stream=True)
+        assert state["a"] is not None and state.text().endswith(state["a"])
+        assert len(forked_first.run(backend=backend)["t"]) == 2
+
+
 def test_default_backend_and_errors(backends):
+    import kestrel.lang.interpreter as interpreter
+
+    previous = interpreter._default_backend
     sgl.set_default_backend(backends["remote"])
     try:
         assert pick(method=None)["colour"] in ("green", "blue", "a shade of red")
     finally:
-        sgl.set_default_backend(backends["local"])
+        interpreter._default_backend = previous
     with pytest.raises(ValueError, match="dtype"):
         sgl.gen("x", dtype=list)
+    with pytest.raises(ValueError, match="min_tokens cannot be combined"):
+        sgl.SamplingParams(min_tokens=2, regex="a+").validate()
     with pytest.raises(ValueError, match="temperature"):
         sgl.select("x", ["a", "b"], temperature=0.7)
 

@@ -196,6 +196,30 @@ def test_native_generate_features(http, server, tokenizer):
     assert http.get("/get_server_info").json()["context_length"] == http.get("/server_info").json()["context_length"]
 
 
+def test_client_rids_batched_streams_and_abort_request(http):
+    """A client's rid names its request for /abort_request (SGLang's route) but is not the engine's id, so a
+    repeated rid cannot collide; a batch with n streams every completion with its prompt-major index."""
+    import concurrent.futures as cf
+
+    body = {"text": "x", "rid": "mine", "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}
+    with cf.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(http.post, "/generate", json=body)
+        second = pool.submit(http.post, "/generate", json=dict(body, sampling_params={"max_new_tokens": 2}))
+        assert second.result().status_code == 200 and second.result().json()["meta_info"]["id"] == "mine"
+        assert http.post("/abort_request", json={"rid": "mine"}).status_code == 200
+        done = first.result()
+    assert done.status_code == 200 and done.json()["meta_info"]["finish_reason"]["type"] == "abort"
+    events = {}
+    with http.stream("POST", "/generate", json={"text": ["a", "b"], "stream": True, "sampling_params": {
+            "max_new_tokens": 3, "n": 2, "ignore_eos": True, "temperature": 1}}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[len("data: "):])
+                events[event["index"]] = event
+    assert sorted(events) == [0, 1, 2, 3] and all(len(e["output_ids"]) == 3 for e in events.values())
+    assert [e["meta_info"]["prompt_tokens"] for e in events.values()] == [1, 1, 1, 1]
+
+
 def test_flush_cache(http):
     body = {"text": "A fairly long prompt that the radix cache keeps after the request ends.",
             "sampling_params": {"max_new_tokens": 0}}
@@ -203,4 +227,10 @@ def test_flush_cache(http):
     assert http.post("/generate", json=body).json()["meta_info"]["cached_tokens"] > 0
     r = http.post("/flush_cache")
     assert r.status_code == 200 and r.json()["success"]
+    with httpx.Client(base_url=str(http.base_url), timeout=60) as other:  # refused while a request runs
+        with other.stream("POST", "/generate", json={"text": "x", "stream": True, "sampling_params": {
+                "max_new_tokens": 1500, "ignore_eos": True}}) as running:
+            next(line for line in running.iter_lines() if line.startswith("data: {"))
+            busy = http.post("/flush_cache")
+            assert busy.status_code == 400 and not busy.json()["success"]
     assert http.post("/generate", json=body).json()["meta_info"]["cached_tokens"] == 0

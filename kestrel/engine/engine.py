@@ -350,7 +350,7 @@ class Engine:
         if prompt_logits is not None:
             self._record_prompt_logprobs(*prompt_logits)
         for seq, _ in batch.prefill:  # prefill-only requests end with their prompt computed (and cached)
-            if seq.params.max_tokens == 0 and seq.num_computed == seq.total_len and not seq.finished:
+            if seq.num_computed == seq.total_len and not seq.samples_after(seq.total_len) and not seq.finished:
                 self.output.finish(seq, "length", time.monotonic())
                 self.scheduler.finish(seq)
         for seq, token, lp in zip(seqs, tokens, logprobs):

@@ -110,7 +110,7 @@ def build(decode: list[Sequence], prefill: list[tuple[Sequence, int]], table: to
             for pos in range(max(start, seq.prompt_logprob_start - 1), min(end, len(seq.prompt_ids) - 1)):
                 prompt_at.append(first + pos - start)
                 prompt_scoring.append((seq, pos + 1))
-        if end == seq.total_len and seq.params.max_tokens:  # the chunk ends the prompt: its last logits sample
+        if seq.samples_after(end):  # its last logits give the next token
             logit_at.append(first + chunk - 1)
             sampling.append(seq)
     drafts = []

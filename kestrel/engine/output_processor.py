@@ -30,7 +30,7 @@ class OutputProcessor:
         if seq.detok is None:
             seq.detok = self._decoder(seq.prompt_ids, p.skip_special_tokens)
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            seq.stop_reason = token
+            seq.stop_reason = token if token in p.stop_token_ids else None  # EOS: None, as vLLM reports it
             self.finish(seq, "stop", now)
             return
         piece = seq.detok.step(self.backend, token)

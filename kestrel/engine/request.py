@@ -86,6 +86,11 @@ class Sequence:
     def total_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    def samples_after(self, end: int) -> bool:
+        """Whether a step that computes up to position `end` samples a token for this sequence: it reaches the
+        end of what is known, and the request wants tokens (max_tokens 0 is prefill only)."""
+        return end == self.total_len and self.params.max_tokens > 0
+
     @property
     def namespace(self) -> int:
         """Its radix-cache namespace: K/V is only shared between sequences of the same adapter."""
@@ -176,3 +181,16 @@ class RequestOutput:
     @property
     def output_tokens(self) -> int:
         return sum(len(o.token_ids) for o in self.outputs)
+
+
+def sglang_finish_reason(reason: Optional[str], stop_reason, token_ids: list[int]) -> Optional[dict]:
+    """A completion's finish_reason as SGLang's API and language report it: {"type": "stop", "matched": the stop
+    string or token (EOS included)}, {"type": "length", "length": tokens} or {"type": "abort", "message"}."""
+    if reason is None:
+        return None
+    if reason == "stop":
+        matched = stop_reason if stop_reason is not None else (token_ids[-1] if token_ids else None)
+        return {"type": "stop", "matched": matched}
+    if reason == "length":
+        return {"type": "length", "length": len(token_ids)}
+    return {"type": "abort", "message": "aborted" if reason == "abort" else reason}

@@ -82,6 +82,9 @@ class SamplingParams:
                                    self.repetition_penalty)
         if self.max_tokens == 0 and self.n > 1:
             raise InvalidParameter("n", "must be 1 when max_tokens is 0 (prefill only: nothing is sampled)", self.n)
+        if self.min_tokens and self.constrained:  # a grammar ends the output when it completes, whatever its length
+            raise InvalidParameter("min_tokens", "cannot be combined with an output constraint (regex, json_schema, "
+                                                 "grammar, choices)", self.min_tokens)
         if self.min_tokens > self.max_tokens:
             raise InvalidParameter("min_tokens", f"must be at most max_tokens ({self.max_tokens})", self.min_tokens)
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "json_object",

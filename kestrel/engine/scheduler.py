@@ -340,16 +340,17 @@ class Scheduler:
     # ---- after a step -------------------------------------------------------------------
     def advance(self, batch: ScheduledBatch) -> list[Sequence]:
         """Record the K/V computed by a finished step and charge each client for it. Returns the
-        sequences that sample a token from this step: every decode, and prefills that reached the end."""
+        sequences that sample a token from this step: every decode, and prefills that reached the end (but for
+        prefill-only requests)."""
         for seq in batch.decode:
             seq.num_computed += 1
             self._account(seq, samples=True)
         sampling = list(batch.decode)
         for seq, chunk in batch.prefill:
             seq.num_computed += chunk
-            ends = seq.num_computed == seq.total_len
-            self._account(seq, samples=ends)
-            if ends:
+            samples = seq.samples_after(seq.num_computed)
+            self._account(seq, samples=samples)
+            if samples:
                 sampling.append(seq)
         return sampling
 

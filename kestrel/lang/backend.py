@@ -69,7 +69,8 @@ class Backend:
                 raise ValueError(f"select: {text + choices[len(starts)]!r} is a single token; with no text before "
                                  "the choice there is nothing to score it against")
             starts.append(max(1, min(n, len(cand) - 1)))
-        self.generate(prefix, {"max_tokens": 0})  # one prefill-only pass over the shared prefix
+        if prefix:
+            self.generate(prefix, {"max_tokens": 0})  # one prefill-only pass over the shared prefix
         logprobs = self.score(candidates, starts)
         unconditional = None
         if method.needs_unconditional:  # the choice's tokens alone; the first has no context: 0, as in SGLang
@@ -135,7 +136,8 @@ class EngineBackend(Backend):
             with self._lock:
                 self._failure = e
                 pending, self._pending = self._pending, {}
-            for fut, _ in pending.values():
+                calls, self._calls = self._calls, {}
+            for fut in [f for f, _ in pending.values()] + list(calls.values()):
                 if not fut.done():
                     fut.set_exception(_failed(e))
 
@@ -173,7 +175,9 @@ class EngineBackend(Backend):
             fut.set_exception(error)
 
     def _respond(self, call_id: str, result, error) -> None:
-        fut = self._calls.pop(call_id)
+        fut = self._calls.pop(call_id, None)
+        if fut is None:  # failed already with the driver
+            return
         if error is not None:
             fut.set_exception(error)
         else:
@@ -184,8 +188,11 @@ class EngineBackend(Backend):
         from kestrel.engine.driver import Call
 
         fut: Future = Future()
-        call_id = f"call-{next(self._ids)}"
-        self._calls[call_id] = fut
+        with self._lock:
+            if self._failure is not None or not self._thread.is_alive():
+                raise _failed(self._failure or RuntimeError("the backend was shut down"))
+            call_id = f"call-{next(self._ids)}"
+            self._calls[call_id] = fut
         self._inbox.put(Call(call_id, method, kwargs))
         return fut.result()
 
@@ -201,13 +208,13 @@ class EngineBackend(Backend):
     def generate(self, prompt, params, on_text=None, lora=None):
         from kestrel.engine.sampling_params import SamplingParams
 
-        from kestrel.server.sglang_api import finish_reason
+        from kestrel.engine.request import sglang_finish_reason
 
         out = self._submit(prompt, SamplingParams(**params), on_text, lora).result()
         first = out.outputs[0]
         meta = {"prompt_tokens": out.prompt_tokens, "cached_tokens": out.cached_tokens,
                 "completion_tokens": out.output_tokens, "forced_tokens": out.forced_tokens,
-                "finish_reason": finish_reason(first.finish_reason, first.stop_reason, out.output_tokens)}
+                "finish_reason": sglang_finish_reason(first.finish_reason, first.stop_reason, first.token_ids)}
         if first.logprobs is not None:  # SGLang's shape: [logprob, token_id, text]
             text = self.engine.tokenizer.decode
             meta["output_token_logprobs"] = [[x.logprob, x.token_id, text([x.token_id])] for x in first.logprobs]

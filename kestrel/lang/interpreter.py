@@ -66,6 +66,8 @@ class ProgramState:
         self._pieces: Optional[list[tuple[Optional[str], str]]] = [] if stream else None
         self._done = False
         self._changed = threading.Condition()
+        self._body_thread: Optional[threading.Thread] = None  # a streamed run's program body, running
+        self._body_done = threading.Event()
 
     # ---- building -----------------------------------------------------------------------
     def __iadd__(self, expr) -> "ProgramState":
@@ -108,7 +110,7 @@ class ProgramState:
     def fork(self, n: int) -> "ForkGroup":
         """n copies of this state that continue independently (and concurrently)."""
         self.sync()
-        if n > 1:  # compute the shared prefix once, so the forks all find it in the radix cache
+        if n > 1 and self._text:  # compute the shared prefix once, so the forks all find it in the radix cache
             self._call(self._text, {"max_tokens": 0}, record=False)  # prefill only: nothing sampled
         children = [ProgramState(self.backend, _parent=self) for _ in range(n)]
         self._children += children
@@ -116,7 +118,11 @@ class ProgramState:
 
     # ---- reading ------------------------------------------------------------------------
     def sync(self) -> "ProgramState":
-        """Wait for every expression submitted so far; re-raise the first error."""
+        """Wait for every expression submitted so far (from outside a streamed run's body: for the body to
+        finish submitting first); re-raise the first error."""
+        body = self._body_thread
+        if body is not None and threading.current_thread() is not body:
+            self._body_done.wait()
         if self._last is not None:
             self._last.result()
         if self._error is not None:
@@ -223,7 +229,7 @@ class ProgramState:
         elif isinstance(expr, Select):
             best, scores = self.backend.select(self._text, expr.choices, expr.method)
             self._append(expr.choices[best], expr.name)
-            self._set(expr.name, expr.choices[best], {"normalized_logprobs": scores})
+            self._set(expr.name, expr.choices[best], {"normalized_prompt_logprobs": scores})  # SGLang's key
 
     def _gen(self, expr: Gen) -> None:
         params = {k: v for k, v in expr.sampling.items() if v is not None}
@@ -320,7 +326,8 @@ class Function:
         `state.text_iter()`)."""
         state = ProgramState(backend or get_default_backend(), stream=stream)
         if stream:
-            threading.Thread(target=self._execute, args=(state, args, kwargs), daemon=True).start()
+            state._body_thread = threading.Thread(target=self._execute, args=(state, args, kwargs), daemon=True)
+            state._body_thread.start()
             return state
         self._execute(state, args, kwargs)
         if state._error is not None:
@@ -333,6 +340,8 @@ class Function:
             self.fn(state, *args, **kwargs)
         except BaseException as e:
             state._keep_error(e)
+        finally:
+            state._body_done.set()
         try:
             state._finish()
         except BaseException as e:

@@ -317,9 +317,13 @@ def build_app(server: Server) -> FastAPI:
         return {"prompt": server.tokenizer.decode(req.tokens)}
 
     @app.post("/abort")
+    @app.post("/abort_request")  # SGLang's name
     async def abort(req: AbortRequest):
-        if not server.abort(req.request_id):
-            raise APIError(404, f"no request with id {req.request_id!r} is in flight", "request_id")
-        return {"aborted": req.request_id}
+        rid = req.request_id or req.rid
+        if not rid:
+            raise APIError(400, "give the request_id (or rid) to abort", "request_id")
+        if not server.abort(rid):
+            raise APIError(404, f"no request with id {rid!r} is in flight", "request_id")
+        return {"aborted": rid}
 
     return app

@@ -185,4 +185,5 @@ class DetokenizeRequest(BaseModel):
 
 
 class AbortRequest(BaseModel):
-    request_id: str
+    request_id: Optional[str] = None
+    rid: Optional[str] = None  # SGLang's name for it

@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from kestrel.engine.request import sglang_finish_reason
 from kestrel.engine.sampling_params import SamplingParams
 from kestrel.server.protocol import APIError, GenerateRequest
 from kestrel.server.server import Flight, Server
@@ -24,19 +25,23 @@ RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "ebnf
 # SGLang parameters Kestrel does not implement: refused when set, so a program never silently runs differently
 UNSUPPORTED = ("stop_regex", "logit_bias", "custom_params", "structural_tag", "no_stop_trim")
 MAX_BATCH = 256  # prompts in one /generate request
+DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's; an explicit null means up to the context length
 
 
-def sampling_params(raw: Any, param: str = "sampling_params") -> SamplingParams:
-    """SGLang's sampling_params dict as Kestrel's SamplingParams (None values mean "the default")."""
+def sampling_params(raw: Any, param: str = "sampling_params") -> tuple[SamplingParams, Optional[int]]:
+    """SGLang's sampling_params dict as Kestrel's SamplingParams (None values mean "the default"), and the
+    max_new_tokens asked for (None: up to the context length)."""
     if not isinstance(raw, dict):
         raise APIError(400, f"{param} must be an object", param)
-    sp = {RENAMED.get(k, k): v for k, v in raw.items() if v is not None}
+    sp = {RENAMED.get(k, k): v for k, v in raw.items()}
+    max_tokens = sp.pop("max_tokens", DEFAULT_MAX_NEW_TOKENS)
+    sp = {k: v for k, v in sp.items() if v is not None}
     for name in UNSUPPORTED:
         if sp.pop(name, False):
             raise APIError(400, f"{param}.{name} is not supported by Kestrel", f"{param}.{name}")
     sp.pop("stream_interval", None)  # every step's delta is sent as it comes
     try:
-        return SamplingParams(**sp)
+        return SamplingParams(**sp), max_tokens
     except TypeError as e:
         raise APIError(400, f"{param}: {e}", param) from None
 
@@ -48,17 +53,6 @@ def per_prompt(value, n: int, name: str) -> list:
             raise APIError(400, f"{name} has {len(value)} entries for {n} prompts", name)
         return value
     return [value] * n
-
-
-def finish_reason(reason: Optional[str], stop_reason, completion_tokens: int, error: Optional[str] = None):
-    """SGLang's finish_reason object."""
-    if reason is None:
-        return None
-    if reason == "stop":
-        return {"type": "stop", "matched": stop_reason}
-    if reason == "length":
-        return {"type": "length", "length": completion_tokens}
-    return {"type": "abort", "message": error or ("aborted" if reason == "abort" else reason)}
 
 
 def add_sglang_routes(app: FastAPI, server: Server, started, collect) -> None:
@@ -78,15 +72,16 @@ def add_sglang_routes(app: FastAPI, server: Server, started, collect) -> None:
                        output_lps: list) -> dict:
         """input_/output_token_logprobs ([logprob, token_id, text]) and, with top_logprobs_num, their tops."""
         text, start = job["text_in_logprobs"], job["start"]
+        fields = {"output_token_logprobs": [entry(r.logprob, t, text) for t, r in zip(output_ids, output_lps)]}
+        if job["top"]:
+            fields["output_top_logprobs"] = [top(r, text) for r in output_lps]
+        if prompt_lps is None and start < len(ids):  # a stream's prompt logprobs come with its last event
+            return fields
         prompt_lps = prompt_lps or [None] * len(ids)
-        fields = {
-            "input_token_logprobs": [entry(None if r is None else r.logprob, t, text)
-                                     for t, r in zip(ids[start:], prompt_lps[start:])],
-            "output_token_logprobs": [entry(r.logprob, t, text) for t, r in zip(output_ids, output_lps)],
-        }
+        fields["input_token_logprobs"] = [entry(None if r is None else r.logprob, t, text)
+                                          for t, r in zip(ids[start:], prompt_lps[start:])]
         if job["top"]:
             fields["input_top_logprobs"] = [top(r, text) for r in prompt_lps[start:]]
-            fields["output_top_logprobs"] = [top(r, text) for r in output_lps]
         return fields
 
     def jobs_of(req: GenerateRequest) -> tuple[list[dict], bool]:
@@ -111,8 +106,8 @@ def add_sglang_routes(app: FastAPI, server: Server, started, collect) -> None:
         jobs = []
         for prompt, raw, (want, start, k) in zip(prompts, raw_params, flags):
             ids = server.prompt_ids(prompt, field)
-            params = sampling_params(raw)
-            params.max_tokens = server.limits(len(ids), params.max_tokens, field, least=0)
+            params, max_tokens = sampling_params(raw)
+            params.max_tokens = server.limits(len(ids), max_tokens, field, least=0)
             if not isinstance(start, int) or isinstance(start, bool) or start < -1:
                 raise APIError(400, f"logprob_start_len must be an integer >= -1, got {start!r}", "logprob_start_len")
             if start == -1:  # SGLang's default: the output's logprobs only. A prefill-only request has no output,
@@ -133,7 +128,7 @@ def add_sglang_routes(app: FastAPI, server: Server, started, collect) -> None:
     def meta(job: dict, rid: str, choice, prompt_lps, cached: int, spec: tuple, started_at: float) -> dict:
         out = {"id": rid, "prompt_tokens": len(job["ids"]), "completion_tokens": len(choice.token_ids),
                "cached_tokens": cached,
-               "finish_reason": finish_reason(choice.finish_reason, choice.stop_reason, len(choice.token_ids)),
+               "finish_reason": sglang_finish_reason(choice.finish_reason, choice.stop_reason, choice.token_ids),
                "e2e_latency": time.monotonic() - started_at,
                "spec_verify_ct": spec[0]}  # SGLang's: decode steps that verified a lookahead draft
         if job["logprobs"]:
@@ -150,12 +145,14 @@ def add_sglang_routes(app: FastAPI, server: Server, started, collect) -> None:
             server.admit()
             raise APIError(503, "the server is over its queue limit; retry shortly", kind="service_unavailable",
                            headers={"Retry-After": "1"})
-        base = req.rid if isinstance(req.rid, str) else uuid.uuid4().hex
+        # engine ids are the server's own (a client's rid may repeat one in flight); /abort takes the client's
+        rids = per_prompt(req.rid, len(jobs), "rid") if isinstance(req.rid, list) else [req.rid] * len(jobs)
+        internal = uuid.uuid4().hex
         flights: list[Flight] = []
         try:
-            for i, job in enumerate(jobs):
-                flights.append(server.open(job["ids"], job["params"], f"{base}-{i}" if batched else base, origin,
-                                           lora=lora))
+            for i, (job, rid) in enumerate(zip(jobs, rids)):
+                flights.append(server.open(job["ids"], job["params"], f"gen-{internal}-{i}", origin,
+                                           response_id=str(rid) if rid is not None else internal, lora=lora))
         except APIError:
             for f in flights:
                 f.close()
@@ -167,7 +164,7 @@ def add_sglang_routes(app: FastAPI, server: Server, started, collect) -> None:
         for job, flight, r in zip(jobs, flights, results):
             for i, c in enumerate(r.choices):
                 outs.append({"text": c.text, "output_ids": c.token_ids,
-                             "meta_info": meta(job, flight.rid, c, r.prompt_logprobs, r.cached_tokens,
+                             "meta_info": meta(job, flight.response_id, c, r.prompt_logprobs, r.cached_tokens,
                                                r.spec_by_index.get(i, (0, 0, 0)), started_at)})
         return outs if batched or len(outs) > 1 else outs[0]
 
@@ -210,7 +207,7 @@ def add_sglang_routes(app: FastAPI, server: Server, started, collect) -> None:
                 c.token_ids += d.token_ids
                 c.logprobs += d.logprobs
                 c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
-                info = meta(jobs[k], flights[k].rid, c, d.prompt_logprobs, d.cached_tokens, d.spec, started_at)
+                info = meta(jobs[k], flights[k].response_id, c, d.prompt_logprobs, d.cached_tokens, d.spec, started_at)
                 yield sse({"index": offsets[k] + d.index, "text": c.text, "output_ids": c.token_ids,
                            "meta_info": info})
         finally:
