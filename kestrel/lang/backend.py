@@ -206,9 +206,8 @@ class EngineBackend(Backend):
         return dict(dataclasses.asdict(self.engine.config), version=__version__, placement=self.engine.describe())
 
     def generate(self, prompt, params, on_text=None, lora=None):
-        from kestrel.engine.sampling_params import SamplingParams
-
         from kestrel.engine.request import sglang_finish_reason
+        from kestrel.engine.sampling_params import SamplingParams
 
         out = self._submit(prompt, SamplingParams(**params), on_text, lora).result()
         first = out.outputs[0]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from typing import AsyncIterator
@@ -17,17 +16,14 @@ from kestrel.server.middleware import Guard
 from kestrel.server.engine_process import CallFailed, EngineDead
 from kestrel.server.protocol import (AbortRequest, APIError, ChatCompletionRequest, CompletionRequest,
                                      DetokenizeRequest, LoadLoraRequest, TokenizeRequest, UnloadLoraRequest)
-from kestrel.server.server import Flight, Server
+from kestrel.server.server import Flight, Server, sse
 from kestrel.server.sglang_api import add_sglang_routes
 from kestrel.server.tools import ToolStream, history, parse_calls, plan_tools
+from kestrel.server.tools import finish_reason as tool_finish_reason
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
 MAX_SEQUENCES = 256  # completions (prompts x n) in one request
-
-
-def sse(obj) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
 
 
 async def started(stream: AsyncIterator[str], flight: Flight) -> StreamingResponse:
@@ -184,7 +180,7 @@ def build_app(server: Server) -> FastAPI:
                 message["tool_calls"] = calls
             choices.append({"index": i, "message": message,
                             "logprobs": server.chat_logprobs(c.logprobs) if req.logprobs else None,
-                            "finish_reason": "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason,
+                            "finish_reason": tool_finish_reason(bool(calls), c.finish_reason),
                             "stop_reason": c.stop_reason})
         n_out = sum(len(c.token_ids) for c in r.choices)
         return dict(head, object="chat.completion", choices=choices,
@@ -204,7 +200,7 @@ def build_app(server: Server) -> FastAPI:
             if d.finished:
                 called = tools is not None and tools[d.index].calls > 0
                 out.append({"index": d.index, "delta": {}, "logprobs": None,
-                            "finish_reason": "tool_calls" if called and d.finish_reason == "stop" else d.finish_reason})
+                            "finish_reason": tool_finish_reason(called, d.finish_reason)})
             return out
 
         opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -234,20 +230,10 @@ def build_app(server: Server) -> FastAPI:
         if len(jobs) * req.n > MAX_SEQUENCES:
             raise APIError(400, f"prompts x n = {len(jobs) * req.n} completions; at most {MAX_SEQUENCES} per request",
                            "n")
-        if len(jobs) > server.max_inflight - server.inflight:
-            server.admit()  # 503 if the engine is down; else the queue limit cannot take them all
-            raise APIError(503, "the server is over its queue limit; retry shortly", kind="service_unavailable",
-                           headers={"Retry-After": "1"})
         created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
         head = {"id": cid, "created": created, "model": lora or server.model_name}
-        flights = []
-        try:
-            for i, (ids, p) in enumerate(jobs):
-                flights.append(server.open(ids, p, f"{cid}-{i}" if i else cid, origin, response_id=cid, lora=lora))
-        except APIError:
-            for f in flights:
-                f.close()
-            raise
+        flights = server.open_all([(ids, p, f"{cid}-{i}" if i else cid, cid) for i, (ids, p) in enumerate(jobs)],
+                                  origin, lora)
         if req.stream:
             return await started(completion_stream(req, flights[0], head), flights[0])
         results = await collect(request, flights)

@@ -1,6 +1,7 @@
 """What every route shares: validation, admission, the flight of one request through the engine, formatting."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Union
@@ -19,6 +20,19 @@ class Choice:
     logprobs: list = field(default_factory=list)
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+
+    def add(self, delta) -> None:
+        """Take in one of the engine's deltas for this completion."""
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        self.stop_reason = delta.stop_reason if delta.stop_reason is not None else self.stop_reason
+
+
+def sse(obj) -> str:
+    """One server-sent event carrying `obj` as JSON."""
+    return f"data: {json.dumps(obj)}\n\n"
 
 
 @dataclass(frozen=True)
@@ -229,6 +243,24 @@ class Server:
         self._groups.setdefault(flight.response_id, []).append(rid)
         return flight
 
+    def open_all(self, requests: list[tuple[list[int], SamplingParams, str, Optional[str]]], origin: Origin,
+                 lora: Optional[str] = None) -> list[Flight]:
+        """Open one flight per (ids, params, rid, response_id), all or none: a 503 up front if the queue limit
+        cannot take them all, and the ones opened are closed if a later one fails."""
+        if len(requests) > self.max_inflight - self.inflight:
+            self.admit()  # 503 if the engine is down; else the queue limit cannot take them all
+            raise APIError(503, "the server is over its queue limit; retry shortly", kind="service_unavailable",
+                           headers={"Retry-After": "1"})
+        flights: list[Flight] = []
+        try:
+            for ids, params, rid, response_id in requests:
+                flights.append(self.open(ids, params, rid, origin, response_id=response_id, lora=lora))
+        except APIError:
+            for f in flights:
+                f.close()
+            raise
+        return flights
+
     def untrack(self, flight: Flight) -> None:
         group = self._groups.get(flight.response_id, [])
         if flight.rid in group:
@@ -246,12 +278,7 @@ class Server:
         result = Result([Choice() for _ in range(flight.params.n)], len(flight.ids))
         try:
             async for d in flight.deltas():
-                c = result.choices[d.index]
-                c.text += d.text
-                c.token_ids += d.token_ids
-                c.logprobs += d.logprobs
-                c.finish_reason = d.finish_reason or c.finish_reason
-                c.stop_reason = d.stop_reason if d.stop_reason is not None else c.stop_reason
+                result.choices[d.index].add(d)
                 result.cached_tokens = d.cached_tokens
                 if d.prompt_logprobs is not None:
                     result.prompt_logprobs = d.prompt_logprobs

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from kestrel.engine.request import sglang_finish_reason
 from kestrel.engine.sampling_params import SamplingParams
 from kestrel.server.protocol import APIError, GenerateRequest
-from kestrel.server.server import Flight, Server
+from kestrel.server.server import Choice, Flight, Server, sse
 
 # SGLang's sampling parameter names -> Kestrel's (Kestrel's own names are accepted too)
 RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "ebnf": "grammar",
@@ -141,22 +141,12 @@ def add_sglang_routes(app: FastAPI, server: Server, started, collect) -> None:
         jobs, batched = jobs_of(req)
         lora = server.resolve_model(req.lora_path, "lora_path")
         origin = server.origin(req, request.headers.get("x-kestrel-client"))
-        if len(jobs) > server.max_inflight - server.inflight:
-            server.admit()
-            raise APIError(503, "the server is over its queue limit; retry shortly", kind="service_unavailable",
-                           headers={"Retry-After": "1"})
         # engine ids are the server's own (a client's rid may repeat one in flight); /abort takes the client's
         rids = per_prompt(req.rid, len(jobs), "rid") if isinstance(req.rid, list) else [req.rid] * len(jobs)
         internal = uuid.uuid4().hex
-        flights: list[Flight] = []
-        try:
-            for i, (job, rid) in enumerate(zip(jobs, rids)):
-                flights.append(server.open(job["ids"], job["params"], f"gen-{internal}-{i}", origin,
-                                           response_id=str(rid) if rid is not None else internal, lora=lora))
-        except APIError:
-            for f in flights:
-                f.close()
-            raise
+        flights = server.open_all([(job["ids"], job["params"], f"gen-{internal}-{i}",
+                                    str(rid) if rid is not None else internal)
+                                   for i, (job, rid) in enumerate(zip(jobs, rids))], origin, lora)
         if req.stream:
             return await started(generate_stream(jobs, flights, started_at), flights[0])
         results = await collect(request, flights)
@@ -171,9 +161,6 @@ def add_sglang_routes(app: FastAPI, server: Server, started, collect) -> None:
     async def generate_stream(jobs: list[dict], flights: list[Flight], started_at: float) -> AsyncIterator[str]:
         """SGLang's stream: each event carries one completion's text and output ids so far, its meta_info and
         its `index` (prompt-major over the batch's prompts x n); then [DONE]."""
-        from kestrel.server.api import sse
-        from kestrel.server.server import Choice
-
         offsets = [0]
         for job in jobs:
             offsets.append(offsets[-1] + job["params"].n)
@@ -203,10 +190,7 @@ def add_sglang_routes(app: FastAPI, server: Server, started, collect) -> None:
                     yield sse(d.body())
                     continue
                 c = sofar[k, d.index]
-                c.text += d.text
-                c.token_ids += d.token_ids
-                c.logprobs += d.logprobs
-                c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+                c.add(d)
                 info = meta(jobs[k], flights[k].response_id, c, d.prompt_logprobs, d.cached_tokens, d.spec, started_at)
                 yield sse({"index": offsets[k] + d.index, "text": c.text, "output_ids": c.token_ids,
                            "meta_info": info})

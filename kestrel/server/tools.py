@@ -95,6 +95,12 @@ def plan_tools(tools: Optional[list], tool_choice: Any, parallel: Optional[bool]
     return ToolPlan(functions, [functions[names.index(named)]], "required", False)
 
 
+def finish_reason(called: bool, reason: Optional[str]) -> Optional[str]:
+    """OpenAI's finish_reason for a reply: "tool_calls" when it ended on its own after calls, else the engine's
+    (a reply cut by max_tokens keeps "length")."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
 def parse_calls(text: str) -> Optional[list[dict]]:
     """The reply's complete calls in OpenAI's shape, or None if it is plain text. (A reply that max_tokens cut
     inside a further call keeps the calls before it; its finish_reason says "length".)"""
