@@ -11,6 +11,7 @@ QUANTIZATIONS = ("auto", "none", "int8", "int4")
 BATCH_WEIGHTS = ("auto", "dense", "quantized")
 KERNELS = ("auto", "cpp", "torch")
 SPECULATIVE = ("none", "lookahead")
+PAUSE_POLICIES = ("auto", "keep", "swap", "discard")
 
 
 @dataclass
@@ -77,6 +78,20 @@ class EngineConfig:
                                                                      "sizes allow (the paper's behaviour), instead "
                                                                      "of only where the measured step cost says it "
                                                                      "pays"})
+    pause_policy: str = field(default="auto", metadata={"help": "what happens to the KV of a conversation waiting on "
+                                                                 "its tool calls: keep (pinned until it returns) | "
+                                                                 "swap (copied to the swap tier; its pool slots are "
+                                                                 "ordinary cache) | discard (ordinary cache) | auto "
+                                                                 "(pinned while memory is free; when it is needed, "
+                                                                 "the conversation expected back last is swapped or "
+                                                                 "discarded, whichever costs less)"})
+    pause_timeout: float = field(default=300.0, metadata={"help": "seconds after which a paused conversation that has "
+                                                                   "not come back is released"})
+    swap_space_gb: float = field(default=4.0, metadata={"help": "GiB of the swap tier for paused conversations' KV "
+                                                               "(files on disk for a CPU pool, pinned host memory "
+                                                               "for a GPU pool); 0 turns it off"})
+    swap_dir: Optional[str] = field(default=None, metadata={"help": "where the CPU swap tier's files go (default: "
+                                                                     "the system's temporary directory)"})
     enable_lora: bool = field(default=False, metadata={"help": "accepted for vLLM's command lines: adapters are "
                                                                 "always enabled"})
 
@@ -110,6 +125,10 @@ class EngineConfig:
         for name, low in (("lookahead_window", 0), ("lookahead_ngram", 2), ("lookahead_pool", 1)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.pause_policy not in PAUSE_POLICIES:
+            raise ValueError(f"pause_policy must be one of {PAUSE_POLICIES}, got {self.pause_policy!r}")
+        if self.pause_timeout < 0 or self.swap_space_gb < 0:
+            raise ValueError("pause_timeout and swap_space_gb must be >= 0")
         self.lora_modules = parse_lora_modules(self.lora_modules)
 
     @classmethod

@@ -122,17 +122,34 @@ def test_calls_always_validate_against_random_schemas(client, schema, seed, name
     _validate(calls, [tool, TIME])
 
 
-def test_tool_results_in_the_history_reuse_the_previous_turn(client):
-    first = client.chat.completions.create(model="default", messages=ASK, tools=TOOLS, tool_choice="required",
+def test_tool_loops_resume_on_the_paused_kv(server, client):
+    """A reply with calls pauses its conversation (its KV pinned by the default auto policy); the next turn, with
+    the tool's result, finds the whole previous turn in the cache, and a third turn the second."""
+    before = {k: _metric_or_zero(server, k) for k in ("paused", "resumed")}
+    history = list(ASK)
+    previous = None
+    for turn in range(3):
+        r = client.chat.completions.create(model="default", messages=history, tools=TOOLS, tool_choice="required",
                                            max_tokens=120, temperature=0, parallel_tool_calls=False)
-    call = first.choices[0].message.tool_calls[0]
-    history = ASK + [first.choices[0].message.model_dump(exclude_none=True),
-                     {"role": "tool", "tool_call_id": call.id, "content": "18°C, cloudy"}]
-    second = client.chat.completions.create(model="default", messages=history, tools=TOOLS, max_tokens=20,
-                                            temperature=0)
-    assert second.usage.prompt_tokens > first.usage.prompt_tokens + first.usage.completion_tokens
-    # the whole first prompt is found in the cache (the call's own tokens: deliverable 3 of the issue)
-    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+        if previous is not None:
+            # all of the previous turn but the tokens that never went through a forward: the last sampled one and
+            # the call's closing `"}}\n</tool_call>`, which the grammar forced after it (jump-forward)
+            cached, whole = (r.usage.prompt_tokens_details.cached_tokens,
+                             previous.usage.prompt_tokens + previous.usage.completion_tokens)
+            assert whole - 12 <= cached <= whole
+        call = r.choices[0].message.tool_calls[0]
+        history += [r.choices[0].message.model_dump(exclude_none=True),
+                    {"role": "tool", "tool_call_id": call.id, "content": f"result {turn}"}]
+        previous = r
+    assert _metric_or_zero(server, "paused") - before["paused"] == 3
+    assert _metric_or_zero(server, "resumed") - before["resumed"] == 2
+
+
+def _metric_or_zero(server, event: str) -> float:
+    try:
+        return server.metric(f'kestrel:pause_events_total{{event="{event}"}}')
+    except KeyError:
+        return 0.0
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -8,6 +8,10 @@ an n > 1 request) and drops every node as soon as it is unlocked.
 
 Keys live in namespaces, one tree each: K/V computed under a LoRA adapter differs from the base model's
 for the same tokens, so namespace 0 is the base model and every adapter has its own (its id).
+
+Pins are locks held by paused conversations (a request waiting on a tool, see kestrel/engine/pauses.py) rather
+than by running requests: `pinned_size` counts the tokens held only by pins, which the pause policy can release
+whenever the scheduler needs memory.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ _tick = itertools.count()
 
 
 class TreeNode:
-    __slots__ = ("children", "parent", "key", "value", "lock_ref", "last_access")
+    __slots__ = ("children", "parent", "key", "value", "lock_ref", "pin_ref", "last_access")
 
     def __init__(self, parent: Optional["TreeNode"] = None):
         self.children: dict[int, TreeNode] = {}
@@ -31,7 +35,12 @@ class TreeNode:
         self.key: list[int] = []
         self.value: torch.Tensor = torch.empty(0, dtype=torch.int64)  # pool slots, one per key token
         self.lock_ref = 0
+        self.pin_ref = 0  # the locks that are pins (paused conversations)
         self.last_access = next(_tick)
+
+    @property
+    def pinned_only(self) -> bool:
+        return self.lock_ref > 0 and self.lock_ref == self.pin_ref
 
     def __lt__(self, other: "TreeNode") -> bool:  # heap order for LRU eviction
         return self.last_access < other.last_access
@@ -54,6 +63,7 @@ class RadixCache:
         self.roots: dict[int, TreeNode] = {0: self.root}
         self.evictable_size = 0  # tokens in unlocked nodes
         self.protected_size = 0  # tokens in locked nodes
+        self.pinned_size = 0  # tokens in nodes locked only by pins (releasable by the pause policy)
 
     @property
     def total_size(self) -> int:
@@ -94,7 +104,7 @@ class RadixCache:
         """Split `child` after its first n tokens; returns the new upper node."""
         upper = TreeNode(child.parent)
         upper.key, upper.value = child.key[:n], child.value[:n]
-        upper.lock_ref = child.lock_ref
+        upper.lock_ref, upper.pin_ref = child.lock_ref, child.pin_ref
         upper.last_access = child.last_access
         upper.children = {child.key[n]: child}
         child.parent.children[child.key[0]] = upper
@@ -129,21 +139,28 @@ class RadixCache:
         return pos, node
 
     # ---- locking ------------------------------------------------------------------------
-    def lock(self, node: TreeNode) -> None:
+    def lock(self, node: TreeNode, pin: bool = False) -> None:
+        """Protect the root path of `node` from eviction; `pin`: the lock of a paused conversation."""
         while node.parent is not None:
+            was_pinned = node.pinned_only
             if node.lock_ref == 0:
                 self.evictable_size -= len(node.key)
                 self.protected_size += len(node.key)
             node.lock_ref += 1
+            node.pin_ref += pin
+            self.pinned_size += len(node.key) * (node.pinned_only - was_pinned)
             node = node.parent
 
-    def unlock(self, node: TreeNode) -> None:
+    def unlock(self, node: TreeNode, pin: bool = False) -> None:
         while node.parent is not None:
+            was_pinned = node.pinned_only
             if node.lock_ref == 1:
                 self.evictable_size += len(node.key)
                 self.protected_size -= len(node.key)
             node.lock_ref -= 1
-            assert node.lock_ref >= 0, "unlock without lock"
+            node.pin_ref -= pin
+            assert node.lock_ref >= node.pin_ref >= 0, "unlock without lock"
+            self.pinned_size += len(node.key) * (node.pinned_only - was_pinned)
             node = node.parent
         if not self.enabled:
             self.evict(self.evictable_size)

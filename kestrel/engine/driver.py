@@ -34,6 +34,7 @@ class Submit:
     client: Optional[str] = None
     priority: int = 0
     lora: Optional[str] = None  # the LoRA adapter's name; None: the base model
+    pause: Optional[Callable] = None  # text -> tools it calls (Engine.add_request); module-level: it is pickled
 
 
 @dataclass
@@ -82,6 +83,7 @@ class EngineDriver:
             while True:
                 commands = self._receive(inbox)
                 touched: set[str] = set()
+                self.engine.expire_pauses()
                 self._finish_reads()
                 for sub, error in self.compiling.ready():
                     if error is not None:
@@ -151,7 +153,7 @@ class EngineDriver:
     def _add(self, sub: Submit) -> set[str]:
         try:
             self.engine.add_request(sub.prompt, sub.params, request_id=sub.request_id, client=sub.client,
-                                    priority=sub.priority, lora=sub.lora)
+                                    priority=sub.priority, lora=sub.lora, pause=sub.pause)
         except (ValueError, TypeError, LookupError) as e:
             self.reject(sub.request_id, e)
             return set()

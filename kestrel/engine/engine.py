@@ -5,12 +5,13 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence as Seq, Union
+from typing import Callable, Iterator, Optional, Sequence as Seq, Union
 
 import torch
 
 from kestrel.cache.kv_pool import KVPool, ReqToTokenTable
 from kestrel.cache.radix_cache import RadixCache
+from kestrel.cache.swap import SwapStore
 from kestrel.config import EngineConfig
 from kestrel.decoding.grammar import GrammarCompiler, GrammarSpec
 from kestrel.engine.forward_batch import ForwardBatch
@@ -36,6 +37,7 @@ log = logging.getLogger("kestrel.engine")
 LOOKAHEAD_SCRATCH_ROWS = 256  # draft tokens one step may hold (the table rows that describe what each sees)
 CALIBRATION_CONTEXT = 256
 CALIBRATION_MAX_TOKENS = 64
+PREFILL_SIZED_STEP = 64  # steps of this many tokens or more tell what recomputing a conversation costs per token
 
 
 @dataclass
@@ -114,8 +116,11 @@ class Engine:
         self.step_cost = None
         if self.lookahead_sizes is not None:
             self.step_cost = StepCost.flat() if cfg.lookahead_always else self._calibrate()
+        swap = (SwapStore(self.pool, int(cfg.swap_space_gb * 2**30), cfg.swap_dir)
+                if cfg.pause_policy in ("swap", "auto") and cfg.swap_space_gb > 0 else None)
         self.scheduler = Scheduler(cfg, self.pool, self.table, self.cache, make_policy(cfg), self.device,
-                                   adapters=self.loras, step_cost=self.step_cost)
+                                   adapters=self.loras, step_cost=self.step_cost, swap=swap)
+        self.pauses = self.scheduler.pauses
         eos = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -193,7 +198,12 @@ class Engine:
         freed. Refused (ValueError) while requests are queued or running, whose prefixes are in use."""
         if self.has_unfinished():
             raise ValueError("the cache is not flushed while requests are running or queued; retry when idle")
+        self.pauses.release_all()  # paused conversations' K/V is cache too
         return self.cache.evict(self.cache.evictable_size)
+
+    def expire_pauses(self) -> int:
+        """Release paused conversations past --pause-timeout (steps do it too; the driver calls it when idle)."""
+        return self.pauses.expire()
 
     # ---- requests -----------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -208,13 +218,15 @@ class Engine:
 
     def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None, client: Optional[str] = None, priority: int = 0,
-                    lora: Optional[str] = None) -> str:
+                    lora: Optional[str] = None, pause: Optional[Callable[[str], Optional[list[str]]]] = None) -> str:
         """Queue a request; returns its id. Raises ValueError/TypeError for invalid input, UnknownAdapter
         (a LookupError) for an adapter name this engine does not serve.
 
         `client` names who sent it (the vtc policy shares the engine fairly between clients; default:
         one anonymous client); `priority` orders requests under the priority policy, and within a
-        client under vtc (lower first); `lora` names the LoRA adapter to run with (None: the base model)."""
+        client under vtc (lower first); `lora` names the LoRA adapter to run with (None: the base model).
+        `pause(text)` says which tools a reply that stopped on its own calls (None: it calls none): its
+        conversation then pauses until a request continuing it arrives (see kestrel/engine/pauses.py)."""
         adapter = self.loras.get(lora) if lora is not None else None
         params = params or SamplingParams()
         params.validate(self.vocab_size)
@@ -254,6 +266,8 @@ class Engine:
         if self.lookahead_sizes is not None:
             for s in seqs:
                 s.lookahead = LookaheadState.for_prompt(self.lookahead_sizes, ids)
+        if pause is not None and params.n == 1:
+            seqs[0].pause = pause
         self._requests[rid] = seqs
         for s in seqs:
             self.scheduler.add(s)
@@ -338,6 +352,8 @@ class Engine:
         self.stats.forward_time += elapsed
         if self.step_cost is not None:
             self.step_cost.observe(plan.batch.num_tokens, elapsed)
+        if plan.batch.num_tokens >= PREFILL_SIZED_STEP:
+            self.pauses.observe_forward(plan.batch.num_tokens, elapsed)
         seqs = plan.sampling
         tokens, logprobs = self.sampler(logits[:len(seqs)], seqs) if seqs else ([], [])
         drafts = [(seq, logits[first:first + seq.draft.num_tokens]) for seq, first in plan.drafts]

@@ -52,6 +52,8 @@ class Sequence:
     grammar: object = None  # GrammarState when the output is constrained
     forced_tokens: int = 0  # output tokens appended by jump-forward (no forward step of their own)
     lookahead: object = None  # kestrel.engine.lookahead.LookaheadState when it decodes with lookahead
+    pause: object = None  # text -> tool names it calls, or None: its conversation pauses for them (pauses.py)
+    resumes: object = None  # the kestrel.engine.pauses.Paused conversation it continues, until admitted
     spec_steps: int = 0  # decode steps that verified a lookahead draft
     spec_tokens: int = 0  # output tokens those steps produced (accepted draft tokens + one each)
     spec_proposed: int = 0  # candidate tokens those steps verified

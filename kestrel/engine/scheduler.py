@@ -7,6 +7,7 @@ admitted sequence is retracted and later recomputed (its computed tokens stay in
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -18,9 +19,11 @@ from kestrel.config import EngineConfig
 from kestrel.engine.clients import ClientLedger, ServiceCost
 from kestrel.engine.forward_batch import StepPlan, build
 from kestrel.engine.lookahead import PLANS, StepCost, choose_plan, could_pay
+from kestrel.engine.pauses import PauseManager
 from kestrel.engine.policy import SchedulePolicy
 from kestrel.engine.request import Sequence, Status
 
+log = logging.getLogger("kestrel.scheduler")
 BASE_NEW_TOKEN_RATIO = 0.3  # share of a running sequence's remaining max_tokens reserved at admission
 NEW_TOKEN_RATIO_DECAY = 0.002  # per step, back towards the base after a retraction raised it to 1
 
@@ -61,7 +64,7 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, config: EngineConfig, pool: KVPool, table: ReqToTokenTable, cache: RadixCache,
                  policy: SchedulePolicy, device: torch.device = torch.device("cpu"), adapters=None,
-                 step_cost: StepCost | None = None):
+                 step_cost: StepCost | None = None, swap=None):
         self.config = config
         self.step_cost = step_cost  # measured forward time by step size: set when lookahead decoding is on
         self.lookahead_host_time = 0.0  # seconds the last schedule() spent planning drafts
@@ -79,6 +82,7 @@ class Scheduler:
         self.clients = ClientLedger(ServiceCost.from_config(config), config.client_idle_timeout,
                                     config.max_idle_clients)
         self.clock = time.monotonic  # when clients go idle (the simulator substitutes its own clock)
+        self.pauses = PauseManager(config.pause_policy, config.pause_timeout, cache, swap, lambda: self.clock())
 
     # ---- queue --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -88,21 +92,27 @@ class Scheduler:
         self.clients.queued(seq.client, +1)
         if seq.lora is not None:
             self.adapters.attach(seq.lora)
+        if self.pauses.enabled and seq.index == 0:
+            seq.resumes = self.pauses.claim(seq.prompt_ids, seq.namespace)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     # ---- memory helpers -----------------------------------------------------------------
     def available(self) -> int:
+        """Slots running work may have: free, cached (evictable), idle adapters', and paused conversations'."""
         idle = self.adapters.idle_pages() if self.adapters is not None else 0
-        return self.pool.num_free + self.cache.evictable_size + idle
+        return self.pool.num_free + self.cache.evictable_size + idle + self.cache.pinned_size
 
     def _ensure_free(self, n: int) -> bool:
-        """At least n free slots, evicting cached prefixes and then idle adapters (LRU) if needed."""
+        """At least n free slots, evicting cached prefixes, then idle adapters (LRU), then releasing paused
+        conversations (their pause policy decides which and how) if needed."""
         if self.pool.num_free < n:
             self.cache.evict(n - self.pool.num_free)
         while self.pool.num_free < n and self.adapters is not None and self.adapters.evict_idle():
             pass
+        while self.pool.num_free < n and self.pauses.release_one():
+            self.cache.evict(n - self.pool.num_free)
         return self.pool.num_free >= n
 
     def _page_in(self, adapter) -> bool:
@@ -133,6 +143,7 @@ class Scheduler:
         self.new_token_ratio = max(BASE_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         for client in self.clients.forget_idle(self.clock()):
             self.policy.forget(client)
+        self.pauses.expire()
         for _ in range(len(self.running)):  # the policy may make room for more important waiting work
             victim = self.policy.preempt_for(self.waiting, self.running, self._fits)
             if victim is None:
@@ -286,6 +297,8 @@ class Scheduler:
                 if adapter.error:
                     self.unservable.append(seq)
                 continue  # still being read from disk: others may go first
+            if seq.resumes is not None:  # what a paused conversation had swapped out comes back first
+                self.pauses.restore(seq.resumes, lambda n: self._ensure_free(need + used + n))
             key = seq.all_ids[:-1]
             if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt_ids) - seq.prompt_logprob_start:
                 key = key[: seq.prompt_logprob_start - 1]  # logits of those positions must be computed, not reused
@@ -323,6 +336,9 @@ class Scheduler:
                 seq.admitted_once = True
                 seq.first_admit_time = time.monotonic()
             self.table.write(seq.row, 0, prefix)
+            if seq.resumes is not None:  # it holds what it reuses: the pause ends
+                self.pauses.resumed(seq.resumes)
+                seq.resumes = None
             self.running.append(seq)
             batch.prefill.append((seq, chunk))
             used += chunk
@@ -393,14 +409,17 @@ class Scheduler:
             self.cache.unlock(seq.prefix_node)
         seq.prefix_node, seq.prefix_len = node, n
 
-    def release(self, seq: Sequence) -> None:
+    def release(self, seq: Sequence, pause_for=None) -> None:
         """Give back a sequence's row and slots; its computed tokens go to the radix cache. Slots handed
-        out for a step that never completed (it failed) hold no valid K/V: they are only freed."""
+        out for a step that never completed (it failed) hold no valid K/V: they are only freed. `pause_for`:
+        the tools the finished sequence waits on (its conversation pauses)."""
         if seq.row is None:
             return
         n = seq.num_computed
         if self.cache.enabled:
             self._move_to_cache(seq, n)
+            if pause_for:
+                self.pauses.pause(seq.all_ids[:n], len(seq.prompt_ids), seq.namespace, seq.prefix_node, pause_for)
         else:
             self.pool.free(self.table.table[seq.row, seq.prefix_len:n].cpu())
         self._free_uncomputed(seq)
@@ -430,14 +449,28 @@ class Scheduler:
         if seq.finished:
             return
         self._account(seq, samples=False)  # output tokens jump-forward appended at the very end
-        self.release(seq)
+        self.release(seq, self._tools_called(seq))
         seq.status = Status.FINISHED
         self.clients.left(seq.client, self.clock())
         if seq.lora is not None:
             self.adapters.detach(seq.lora)
 
+    def _tools_called(self, seq: Sequence):
+        """The tools a completion that stopped on its own calls (its request's `pause` hook reads its text);
+        None when it calls none or cannot pause (n > 1: which reply continues is the client's pick)."""
+        if seq.pause is None or seq.finish_reason != "stop" or seq.params.n != 1 or not self.pauses.enabled:
+            return None
+        try:
+            return seq.pause(seq.text) or None
+        except Exception:  # noqa: BLE001 - a broken hook costs the pause, not the request
+            log.exception("the pause hook of request %s failed", seq.request_id)
+            return None
+
     def abort(self, seq: Sequence) -> None:
         if seq in self.waiting:
             self.waiting.remove(seq)
             self.clients.queued(seq.client, -1)
+        if seq.resumes is not None:  # its conversation will not continue here
+            self.pauses.resumed(seq.resumes)
+            seq.resumes = None
         self.finish(seq)

@@ -18,7 +18,7 @@ from kestrel.server.protocol import (AbortRequest, APIError, ChatCompletionReque
                                      DetokenizeRequest, LoadLoraRequest, TokenizeRequest, UnloadLoraRequest)
 from kestrel.server.server import Flight, Server, sse
 from kestrel.server.sglang_api import add_sglang_routes
-from kestrel.server.tools import ToolStream, history, parse_calls, plan_tools
+from kestrel.server.tools import ToolStream, called_tools, history, parse_calls, plan_tools
 from kestrel.server.tools import finish_reason as tool_finish_reason
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -168,7 +168,7 @@ def build_app(server: Server) -> FastAPI:
         server.validate(params)
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": cid, "created": created, "model": lora or server.model_name}
-        flight = server.open(ids, params, cid, origin, lora=lora)
+        flight = server.open(ids, params, cid, origin, lora=lora, pause=called_tools if plan is not None else None)
         if req.stream:
             return await started(chat_stream(req, flight, head, plan), flight)
         r, = await collect(request, [flight])

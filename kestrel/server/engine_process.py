@@ -96,7 +96,9 @@ def engine_load(engine) -> dict:
                 kv_free=engine.pool.num_free, kv_evictable=engine.cache.evictable_size,
                 kv_cached=engine.cache.total_size, retractions=s.num_retractions,
                 clients=s.clients.take_changed(), clients_tracked=len(s.clients.usage),
-                spec_steps=engine.take_spec_histogram())
+                spec_steps=engine.take_spec_histogram(), paused=len(engine.pauses.paused),
+                paused_tokens=engine.cache.pinned_size, swap_bytes=engine.pauses.swapped_bytes,
+                pause_events=engine.pauses.stats.counts())
 
 
 class EngineDead(RuntimeError):
@@ -272,8 +274,9 @@ class EngineClient:
             _put(*target, item)
 
     def submit(self, rid: str, prompt_ids: list[int], params, client=None, priority: int = 0,
-               lora: Optional[str] = None) -> asyncio.Queue:
-        """Send a request to the engine; its deltas (or an exception) arrive on the returned queue."""
+               lora: Optional[str] = None, pause=None) -> asyncio.Queue:
+        """Send a request to the engine; its deltas (or an exception) arrive on the returned queue. `pause`:
+        Engine.add_request's hook, a module-level function (it is pickled to the engine process)."""
         from kestrel.engine.driver import Submit
 
         q: asyncio.Queue = asyncio.Queue()
@@ -281,7 +284,7 @@ class EngineClient:
             if self.state != OK:
                 raise EngineDead(self.failure or "the engine is not running")
             self._streams[rid] = (asyncio.get_running_loop(), q)
-            self._inbox.put(Submit(rid, prompt_ids, params, client, priority, lora))
+            self._inbox.put(Submit(rid, prompt_ids, params, client, priority, lora, pause))
         return q
 
     async def call(self, method: str, **kwargs):

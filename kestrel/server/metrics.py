@@ -77,6 +77,15 @@ class Metrics:
                                   ["adapter"], registry=r)
         self.lora_evictions = Counter("kestrel:lora_evictions", "Times an idle LoRA adapter was paged out of the "
                                       "KV pool to make room", ["adapter"], registry=r)
+        self.paused = Gauge("kestrel:paused_conversations", "Conversations waiting on their tool calls", registry=r)
+        self.paused_tokens = Gauge("kestrel:paused_kv_tokens", "KV slots pinned by paused conversations (released "
+                                   "when memory is needed)", registry=r)
+        self.swap_bytes = Gauge("kestrel:swap_used_bytes", "Bytes of paused conversations' KV in the swap tier",
+                                registry=r)
+        self.pause_events = Counter("kestrel:pause_events", "Paused conversations: paused, resumed, released (for "
+                                    "memory), swapped_out, expired; restored_tokens: KV tokens read back from the "
+                                    "swap tier instead of recomputed", ["event"], registry=r)
+        self._pause_seen: dict[str, int] = {}
         self.spec_tokens_per_step = Histogram(
             "kestrel:spec_decode_tokens_per_step", "Lookahead decoding: output tokens one sequence's step gave "
             "(1 + accepted draft tokens)", buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 16), registry=r)
@@ -98,6 +107,14 @@ class Metrics:
             self._retractions_seen = load["retractions"]
         for client, change in load.get("clients", {}).items():
             self.on_client(client, change)
+        self.paused.set(load.get("paused", 0))
+        self.paused_tokens.set(load.get("paused_tokens", 0))
+        self.swap_bytes.set(load.get("swap_bytes", 0))
+        for event, total in load.get("pause_events", {}).items():
+            new = total - self._pause_seen.get(event, 0)
+            if new > 0:
+                self.pause_events.labels(event=event).inc(new)
+                self._pause_seen[event] = total
         for tokens, count in load.get("spec_steps", {}).items():
             for _ in range(count):  # prometheus_client observes one value at a time
                 self.spec_tokens_per_step.observe(tokens)

@@ -58,7 +58,7 @@ class Flight:
     place in the queue limit and aborts it in the engine if it has not finished."""
 
     def __init__(self, server: "Server", rid: str, ids: list[int], params: SamplingParams, origin: Origin,
-                 lora: Optional[str] = None):
+                 lora: Optional[str] = None, pause=None):
         self.server, self.rid, self.ids, self.params, self.lora = server, rid, ids, params, lora
         self.start = time.monotonic()
         self.first: Optional[float] = None
@@ -67,7 +67,7 @@ class Flight:
         self.spec_by_index: dict[int, tuple[int, int, int]] = {}
         self._closed = False
         self.response_id = rid
-        self._queue = server.client.submit(rid, ids, params, origin.client, origin.priority, lora)
+        self._queue = server.client.submit(rid, ids, params, origin.client, origin.priority, lora, pause)
 
     @property
     def finished(self) -> bool:
@@ -229,12 +229,13 @@ class Server:
                            headers={"Retry-After": "1"})
 
     def open(self, ids: list[int], params: SamplingParams, rid: str, origin: Origin = Origin(),
-             response_id: Optional[str] = None, lora: Optional[str] = None) -> Flight:
+             response_id: Optional[str] = None, lora: Optional[str] = None, pause=None) -> Flight:
         """Admit and submit a request. `rid` is the engine's id; `response_id` the one the client sees
-        (POST /abort names it), shared by the prompts of one completions request; `lora` the adapter."""
+        (POST /abort names it), shared by the prompts of one completions request; `lora` the adapter; `pause`
+        the hook that names the tools a reply calls (Engine.add_request)."""
         self.admit()
         try:
-            flight = Flight(self, rid, ids, params, origin, lora)
+            flight = Flight(self, rid, ids, params, origin, lora, pause)
         except EngineDead as e:
             raise APIError(503, f"engine unavailable: {e}", kind="service_unavailable",
                            headers={"Retry-After": "5"}) from None

@@ -122,6 +122,13 @@ def parse_calls(text: str) -> Optional[list[dict]]:
     return calls
 
 
+def called_tools(text: str) -> Optional[list[str]]:
+    """The functions a finished reply calls (None for plain text): the engine's pause hook, which keeps the
+    conversation's KV while the tools run (kestrel/engine/pauses.py)."""
+    calls = parse_calls(text)
+    return [c["function"]["name"] for c in calls] if calls else None
+
+
 def history(messages: list, plan: Optional[ToolPlan], template_renders_tools: bool) -> list[dict]:
     """The request's messages as the chat template takes them: an assistant's tool_calls rendered as the model
     writes them, tool results as `tool` messages, and (without template support) the tools in the system message."""
