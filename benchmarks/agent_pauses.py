@@ -1,7 +1,7 @@
 """Agents under memory pressure: which pause policy serves tool-calling conversations best (APIServe / InferCept).
 
-    .venv/bin/python benchmarks/agent_pauses.py --quick     # 8 conversations at a time, 60 s per policy (~6 min)
-    .venv/bin/python benchmarks/agent_pauses.py             # 16 at a time, 150 s per policy (~12 min)
+    .venv/bin/python benchmarks/agent_pauses.py --quick     # 8 conversations at a time, 60 s per policy (~5 min)
+    .venv/bin/python benchmarks/agent_pauses.py             # 12 at a time, 150 s per policy (~11 min)
 
 Each policy gets a fresh `kestrel serve` on the embedded model with a KV pool too small for every conversation's
 context (--pool-share of what the concurrent conversations hold). A closed loop keeps --concurrency conversations
@@ -9,7 +9,7 @@ going: each opens with its own document (real English text from Python's pydoc_d
 --turns tool calls through the OpenAI API (tool_choice names the tool), waits the tool's duration, and appends the
 result, and ends with a short answer. Tools, as in the paper's augmented workloads:
   calculator ~10 ms, search ~1 s, ask_human ~10 s (each +-20%), drawn with probabilities 0.5 / 0.35 / 0.15.
-Reports per policy: completed conversations per minute, p50/p90 turn latency (request sent to reply received),
+Reports per policy: completed conversations (and turns) per minute, p50/p90 turn latency (request sent to reply received),
 the share of prompt tokens served from the cache, and the engine's pause events; ratios against the best fixed
 policy and against discard. Writes benchmarks/results/agent_pauses.json.
 """
@@ -78,6 +78,7 @@ async def closed_loop(url: str, docs: list[str], concurrency: int, duration: flo
     counter = iter(range(10**9))
 
     async def slot(i: int) -> None:
+        await asyncio.sleep(0.5 * i)  # staggered: not every document's prefill at the same instant
         while time.perf_counter() < deadline:
             n = next(counter)
             rng = random.Random(seed * 100003 + n)
@@ -119,20 +120,46 @@ def run_policy(policy: str, args, docs: list[str], pool: int, port: int) -> dict
         stop_process(proc)
     lat = sorted(stats["latency"])
     return {"policy": policy, "conversations_per_min": stats["completed"] * 60 / args.duration,
-            "completed": stats["completed"], "turns": len(lat),
+            "completed": stats["completed"], "turns": len(lat), "turns_per_min": len(lat) * 60 / args.duration,
             "turn_latency_p50_s": statistics.median(lat) if lat else None,
             "turn_latency_p90_s": lat[int(0.9 * (len(lat) - 1))] if lat else None,
             "cached_prompt_share": stats["cached"] / max(1, stats["prompt"]), "events": events}
 
 
+def recompute_vs_swap(tokens: int = 800) -> dict:
+    """What a released conversation costs to bring back, on this machine: recomputing `tokens` of context on the
+    embedded model (the engine serve uses) against saving and restoring their K/V through the swap tier."""
+    import torch
+
+    from kestrel import Engine, SamplingParams
+    from kestrel.cache.swap import SwapStore
+
+    engine = Engine()
+    ids = list(range(1000, 1000 + tokens))
+    engine.generate([ids[:64]], SamplingParams(max_tokens=1))  # warm-up
+    engine.cache.evict(engine.cache.evictable_size)
+    start = time.perf_counter()
+    engine.generate([ids], SamplingParams(max_tokens=1))
+    recompute = time.perf_counter() - start
+    store = SwapStore(engine.pool, 1 << 30)
+    slots = torch.tensor(engine.pool.alloc(tokens))
+    store.drop(store.save(slots))  # warm-up
+    start = time.perf_counter()
+    backup = store.save(slots)
+    store.load(backup, 0, slots)
+    swap = time.perf_counter() - start
+    store.drop(backup)
+    return {"tokens": tokens, "recompute_ms": recompute * 1e3, "swap_out_and_in_ms": swap * 1e3}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", default="discard,keep,swap,auto")
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=12)
     p.add_argument("--duration", type=float, default=150.0, help="seconds per policy")
-    p.add_argument("--turns", type=int, default=3, help="tool calls per conversation (then a final answer)")
-    p.add_argument("--context-tokens", type=int, default=1000, help="each conversation's document")
-    p.add_argument("--pool-share", type=float, default=0.5,
+    p.add_argument("--turns", type=int, default=4, help="tool calls per conversation (then a final answer)")
+    p.add_argument("--context-tokens", type=int, default=600, help="each conversation's document")
+    p.add_argument("--pool-share", type=float, default=0.35,
                    help="KV pool size as a share of the tokens the concurrent conversations hold")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=30187)
@@ -149,18 +176,23 @@ def main() -> None:
     for policy in args.policies.split(","):
         row = run_policy(policy, args, docs, pool, args.port)
         rows.append(row)
-        print(f"{policy:8s} {row['conversations_per_min']:6.1f} conversations/min  p50 {row['turn_latency_p50_s']:.2f} s"
+        print(f"{policy:8s} {row['conversations_per_min']:6.1f} conversations/min  {row['turns_per_min']:6.1f} turns/min  p50 {row['turn_latency_p50_s']:.2f} s"
               f"  p90 {row['turn_latency_p90_s']:.2f} s  cached {row['cached_prompt_share']:.0%}  {row['events']}",
               flush=True)
-    by = {r["policy"]: r["conversations_per_min"] for r in rows}
-    fixed = [by[k] for k in ("discard", "keep", "swap") if k in by]
     ratios = {}
-    if "auto" in by and fixed:
-        ratios["auto_vs_best_fixed"] = by["auto"] / max(max(fixed), 1e-9)
-    if "auto" in by and "discard" in by:
-        ratios["auto_vs_discard"] = by["auto"] / max(by["discard"], 1e-9)
+    for measure in ("conversations_per_min", "turns_per_min"):
+        by = {r["policy"]: r[measure] for r in rows}
+        fixed = [by[k] for k in ("discard", "keep", "swap") if k in by]
+        if "auto" in by and fixed:
+            ratios[f"auto_vs_best_fixed ({measure})"] = by["auto"] / max(max(fixed), 1e-9)
+        if "auto" in by and "discard" in by:
+            ratios[f"auto_vs_discard ({measure})"] = by["auto"] / max(by["discard"], 1e-9)
     print("ratios:", {k: round(v, 2) for k, v in ratios.items()})
-    save_results({"cpu": cpu_name(), "args": vars(args), "pool_tokens": pool, "rows": rows, "ratios": ratios},
+    costs = recompute_vs_swap()
+    print(f"bringing back {costs['tokens']} tokens of context: recompute {costs['recompute_ms']:.0f} ms, "
+          f"swap out and in {costs['swap_out_and_in_ms']:.0f} ms")
+    save_results({"cpu": cpu_name(), "args": vars(args), "pool_tokens": pool, "rows": rows, "ratios": ratios,
+                  "bring_back_costs": costs},
                  os.path.join(RESULTS, "agent_pauses.json"))
 
 

@@ -37,7 +37,7 @@ from kestrel.config import PAUSE_POLICIES as POLICIES
 PRIOR_TOOL_SECONDS = 1.0  # a tool's expected duration before any of its calls has returned
 TOOL_WINDOW = 16  # recent durations per tool whose median is its estimate
 MAX_TOOLS = 1024  # tools remembered (least recently seen forgotten first)
-MAX_PAUSED = 4096  # pause records kept; the oldest is released beyond it
+MAX_PAUSED = 1024  # pause records kept; the oldest is released beyond it
 
 
 class ToolTimes:
@@ -144,7 +144,9 @@ class PauseManager:
         best, best_len = None, -1
         for rec in self.paused:
             n = rec.prompt_len
-            if rec.claimed or rec.namespace != namespace or len(prompt_ids) <= n or prompt_ids[:n] != rec.key[:n]:
+            if (rec.claimed or rec.namespace != namespace or len(prompt_ids) <= n
+                    or any(prompt_ids[i] != rec.key[i] for i in (n - 1, n // 2, n // 4))  # cheap, rules most out
+                    or prompt_ids[:n] != rec.key[:n]):
                 continue
             while n < len(rec.key) and rec.key[n] == prompt_ids[n]:
                 n += 1
