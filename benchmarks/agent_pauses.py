@@ -1,7 +1,7 @@
 """Agents under memory pressure: which pause policy serves tool-calling conversations best (APIServe / InferCept).
 
     .venv/bin/python benchmarks/agent_pauses.py --quick     # 8 conversations at a time, 60 s per policy (~5 min)
-    .venv/bin/python benchmarks/agent_pauses.py             # 12 at a time, 150 s per policy (~11 min)
+    .venv/bin/python benchmarks/agent_pauses.py             # 24 at a time, 150 s per policy (~11 min)
 
 Each policy gets a fresh `kestrel serve` on the embedded model with a KV pool too small for every conversation's
 context (--pool-share of what the concurrent conversations hold). A closed loop keeps --concurrency conversations
@@ -54,8 +54,8 @@ async def conversation(client, doc: str, rng: random.Random, turns: int, stats: 
     messages = [{"role": "user", "content": f"Read this document, then use the tools to check it.\n\n{doc}"}]
     for turn in range(turns + 1):
         tool = draw_tool(rng) if turn < turns else None
-        kwargs = dict(tools=TOOL_SPECS, tool_choice={"type": "function", "function": {"name": tool}},
-                      max_tokens=40) if tool else dict(max_tokens=16)
+        choice = {"type": "function", "function": {"name": tool}} if tool else "none"  # the answer: text
+        kwargs = dict(tools=TOOL_SPECS, tool_choice=choice, max_tokens=40 if tool else 16)
         start = time.perf_counter()
         r = await client.chat.completions.create(model="default", messages=messages, temperature=0, **kwargs)
         stats["latency"].append(time.perf_counter() - start)
@@ -155,11 +155,11 @@ def recompute_vs_swap(tokens: int = 800) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", default="discard,keep,swap,auto")
-    p.add_argument("--concurrency", type=int, default=12)
+    p.add_argument("--concurrency", type=int, default=24)
     p.add_argument("--duration", type=float, default=150.0, help="seconds per policy")
     p.add_argument("--turns", type=int, default=4, help="tool calls per conversation (then a final answer)")
     p.add_argument("--context-tokens", type=int, default=600, help="each conversation's document")
-    p.add_argument("--pool-share", type=float, default=0.35,
+    p.add_argument("--pool-share", type=float, default=0.2,
                    help="KV pool size as a share of the tokens the concurrent conversations hold")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=30187)

@@ -145,6 +145,22 @@ def test_tool_loops_resume_on_the_paused_kv(server, client):
     assert _metric_or_zero(server, "resumed") - before["resumed"] == 2
 
 
+def test_tool_choice_none_shows_the_tools_so_the_turn_hits_the_cache(client):
+    """With tool_choice none the reply is text, but the prompt still shows the tools (as vLLM's does), so a final
+    answer after tool calls reuses the conversation's KV instead of recomputing a prompt without them."""
+    kwargs = dict(model="default", messages=ASK, tools=TOOLS, max_tokens=8, temperature=0)
+    called = client.chat.completions.create(tool_choice="required", **kwargs)
+    answer = client.chat.completions.create(tool_choice="none", **kwargs)
+    assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason != "tool_calls"
+    assert not answer.choices[0].message.content.lstrip().startswith("<tool_call>")
+    assert answer.usage.prompt_tokens == called.usage.prompt_tokens
+    assert answer.usage.prompt_tokens_details.cached_tokens == answer.usage.prompt_tokens - 1
+    # the reply is free text, so another constraint can shape it
+    shaped = client.chat.completions.create(tool_choice="none", response_format={"type": "json_object"},
+                                            **dict(kwargs, max_tokens=30))
+    assert shaped.choices[0].message.content.lstrip().startswith("{")
+
+
 def _metric_or_zero(server, event: str) -> float:
     try:
         return server.metric(f'kestrel:pause_events_total{{event="{event}"}}')

@@ -161,10 +161,13 @@ def build_app(server: Server) -> FastAPI:
         max_tokens = server.limits(len(ids), req.max_completion_tokens or req.max_tokens, "messages")
         params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         if plan is not None:
-            if params.constrained:
+            if params.constrained and plan.can_call:
                 raise APIError(400, "tools cannot be combined with response_format or guided_* (the tools' grammar "
-                                    "constrains the reply)", "tools")
-            params.grammar = plan.grammar()
+                                    "constrains the reply); with tool_choice none they can", "tools")
+            if not params.constrained:
+                params.grammar = plan.grammar()
+            if not plan.can_call:
+                plan = None  # shown in the prompt; the reply is text
         server.validate(params)
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": cid, "created": created, "model": lora or server.model_name}

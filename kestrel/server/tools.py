@@ -39,11 +39,18 @@ class ToolPlan:
 
     functions: list[dict]  # every offered function: {"name", "description", "parameters"}
     allowed: list[dict]  # the functions the output may call
-    mode: str  # "auto" (text or calls) | "required" (calls only; also a named function)
+    mode: str  # "auto" (text or calls) | "required" (calls only; also a named function) | "none" (text only)
     parallel: bool  # several calls in one reply
+
+    @property
+    def can_call(self) -> bool:
+        return self.mode != "none"
 
     def grammar(self) -> str:
         """The Lark grammar (llguidance) of the allowed outputs."""
+        text = "TEXT: /(?s:.+)/ & ~/(?s:\\s*<tool_call>.*)/"  # any reply that does not open a call
+        if self.mode == "none":
+            return "start: TEXT\n" + text
         rules = []
         for i, fn in enumerate(self.allowed):
             schema = {"x-guidance": JSON_OPTIONS, "type": "object", "additionalProperties": False,
@@ -52,7 +59,6 @@ class ToolPlan:
             rules.append(f"call_{i}: {json.dumps(OPEN)} %json {json.dumps(schema)} {json.dumps(CLOSE)}")
         calls = f"calls: call ({json.dumps(SEPARATOR)} call)*" if self.parallel else "calls: call"
         start = "start: TEXT | calls" if self.mode == "auto" else "start: calls"
-        text = "TEXT: /(?s:.+)/ & ~/(?s:\\s*<tool_call>.*)/"  # any reply that does not open a call
         return "\n".join([start, calls, "call: " + " | ".join(f"call_{i}" for i in range(len(self.allowed))),
                           *rules] + ([text] if self.mode == "auto" else []))
 
@@ -61,7 +67,8 @@ class ToolPlan:
 
 
 def plan_tools(tools: Optional[list], tool_choice: Any, parallel: Optional[bool]) -> Optional[ToolPlan]:
-    """Validate OpenAI's tools / tool_choice; None when no tool can be called (no tools, or tool_choice none)."""
+    """Validate OpenAI's tools / tool_choice; None without tools. With tool_choice none the tools are still shown (as
+    vLLM does), so the prompt repeats the other turns' and the prefix cache hits, and the reply is plain text."""
     if tool_choice is not None and not tools:
         raise APIError(400, "tool_choice needs tools", "tool_choice")
     if not tools:
@@ -83,7 +90,7 @@ def plan_tools(tools: Optional[list], tool_choice: Any, parallel: Optional[bool]
         raise APIError(400, "function names must be unique", "tools")
     choice = "auto" if tool_choice is None else tool_choice
     if choice == "none":
-        return None
+        return ToolPlan(functions, [], "none", False)
     if choice in ("auto", "required"):
         return ToolPlan(functions, functions, choice, parallel is not False)
     named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
