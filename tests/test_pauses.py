@@ -154,3 +154,12 @@ def test_tool_durations_are_learned_and_auto_releases_the_longest_wait_first(tin
     by_tool = {rec.tools[0]: rec for rec in e.pauses.paused}
     assert e.pauses.release_one()
     assert by_tool["slw"].pinned is None and by_tool["fst"].pinned is not None
+    # with requests waiting for memory, auto decides at pause by the least waste (token-seconds): a conversation
+    # whose tool is slow is swapped out at once, one whose tool returns at once stays pinned
+    e.pauses.load = lambda: (3, 5000)  # (waiting requests, tokens the running batch holds)
+    e.pauses.swap.seconds_per_byte = {"out": 1e-7, "in": 1e-7}  # a slow tier, so keeping can win
+    turn(4, "call slw")
+    turn(5, "call fst")
+    slow_rec, fast_rec = e.pauses.paused[-2:]
+    assert slow_rec.backup is not None and slow_rec.pinned is None
+    assert fast_rec.pinned is not None and fast_rec.backup is None

@@ -10,11 +10,13 @@ from the swap tier, is reused and only the new tokens are computed. Policies (`-
 - keep: pin the tokens until the conversation returns; under memory pressure the oldest pause is released first.
 - swap: copy the K/V to the slower tier at once (kestrel/cache/swap.py); the tokens stay as ordinary cache, and
   whatever of them is evicted before the return is restored from the copy instead of recomputed.
-- auto: pin at pause (holding memory costs nothing while it is free); when the scheduler needs memory, release
-  the conversation whose keeping wastes most: memory held x the time until its tools are expected to return,
-  with each tool's duration learned from the gaps observed between its calls and their results. A released
-  conversation is swapped when saving and restoring it is expected to take less time than recomputing it (the
-  cost model of InferCept: both stall the running batch), else discarded.
+- auto: InferCept's cost model, with each tool's duration learned from the gaps observed between its calls and
+  their results. At pause, with requests waiting for memory, it picks what wastes least: keeping (memory held x
+  the tools' expected duration), swapping (the running batch's memory x the time to save and restore) or
+  discarding (the running batch's and its own memory x the time to recompute); with nobody waiting it keeps
+  (holding free memory costs nothing). When the scheduler needs memory later, the kept conversation that wastes
+  most (memory x the time until it is expected back) is released first, swapped if that costs less than
+  recomputing it, else discarded.
 
 Bounds: a pause that does not return within `pause_timeout` seconds is released; pinned memory counts as
 available to the scheduler, which releases pauses (via `release_one`) before it would preempt a running request
@@ -103,7 +105,7 @@ class PauseStats:
 
 class PauseManager:
     def __init__(self, policy: str, timeout: float, cache: RadixCache, swap: Optional[SwapStore],
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, load: Callable[[], tuple[int, int]] = lambda: (0, 0)):
         if policy not in POLICIES:
             raise ValueError(f"pause policy must be one of {POLICIES}, got {policy!r}")
         self.policy = policy
@@ -111,6 +113,7 @@ class PauseManager:
         self.cache = cache
         self.swap = swap
         self.clock = clock
+        self.load = load  # () -> (requests waiting for admission, KV tokens the running batch holds)
         self.tools = ToolTimes()
         self.paused: list[Paused] = []  # in pause order
         self.stats = PauseStats()
@@ -126,10 +129,11 @@ class PauseManager:
         finishing request) and that waits on `tools`."""
         tools = tuple(tools)
         rec = Paused(list(key), prompt_len, namespace, tools, self.clock(), self.tools.estimate(tools))
-        if self.policy in ("keep", "auto"):
+        action = self.policy if self.policy != "auto" else self._choose(rec)
+        if action == "keep":
             self.cache.lock(node, pin=True)
             rec.pinned = node
-        elif self.policy == "swap":
+        elif action == "swap":
             self._swap_out(rec)
         self.paused.append(rec)
         self.stats.paused += 1
@@ -231,6 +235,18 @@ class PauseManager:
         return self.swap.used if self.swap is not None else 0
 
     # ---- internals ----------------------------------------------------------------------------
+    def _choose(self, rec: Paused) -> str:
+        """auto's choice at pause: the least waste in token-seconds of memory (InferCept, section 4)."""
+        waiting, running = self.load()
+        if not waiting:
+            return "keep"
+        c = len(rec.key)
+        waste = {"keep": rec.expected * c,
+                 "discard": c * self.prefill_seconds_per_token * (running + c)}
+        if self.swap is not None and self.swap.fits(c):
+            waste["swap"] = self.swap.seconds(c) * running
+        return min(waste, key=waste.get)
+
     def _worth_swapping(self, rec: Paused, now: float) -> bool:
         c = len(rec.key)
         return (self.swap is not None and rec.backup is None and self.swap.fits(c)

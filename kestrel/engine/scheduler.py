@@ -82,7 +82,8 @@ class Scheduler:
         self.clients = ClientLedger(ServiceCost.from_config(config), config.client_idle_timeout,
                                     config.max_idle_clients)
         self.clock = time.monotonic  # when clients go idle (the simulator substitutes its own clock)
-        self.pauses = PauseManager(config.pause_policy, config.pause_timeout, cache, swap, lambda: self.clock())
+        self.pauses = PauseManager(config.pause_policy, config.pause_timeout, cache, swap, lambda: self.clock(),
+                                   lambda: (len(self.waiting), sum(s.num_computed for s in self.running)))
 
     # ---- queue --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
