@@ -1,4 +1,4 @@
-"""`kestrel` command line: generate, serve, bench."""
+"""`kestrel` command line: generate, serve, bench, sql."""
 from __future__ import annotations
 
 import argparse
@@ -105,6 +105,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sql(args: argparse.Namespace) -> int:
+    """Run a SQL query whose llm() calls run on the engine (or --base-url), planned together; or show the plan."""
+    import duckdb
+
+    import kestrel.sql as ks
+
+    con = duckdb.connect()
+    defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.base_url:
+        ks.register(con, base_url=args.base_url, api_key=args.api_key, model=args.model_name, dedup=not args.no_dedup,
+                    order=args.order, **defaults)
+    else:
+        from kestrel.engine.engine import Engine
+        ks.register(con, engine=Engine(config=engine_config_from_args(args)), dedup=not args.no_dedup, order=args.order,
+                    **defaults)
+    if args.explain:
+        print(ks.explain(con, args.query).describe())
+        return 0
+    rel = ks.sql(con, args.query)
+    if args.format == "table":
+        rel.show(max_rows=args.max_rows)
+    else:
+        import csv
+        import json
+        rows = rel.fetchall()
+        if args.format == "csv":
+            w = csv.writer(sys.stdout)
+            w.writerow(rel.columns)
+            w.writerows(rows)
+        else:
+            for row in rows:
+                print(json.dumps(dict(zip(rel.columns, row)), default=str, ensure_ascii=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kestrel", description="Kestrel LLM serving system")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,12 +174,30 @@ def main(argv: list[str] | None = None) -> int:
     from kestrel.bench.client import add_bench_args
     bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible server under load")
     add_bench_args(bench)
+    sqlp = sub.add_parser("sql", help="run SQL (DuckDB) with llm() calls over real tables")
+    sqlp.add_argument("query", help="the query, e.g. \"SELECT llm('Summarise: {r}', Review) FROM 'reviews.parquet'\"")
+    sqlp.add_argument("--explain", action="store_true", help="show the plan (rows, distinct prompts, order, "
+                                                             "predicted prefix hit rate) without running the calls")
+    sqlp.add_argument("--base-url", default=None, help="run the calls on this OpenAI-compatible server (default: "
+                                                       "an engine in this process)")
+    sqlp.add_argument("--api-key", default=None)
+    sqlp.add_argument("--model-name", default="default", help="the model the server is asked for (with --base-url)")
+    sqlp.add_argument("--order", default="sorted", choices=["sorted", "original"],
+                      help="the order calls run in: sorted groups prompts that share a prefix")
+    sqlp.add_argument("--no-dedup", action="store_true", help="run identical prompts once per row")
+    sqlp.add_argument("--max-tokens", type=int, default=64, help="per call, unless llm_with says otherwise")
+    sqlp.add_argument("--temperature", type=float, default=0.0)
+    sqlp.add_argument("--format", default="table", choices=["table", "csv", "jsonl"])
+    sqlp.add_argument("--max-rows", type=int, default=40, help="rows shown in the table format")
+    add_engine_args(sqlp)
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "sql":
+            return cmd_sql(args)
         if args.command == "bench":
             from kestrel.bench.client import print_summary, run_bench
             summary = run_bench(args)

@@ -49,6 +49,11 @@ class EngineConfig:
                                                                          "is forgotten (per-client counters)"})
     max_idle_clients: int = field(default=4096, metadata={"help": "idle clients remembered at most; the least "
                                                                    "recently active are forgotten first"})
+    in_batch_prefix_tokens: int = field(default=32, metadata={"help": "a waiting prompt that shares at least this many "
+                                                                        "more tokens than the cache holds with a prompt "
+                                                                        "admitted in the same step waits one step and "
+                                                                        "then reuses them (SGLang's in-batch prefix "
+                                                                        "caching); batch jobs (kestrel sql) use 1"})
     disable_radix_cache: bool = field(default=False, metadata={"help": "turn off prefix reuse across requests"})
     seed: int = field(default=0, metadata={"help": "seed of the engine's sampling generator (per-request seeds override it)"})
     context_length: Optional[int] = field(default=None, metadata={"help": "override the model's context length"})
@@ -106,7 +111,7 @@ class EngineConfig:
             raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
             raise ValueError(f"dtype must be auto, bfloat16, float32 or float16, got {self.dtype!r}")
-        for name in ("max_running_requests", "chunked_prefill_size", "clip_max_new_tokens"):
+        for name in ("max_running_requests", "chunked_prefill_size", "clip_max_new_tokens", "in_batch_prefix_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.vtc_input_weight < 0 or self.vtc_output_weight < 0:

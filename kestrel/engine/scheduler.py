@@ -79,6 +79,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # admitted, in admission order
         self.new_token_ratio = BASE_NEW_TOKEN_RATIO
         self.num_retractions = 0
+        self.in_batch_prefix = config.in_batch_prefix_tokens
         self.clients = ClientLedger(ServiceCost.from_config(config), config.client_idle_timeout,
                                     config.max_idle_clients)
         self.clock = time.monotonic  # when clients go idle (the simulator substitutes its own clock)
@@ -288,6 +289,7 @@ class Scheduler:
     def _admit(self, budget: int, need: int, batch: ScheduledBatch) -> int:
         reserved = self._reserved()
         used = 0
+        admitted = _PrefixTrie()  # what this step starts computing: prompts that share it wait for the cache
         for seq in self.policy.order(self.waiting, self.cache):
             if seq.waits_for_leader:
                 continue
@@ -304,6 +306,8 @@ class Scheduler:
             if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < len(seq.prompt_ids) - seq.prompt_logprob_start:
                 key = key[: seq.prompt_logprob_start - 1]  # logits of those positions must be computed, not reused
             prefix, node = self.cache.match_prefix(key, shared=seq.index > 0, namespace=seq.namespace)
+            if self.cache.enabled and admitted.shared(key, seq.namespace) >= len(prefix) + self.in_batch_prefix:
+                continue  # a prompt admitted this step computes its prefix: next step it is a cache hit (SGLang's rule)
             self.cache.lock(node)
             pending = seq.total_len - len(prefix)
             chunk = min(pending, budget)
@@ -341,6 +345,7 @@ class Scheduler:
                 self.pauses.resumed(seq.resumes)
                 seq.resumes = None
             self.running.append(seq)
+            admitted.add(key, seq.namespace)
             batch.prefill.append((seq, chunk))
             used += chunk
             budget -= chunk
@@ -475,3 +480,28 @@ class Scheduler:
             self.pauses.resumed(seq.resumes)
             seq.resumes = None
         self.finish(seq)
+
+
+class _PrefixTrie:
+    """The prompts admitted in one step, for the longest prefix a waiting prompt shares with any of them."""
+
+    LIMIT = 4096  # tokens of each prompt looked at
+
+    def __init__(self):
+        self.roots: dict[int, dict] = {}
+
+    def add(self, key: list[int], namespace: int) -> None:
+        node = self.roots.setdefault(namespace, {})
+        for t in key[:self.LIMIT]:
+            node = node.setdefault(t, {})
+
+    def shared(self, key: list[int], namespace: int) -> int:
+        node, n = self.roots.get(namespace), 0
+        if node is None:
+            return 0
+        for t in key[:self.LIMIT]:
+            node = node.get(t)
+            if node is None:
+                break
+            n += 1
+        return n

@@ -1,0 +1,174 @@
+"""llm() in DuckDB: a vectorized (Arrow) UDF behind macros that take the template and its columns.
+
+DuckDB hands a UDF at most 2048 rows per call and has no Python table functions, so a query's rows can be planned
+together only by running it more than once. `sql(con, query)` does that: a collecting pass records every call the
+query makes (answering none), the calls are planned together (deduplicated, ordered for the prefix cache) and run,
+and the query runs again answering from the results, in its own row order. Nested calls (llm of llm, filters on an
+llm column) take one more collecting pass per level. Plain `con.sql(...)` works too: then each chunk of up to 2048
+rows is planned and run on its own.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+from kestrel.sql.plan import Call, Plan, plan_calls
+from kestrel.sql.runner import CallError, EngineRunner, OpenAIRunner, render
+
+MAX_FIELDS = 16  # columns one llm() call may take
+MAX_PASSES = 8  # collecting passes of sql(): nesting levels of llm() calls
+UDF = "_kestrel_llm"
+log = logging.getLogger("kestrel.sql")
+
+
+@dataclass
+class Session:
+    """The llm() function registered on one DuckDB connection: its runner, its results, and its plans."""
+
+    runner: object
+    dedup: bool = True
+    order: str = "sorted"
+    progress: bool = True
+    results: dict = field(default_factory=dict)  # Call -> text, or None for a failed call
+    errors: dict = field(default_factory=dict)  # Call -> why it gave NULL
+    collecting: bool = False
+    missing: dict = field(default_factory=dict)  # call -> rows a collecting pass met it in (first met first)
+    calls_run: int = 0
+    plans: list = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def answer(self, options, templates, values) -> list[Optional[str]]:
+        """One chunk of the UDF: the text of each row's call (None: NULL)."""
+        calls: list[Optional[Call]] = []
+        for o, t, v in zip(options, templates, values):
+            # SQL's rule: a NULL template or field makes the result NULL (and a call nested in a collecting pass
+            # answers NULL until its inner call has run)
+            calls.append(None if t is None or v is None or any(x is None for x in v) else Call(t, o, tuple(v)))
+        with self.lock:
+            todo = [c for c in calls if c is not None and c not in self.results]  # one per row: dedup is the plan's
+            if todo and self.collecting:
+                for c in todo:
+                    self.missing[c] = self.missing.get(c, 0) + 1
+            elif todo:
+                self.execute(todo)
+            return [None if c is None else self.results.get(c) for c in calls]
+
+    def plan(self, calls: list[Call]) -> Plan:
+        rendered = []
+        for c in calls:  # a template that does not fit its values is this call's error, not the plan's
+            try:
+                rendered.append((c, self.runner.prompt_ids(c)))
+            except ValueError as e:
+                self.results[c], self.errors[c] = None, str(e)
+        ids = dict(rendered)
+        return plan_calls([c for c, _ in rendered], ids.__getitem__, self.dedup, self.order,
+                          getattr(self.runner, "cache_tokens", None))
+
+    def execute(self, calls: list[Call]) -> Plan:
+        plan = self.plan(calls)
+        self.plans.append(plan)
+        outputs = self.runner.run(plan.run, self.progress)
+        self.calls_run += len(plan.run)
+        failed = 0
+        for call, out in zip(plan.run, outputs):
+            if isinstance(out, CallError):
+                self.results[call], self.errors[call] = None, str(out)
+                failed += 1
+            else:
+                self.results[call] = out
+        if failed:
+            first = next(iter(self.errors.values()))
+            log.warning("llm(): %d call(s) failed and gave NULL; the first: %s", failed, first)
+        return plan
+
+
+_sessions: dict[int, Session] = {}
+
+
+def register(con, engine=None, *, base_url: Optional[str] = None, api_key: Optional[str] = None,
+             model: str = "default", dedup: bool = True, order: str = "sorted", progress: bool = True,
+             **defaults) -> Session:
+    """Make `llm(template, col, ...)` and `llm_with(options_json, template, col, ...)` callable in `con`'s SQL.
+
+    Calls run on `engine` (a kestrel.Engine in this process) or on the OpenAI-compatible server at `base_url`.
+    `defaults` are generation options for every call (max_tokens, temperature, ...; greedy and 64 tokens unless
+    given); llm_with's JSON object overrides them per call and may add choices, regex or json_schema.
+    `dedup` and `order` ("sorted" or "original") switch the optimisations, for comparison."""
+    import duckdb
+    import pyarrow as pa
+
+    if (engine is None) == (base_url is None):
+        raise ValueError("give either engine= (a kestrel.Engine) or base_url= (an OpenAI-compatible server)")
+    runner = EngineRunner(engine, defaults) if engine is not None else OpenAIRunner(base_url, api_key, model, defaults)
+    session = Session(runner, dedup, order, progress)
+    plan_calls([], lambda c: [], dedup, order)  # validates order
+
+    def udf(options, templates, values):
+        out = session.answer(options.to_pylist(), templates.to_pylist(), values.to_pylist())
+        return pa.array(out, type=pa.string())
+
+    text = duckdb.sqltype("VARCHAR")
+    try:
+        con.remove_function(UDF)
+    except Exception:  # noqa: BLE001 - not registered yet (DuckDB raises its own InvalidInputException)
+        pass
+    con.create_function(UDF, udf, [text, text, duckdb.list_type(text)], text, type="arrow", null_handling="special")
+    # sql() runs the user's query from inside this package: DuckDB must look for pandas, polars and Arrow tables
+    # named in it in the caller's frames too, not only in the frame that executes it
+    con.execute("SET python_scan_all_frames = true")
+    for name, head in (("llm", "NULL"), ("llm_with", "o")):
+        lead = ["o"] if head == "o" else []
+        overloads = []
+        for n in range(MAX_FIELDS + 1):
+            params = ", ".join(lead + ["t"] + [f"a{i}" for i in range(1, n + 1)])
+            items = ", ".join(f"a{i}::VARCHAR" for i in range(1, n + 1))
+            overloads.append(f"({params}) AS {UDF}({head}, t, {'[' + items + ']' if n else '[]::VARCHAR[]'})")
+        con.execute(f"CREATE OR REPLACE TEMP MACRO {name} " + ", ".join(overloads))
+    _sessions[id(con)] = session
+    return session
+
+
+def session_of(con) -> Session:
+    s = _sessions.get(id(con))
+    if s is None:
+        raise ValueError("llm() is not registered on this connection: call kestrel.sql.register(con, ...) first")
+    return s
+
+
+def _collect(con, session: Session, query: str) -> list[Call]:
+    """Run `query` once without answering new calls (in a transaction rolled back, so statements that write
+    leave nothing); returns the calls it met that have no result yet, one per row, in the order met."""
+    session.collecting, session.missing = True, {}
+    try:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(query).fetchall()
+        finally:
+            con.execute("ROLLBACK")
+    finally:
+        session.collecting = False
+    return [c for c, rows in session.missing.items() for _ in range(rows)]
+
+
+def sql(con, query: str):
+    """Run `query` with its llm() calls planned together: returns the DuckDB relation of its result, which answers
+    every call from the results of the planned runs (and keeps the query's own row order)."""
+    session = session_of(con)
+    for _ in range(MAX_PASSES):
+        todo = _collect(con, session, query)
+        if not todo:
+            break
+        session.execute(todo)
+    return con.sql(query)
+
+
+def explain(con, query: str) -> Plan:
+    """The plan of the query's llm() calls, without running them: rows, distinct prompts, order, predicted prefix
+    hit rate. Only the first level of nested calls is known before running (their inputs are the inner results)."""
+    session = session_of(con)
+    return session.plan(_collect(con, session, query))
+
+
+__all__ = ["register", "sql", "explain", "Session", "render"]

@@ -1,0 +1,163 @@
+"""Running planned LLM calls: in this process on an Engine, or on any OpenAI-compatible server (kestrel serve
+included). Prompts are chat messages (the template filled in, as the user's turn); options are the usual
+generation ones. A call that fails gives its error instead of a text: the caller turns it into NULL."""
+from __future__ import annotations
+
+import json
+import string
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Union
+
+from kestrel.sql.plan import Call
+
+OPTIONS = ("max_tokens", "temperature", "top_p", "stop", "seed", "choices", "regex", "json_schema")
+DEFAULTS = {"max_tokens": 64, "temperature": 0.0}
+PROGRESS_FROM = 32  # calls: a progress bar from this many on
+BATCH_IN_BATCH_PREFIX = 1  # the scheduler's in_batch_prefix_tokens while a batch of calls runs
+
+
+class CallError(Exception):
+    """Why one call gave no text (its row gets NULL)."""
+
+
+def parse_options(options: Optional[str], defaults: dict) -> dict:
+    """The options of llm_with (a JSON object) over the registered defaults; ValueError says what is wrong."""
+    out = dict(defaults)
+    if options:
+        try:
+            given = json.loads(options)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"llm_with options must be a JSON object: {e}") from None
+        if not isinstance(given, dict):
+            raise ValueError("llm_with options must be a JSON object")
+        unknown = sorted(set(given) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown llm_with option(s) {unknown}; known: {list(OPTIONS)}")
+        out.update(given)
+    return out
+
+
+def fields(template: str) -> list[str]:
+    """A template's fields, {Name}, in order of first appearance ({{ and }} are literal braces)."""
+    names: list[str] = []
+    for _, name, spec, conv in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name or spec or conv:
+            raise ValueError(f"template field {{{name}}} must be a plain {{Name}}")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def render(call: Call) -> str:
+    """The call's prompt: the template with its fields filled by the row's values, in order of first appearance."""
+    names = fields(call.template)
+    if len(names) != len(call.values):
+        raise ValueError(f"the template has {len(names)} field(s) {names} but llm() got {len(call.values)} "
+                         f"value(s): give one column per field, in the order the fields first appear")
+    return call.template.format(**dict(zip(names, call.values)))
+
+
+class Usage:
+    """Prompt tokens the calls run so far had, and how many of them the prefix cache served."""
+
+    prompt_tokens = 0
+    cached_tokens = 0
+    _lock = threading.Lock()  # the OpenAI runner counts from its worker threads
+
+    def count(self, prompt: int, cached: int) -> None:
+        with self._lock:
+            self.prompt_tokens += prompt
+            self.cached_tokens += cached
+
+    @property
+    def hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+class EngineRunner(Usage):
+    """Runs calls on an in-process kestrel.Engine."""
+
+    def __init__(self, engine, defaults: Optional[dict] = None):
+        self.engine = engine
+        self.defaults = dict(DEFAULTS, **(defaults or {}))
+        self.cache_tokens = engine.pool.size
+
+    def prompt_ids(self, call: Call) -> list[int]:
+        return self.engine.apply_chat_template([{"role": "user", "content": render(call)}])
+
+    def run(self, calls: list[Call], progress: bool = True) -> list[Union[str, CallError]]:
+        from kestrel.engine.sampling_params import SamplingParams
+
+        results: list[Union[str, CallError]] = [CallError("not run")] * len(calls)
+        rids = {}
+        # a batch job wants throughput, not first-token latency: every prompt that would share tokens with one
+        # starting in the same step waits for them to be cached
+        scheduler = self.engine.scheduler
+        saved, scheduler.in_batch_prefix = scheduler.in_batch_prefix, BATCH_IN_BATCH_PREFIX
+        for i, call in enumerate(calls):  # queued in plan order: the fcfs scheduler admits them in it
+            try:
+                params = SamplingParams(**parse_options(call.options, self.defaults))
+                rids[i] = self.engine.add_request(self.prompt_ids(call), params)
+            except (ValueError, TypeError, LookupError) as e:
+                results[i] = CallError(str(e))
+        try:
+            self.engine.run_until_done(list(rids.values()), progress=progress and len(rids) >= PROGRESS_FROM,
+                                       desc="llm() calls")
+        finally:
+            scheduler.in_batch_prefix = saved
+            for i, rid in rids.items():
+                if not self.engine.is_finished(rid):
+                    self.engine.abort(rid)
+                out = self.engine.get_output(rid, pop=True)
+                results[i] = CallError(out.error) if out.finish_reason in ("error", "abort") else out.text
+                self.count(out.prompt_tokens, out.cached_tokens)
+        return results
+
+
+class OpenAIRunner(Usage):
+    """Runs calls on an OpenAI-compatible server's chat completions, `concurrency` at a time in plan order."""
+
+    def __init__(self, base_url: str, api_key: Optional[str] = None, model: str = "default",
+                 defaults: Optional[dict] = None, concurrency: int = 16, tokenizer=None):
+        import openai
+
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=2)
+        self.model = model
+        self.defaults = dict(DEFAULTS, **(defaults or {}))
+        self.concurrency = concurrency
+        self.tokenizer = tokenizer  # for planning; None: the embedded model's
+        self.cache_tokens = None
+
+    def prompt_ids(self, call: Call) -> list[int]:
+        if self.tokenizer is None:
+            from kestrel.model.loader import load_tokenizer, resolve_model_dir
+            self.tokenizer = load_tokenizer(resolve_model_dir(None))
+        from kestrel.model.loader import chat_template_ids
+        return chat_template_ids(self.tokenizer, [{"role": "user", "content": render(call)}])
+
+    def _one(self, call: Call) -> Union[str, CallError]:
+        import openai
+        try:
+            opts = parse_options(call.options, self.defaults)
+            extra = {}
+            for ours, theirs in (("choices", "guided_choice"), ("regex", "guided_regex"), ("json_schema", "guided_json")):
+                if opts.get(ours) is not None:
+                    extra[theirs] = opts.pop(ours)
+            r = self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": render(call)}],
+                                                    extra_body=extra or None, **opts)
+            details = r.usage.prompt_tokens_details
+            self.count(r.usage.prompt_tokens, details.cached_tokens if details else 0)
+            return r.choices[0].message.content or ""
+        except (ValueError, openai.APIError) as e:
+            return CallError(str(e))
+
+    def run(self, calls: list[Call], progress: bool = True) -> list[Union[str, CallError]]:
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            futures = pool.map(self._one, calls)
+            if progress and len(calls) >= PROGRESS_FROM:
+                from tqdm import tqdm
+                futures = tqdm(futures, total=len(calls), desc="llm() calls", unit="call")
+            return list(futures)

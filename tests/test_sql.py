@@ -1,0 +1,140 @@
+"""llm() inside DuckDB queries: results equal the naive one-prompt-per-row run in the original order whatever the
+plan; deduplication and ordering; the plan's predicted prefix hit rate against the measured one; NULL for a row
+whose call fails; CSV, Parquet, Arrow, pandas and polars tables; the OpenAI-server path against `kestrel serve`."""
+from __future__ import annotations
+
+import json
+
+import duckdb
+import pytest
+
+import kestrel.sql as ks
+from kestrel import Engine, SamplingParams
+from kestrel.sql.plan import Call, plan_calls, predict_hits
+from tests.server_utils import ServerProcess
+
+MAX_TOKENS = 5
+QUERY = ("SELECT i, llm('Classify this catalogue item. Category: {c}. Product: {p}.', cat, product) AS kind "
+         "FROM items ORDER BY i")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    return Engine(tiny_llama_dir, dtype="float32")
+
+
+def _items(con, n: int = 48) -> None:
+    con.execute(f"""CREATE OR REPLACE TABLE items AS SELECT i,
+        ['mug', 'pen', 'a kettle with a long name', 'tea'][i % 4 + 1] AS product,
+        ['kitchen', 'office supplies', 'garden'][i % 3 + 1] AS cat FROM range({n}) r(i)""")
+
+
+def _naive(engine, template: str, rows: list[tuple]) -> list[str]:
+    """One prompt per row, in the original order, each on its own."""
+    out = []
+    for values in rows:
+        names = ks.fields(template)
+        prompt = template.format(**dict(zip(names, values)))
+        ids = engine.apply_chat_template([{"role": "user", "content": prompt}])
+        out.append(engine.generate(ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))[0].text)
+    return out
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+@pytest.mark.parametrize("order", ["sorted", "original"])
+def test_results_equal_the_naive_run_whatever_the_plan(engine, dedup, order):
+    con = duckdb.connect()
+    _items(con)
+    rows = con.execute("SELECT cat, product FROM items ORDER BY i").fetchall()
+    want = _naive(engine, "Classify this catalogue item. Category: {c}. Product: {p}.", rows)
+    engine.flush_cache()
+    session = ks.register(con, engine=engine, max_tokens=MAX_TOKENS, dedup=dedup, order=order, progress=False)
+    got = ks.sql(con, QUERY).fetchall()
+    assert [r[0] for r in got] == list(range(48)) and [r[1] for r in got] == want
+    assert session.calls_run == (12 if dedup else 48)  # 3 categories x 4 products, or one per row
+    # plain con.sql plans each chunk DuckDB hands over: the same results
+    fresh = ks.register(con, engine=engine, max_tokens=MAX_TOKENS, dedup=dedup, order=order, progress=False)
+    assert [r[1] for r in con.sql(QUERY).fetchall()] == want and fresh.calls_run == session.calls_run
+
+
+def test_the_plan_predicts_the_measured_hit_rate(engine):
+    con = duckdb.connect()
+    _items(con, 64)
+    engine.flush_cache()
+    session = ks.register(con, engine=engine, max_tokens=MAX_TOKENS, progress=False)
+    plan = ks.explain(con, QUERY)
+    assert plan.rows == 64 and len(plan.run) == 12 and session.calls_run == 0  # explain runs nothing
+    text = plan.describe()
+    assert "distinct prompts: 12" in text and "predicted prefix hit rate" in text
+    ks.sql(con, QUERY).fetchall()
+    assert 0.3 < plan.predicted_hit_rate < 1
+    assert abs(session.runner.hit_rate - plan.predicted_hit_rate) < 0.05
+
+
+def test_planner_orders_groups_and_predicts_from_a_token_trie():
+    calls = [Call("t", None, (a, b)) for a, b in [("x", "1"), ("y", "1"), ("x", "2"), ("x", "1"), ("y", "2")]]
+    tokens = {c: [0, ord(c.values[0]), ord(c.values[1])] for c in calls}
+    plan = plan_calls(calls, tokens.__getitem__, dedup=True, order="sorted")
+    assert [c.values for c in plan.run] == [("x", "1"), ("x", "2"), ("y", "1"), ("y", "2")]
+    # hits: x2 shares [0, x]; y1 shares [0]; y2 shares [0, y] -> 2 + 1 + 2 of 12 tokens; 1 + 2 + 1 + 1 distinct
+    assert (plan.predicted_hit_tokens, plan.prompt_tokens, plan.trie_tokens) == (5, 12, 7)
+    assert predict_hits([[1, 2, 3], [1, 2, 3]]) == (2, 6, 3)  # a prompt's last token is always computed
+    kept = plan_calls(calls, tokens.__getitem__, dedup=False, order="original")
+    assert kept.run == calls
+    with pytest.raises(ValueError, match="order must be"):
+        plan_calls(calls, tokens.__getitem__, order="random")
+
+
+def test_options_nulls_and_failures(engine, caplog):
+    con = duckdb.connect()
+    _items(con, 8)
+    ks.register(con, engine=engine, max_tokens=MAX_TOKENS, progress=False)
+    options = json.dumps({"choices": ["durable", "consumable"]})
+    kinds = con.sql(f"SELECT llm_with('{options}', 'Is {{p}} durable or consumable?', product) FROM items").fetchall()
+    assert {k for (k,) in kinds} <= {"durable", "consumable"}
+    # a NULL field gives NULL (SQL's rule); a call that cannot run gives NULL and the query goes on
+    rows = con.sql("""SELECT i, llm('About {p}', CASE WHEN i = 1 THEN NULL ELSE product END) AS a,
+                             llm_with(CASE WHEN i = 2 THEN '{"max_tokens": 5000}' ELSE NULL END, 'About {p}', product) AS b
+                      FROM items ORDER BY i""").fetchall()
+    assert rows[1][1] is None and rows[2][2] is None
+    assert all(r[1] is not None for r in rows if r[0] != 1) and all(r[2] is not None for r in rows if r[0] != 2)
+    session = ks.register(con, engine=engine, max_tokens=MAX_TOKENS, progress=False)
+    assert con.sql("SELECT llm('{a} and {b}', product) FROM items LIMIT 1").fetchall() == [(None,)]
+    assert any("2 field(s)" in e for e in session.errors.values())
+    assert con.sql("SELECT llm_with('not json', 'x {p}', product) FROM items LIMIT 1").fetchall() == [(None,)]
+    assert any("must be a JSON object" in e for e in session.errors.values())
+
+
+def test_real_tables_csv_parquet_arrow_pandas_polars(engine, tmp_path):
+    import pandas as pd
+    import polars as pl
+    import pyarrow as pa
+
+    con = duckdb.connect()
+    _items(con, 6)
+    csv, parquet = tmp_path / "items.csv", tmp_path / "items.parquet"
+    con.execute(f"COPY items TO '{csv}' (HEADER)")
+    con.execute(f"COPY items TO '{parquet}' (FORMAT parquet)")
+    ks.register(con, engine=engine, max_tokens=MAX_TOKENS, progress=False)
+    want = ks.sql(con, "SELECT llm('Name {p}', product) FROM items ORDER BY i").fetchall()
+    frame = con.execute("SELECT * FROM items ORDER BY i").df()
+    arrow_items = pa.Table.from_pandas(frame)  # noqa: F841 - found by DuckDB's replacement scan
+    pandas_items = frame  # noqa: F841
+    polars_items = pl.from_pandas(frame)  # noqa: F841
+    assert isinstance(frame, pd.DataFrame)
+    for source in (f"'{csv}'", f"'{parquet}'", f"read_csv('{csv}')", "arrow_items", "pandas_items", "polars_items"):
+        assert ks.sql(con, f"SELECT llm('Name {{p}}', product) FROM {source} ORDER BY i").fetchall() == want, source
+
+
+def test_openai_server_path_gives_the_engine_results(engine, tiny_llama_dir):
+    server = ServerProcess("--model", tiny_llama_dir, "--dtype", "float32")
+    try:
+        con = duckdb.connect()
+        _items(con, 24)
+        session = ks.register(con, base_url=server.url + "/v1", max_tokens=MAX_TOKENS, progress=False)
+        got = ks.sql(con, QUERY).fetchall()
+        assert session.calls_run == 12 and session.runner.prompt_tokens > 0
+    finally:
+        assert server.stop() == 0
+    ks.register(con, engine=engine, max_tokens=MAX_TOKENS, progress=False)
+    assert ks.sql(con, QUERY).fetchall() == got
