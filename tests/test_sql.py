@@ -85,6 +85,14 @@ def test_planner_orders_groups_and_predicts_from_a_token_trie():
         plan_calls(calls, tokens.__getitem__, order="random")
 
 
+def test_planning_tokenizes_like_the_chat_template(engine):
+    from kestrel.sql.runner import user_turn_ids
+    texts = ["Classify: mug", " padded \n", "unicode: café ☕ 東京", "", "{braces} and <|im_end|>"]
+    want = [engine.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+    assert user_turn_ids(engine.tokenizer, texts) == want
+    assert user_turn_ids(engine.tokenizer, texts[1:]) == want[1:]
+
+
 def test_options_nulls_and_failures(engine, caplog):
     con = duckdb.connect()
     _items(con, 8)

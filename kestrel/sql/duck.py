@@ -56,14 +56,14 @@ class Session:
             return [None if c is None else self.results.get(c) for c in calls]
 
     def plan(self, calls: list[Call]) -> Plan:
-        rendered = []
-        for c in calls:  # a template that does not fit its values is this call's error, not the plan's
+        texts: dict[Call, str] = {}
+        for c in dict.fromkeys(calls):  # a template that does not fit its values is this call's error, not the plan's
             try:
-                rendered.append((c, self.runner.prompt_ids(c)))
+                texts[c] = render(c)
             except ValueError as e:
                 self.results[c], self.errors[c] = None, str(e)
-        ids = dict(rendered)
-        return plan_calls([c for c, _ in rendered], ids.__getitem__, self.dedup, self.order,
+        ids = dict(zip(texts, self.runner.planning_ids(list(texts.values()))))
+        return plan_calls([c for c in calls if c in ids], ids.__getitem__, self.dedup, self.order,
                           getattr(self.runner, "cache_tokens", None))
 
     def execute(self, calls: list[Call]) -> Plan:

@@ -60,6 +60,28 @@ def render(call: Call) -> str:
     return call.template.format(**dict(zip(names, call.values)))
 
 
+def user_turn_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text as the user's turn of the chat template, for planning many prompts at once: the
+    template rendered once around a marker and spliced, then one batch encode (Rust, ~50x faster than rendering
+    each). Where the splice does not give the template's own text for the first prompt (a template that changes
+    the content), each is rendered."""
+    from kestrel.model.loader import chat_template_ids
+
+    def rendered(content: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+
+    marker = "\ue000kestrel\ue000"
+    around = rendered(marker)
+    if texts and around.count(marker) == 1:
+        head, tail = around.split(marker)
+        full = [head + t + tail for t in texts]
+        probe = " \n a probe {} \n "  # whitespace at both ends: templates that trim the content fail the splice
+        if rendered(texts[0]) == full[0] and rendered(probe) == head + probe + tail:
+            return [list(ids) for ids in tokenizer(full, add_special_tokens=False)["input_ids"]]
+    return [chat_template_ids(tokenizer, [{"role": "user", "content": t}]) for t in texts]
+
+
 class Usage:
     """Prompt tokens the calls run so far had, and how many of them the prefix cache served."""
 
@@ -87,6 +109,9 @@ class EngineRunner(Usage):
 
     def prompt_ids(self, call: Call) -> list[int]:
         return self.engine.apply_chat_template([{"role": "user", "content": render(call)}])
+
+    def planning_ids(self, texts: list[str]) -> list[list[int]]:
+        return user_turn_ids(self.engine.tokenizer, texts)
 
     def run(self, calls: list[Call], progress: bool = True) -> list[Union[str, CallError]]:
         from kestrel.engine.sampling_params import SamplingParams
@@ -131,12 +156,11 @@ class OpenAIRunner(Usage):
         self.tokenizer = tokenizer  # for planning; None: the embedded model's
         self.cache_tokens = None
 
-    def prompt_ids(self, call: Call) -> list[int]:
-        if self.tokenizer is None:
+    def planning_ids(self, texts: list[str]) -> list[list[int]]:
+        if self.tokenizer is None:  # the server's own tokenizer is not at hand: the embedded model's is a fair guess
             from kestrel.model.loader import load_tokenizer, resolve_model_dir
             self.tokenizer = load_tokenizer(resolve_model_dir(None))
-        from kestrel.model.loader import chat_template_ids
-        return chat_template_ids(self.tokenizer, [{"role": "user", "content": render(call)}])
+        return user_turn_ids(self.tokenizer, texts)
 
     def _one(self, call: Call) -> Union[str, CallError]:
         import openai
