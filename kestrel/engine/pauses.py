@@ -27,7 +27,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -97,7 +97,6 @@ class PauseStats:
     swapped_out: int = 0  # backups written
     restored_tokens: int = 0  # tokens read back from backups instead of recomputed
     expired: int = 0
-    tool_seconds: dict = field(default_factory=dict)  # tool -> current estimate (for the benchmark and logs)
 
     def counts(self) -> dict[str, int]:
         return {k: v for k, v in vars(self).items() if isinstance(v, int)}
@@ -159,7 +158,6 @@ class PauseManager:
         if best is not None:
             best.claimed = True
             self.tools.observe(best.tools, self.clock() - best.since)
-            self.stats.tool_seconds = {name: statistics.median(t) for name, t in self.tools.seen.items()}
         return best
 
     def restore(self, rec: Paused, ensure_free: Callable[[int], bool]) -> int:
@@ -227,10 +225,6 @@ class PauseManager:
         self.prefill_seconds_per_token = 0.8 * self.prefill_seconds_per_token + 0.2 * seconds / num_tokens
 
     @property
-    def pinned_tokens(self) -> int:
-        return self.cache.pinned_size
-
-    @property
     def swapped_bytes(self) -> int:
         return self.swap.used if self.swap is not None else 0
 
@@ -241,17 +235,20 @@ class PauseManager:
         if not waiting:
             return "keep"
         c = len(rec.key)
-        waste = {"keep": rec.expected * c,
-                 "discard": c * self.prefill_seconds_per_token * (running + c)}
-        if self.swap is not None and self.swap.fits(c):
+        waste = {"keep": rec.expected * c, "discard": self._recompute_seconds(rec) * (running + c)}
+        if self._can_swap(rec):
             waste["swap"] = self.swap.seconds(c) * running
         return min(waste, key=waste.get)
 
     def _worth_swapping(self, rec: Paused, now: float) -> bool:
-        c = len(rec.key)
-        return (self.swap is not None and rec.backup is None and self.swap.fits(c)
-                and rec.remaining(now) < self.timeout
-                and self.swap.seconds(c) < c * self.prefill_seconds_per_token)
+        return (self._can_swap(rec) and rec.remaining(now) < self.timeout
+                and self.swap.seconds(len(rec.key)) < self._recompute_seconds(rec))
+
+    def _can_swap(self, rec: Paused) -> bool:
+        return self.swap is not None and rec.backup is None and self.swap.fits(len(rec.key))
+
+    def _recompute_seconds(self, rec: Paused) -> float:
+        return len(rec.key) * self.prefill_seconds_per_token
 
     def _swap_out(self, rec: Paused) -> None:
         if self.swap is None or rec.backup is not None:

@@ -341,9 +341,7 @@ class Scheduler:
                 seq.admitted_once = True
                 seq.first_admit_time = time.monotonic()
             self.table.write(seq.row, 0, prefix)
-            if seq.resumes is not None:  # it holds what it reuses: the pause ends
-                self.pauses.resumed(seq.resumes)
-                seq.resumes = None
+            self._end_resume(seq)  # it holds what it reuses: the pause ends
             self.running.append(seq)
             admitted.add(key, seq.namespace)
             batch.prefill.append((seq, chunk))
@@ -476,10 +474,14 @@ class Scheduler:
         if seq in self.waiting:
             self.waiting.remove(seq)
             self.clients.queued(seq.client, -1)
-        if seq.resumes is not None:  # its conversation will not continue here
+        self._end_resume(seq)  # its conversation will not continue here
+        self.finish(seq)
+
+    def _end_resume(self, seq: Sequence) -> None:
+        """The pause `seq` continues ends: it was admitted holding the KV it reuses, or it went away."""
+        if seq.resumes is not None:
             self.pauses.resumed(seq.resumes)
             seq.resumes = None
-        self.finish(seq)
 
 
 class _PrefixTrie:

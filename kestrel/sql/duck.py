@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
-from kestrel.sql.plan import Call, Plan, plan_calls
+from kestrel.sql.plan import Call, Plan, check_order, plan_calls
 from kestrel.sql.runner import CallError, EngineRunner, OpenAIRunner, render
 
 MAX_FIELDS = 16  # columns one llm() call may take
@@ -36,7 +36,6 @@ class Session:
     collecting: bool = False
     missing: dict = field(default_factory=dict)  # call -> rows a collecting pass met it in (first met first)
     calls_run: int = 0
-    plans: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answer(self, options, templates, values) -> list[Optional[str]]:
@@ -64,11 +63,10 @@ class Session:
                 self.results[c], self.errors[c] = None, str(e)
         ids = dict(zip(texts, self.runner.planning_ids(list(texts.values()))))
         return plan_calls([c for c in calls if c in ids], ids.__getitem__, self.dedup, self.order,
-                          getattr(self.runner, "cache_tokens", None))
+                          self.runner.cache_tokens)
 
     def execute(self, calls: list[Call]) -> Plan:
         plan = self.plan(calls)
-        self.plans.append(plan)
         outputs = self.runner.run(plan.run, self.progress)
         self.calls_run += len(plan.run)
         failed = 0
@@ -101,9 +99,9 @@ def register(con, engine=None, *, base_url: Optional[str] = None, api_key: Optio
 
     if (engine is None) == (base_url is None):
         raise ValueError("give either engine= (a kestrel.Engine) or base_url= (an OpenAI-compatible server)")
+    check_order(order)
     runner = EngineRunner(engine, defaults) if engine is not None else OpenAIRunner(base_url, api_key, model, defaults)
     session = Session(runner, dedup, order, progress)
-    plan_calls([], lambda c: [], dedup, order)  # validates order
 
     def udf(options, templates, values):
         out = session.answer(options.to_pylist(), templates.to_pylist(), values.to_pylist())
@@ -171,4 +169,4 @@ def explain(con, query: str) -> Plan:
     return session.plan(_collect(con, session, query))
 
 
-__all__ = ["register", "sql", "explain", "Session", "render"]
+__all__ = ["register", "sql", "explain", "Session"]

@@ -55,8 +55,7 @@ def plan_calls(calls: list[Call], render: Callable[[Call], list[int]], dedup: bo
                cache_tokens: Optional[int] = None) -> Plan:
     """Plan `calls` (one per row, in the query's order). `render(call)` gives a call's prompt tokens; `cache_tokens`
     is the KV pool's size, to say when the prediction assumes more than it holds."""
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    check_order(order)
     start = time.perf_counter()
     run = list(dict.fromkeys(calls)) if dedup else list(calls)
     if order == "sorted":
@@ -69,6 +68,11 @@ def plan_calls(calls: list[Call], render: Callable[[Call], list[int]], dedup: bo
                           f"a prompt's prefix is still cached when the prompt runs, which holds best in sorted order")
     plan.seconds = time.perf_counter() - start
     return plan
+
+
+def check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
 
 
 def _sort_key(call: Call):

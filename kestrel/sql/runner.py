@@ -3,6 +3,7 @@ included). Prompts are chat messages (the template filled in, as the user's turn
 generation ones. A call that fails gives its error instead of a text: the caller turns it into NULL."""
 from __future__ import annotations
 
+import functools
 import json
 import string
 import threading
@@ -38,7 +39,8 @@ def parse_options(options: Optional[str], defaults: dict) -> dict:
     return out
 
 
-def fields(template: str) -> list[str]:
+@functools.lru_cache(maxsize=256)  # a query's rows share a few templates: parse each once
+def fields(template: str) -> tuple[str, ...]:
     """A template's fields, {Name}, in order of first appearance ({{ and }} are literal braces)."""
     names: list[str] = []
     for _, name, spec, conv in string.Formatter().parse(template):
@@ -48,14 +50,14 @@ def fields(template: str) -> list[str]:
             raise ValueError(f"template field {{{name}}} must be a plain {{Name}}")
         if name not in names:
             names.append(name)
-    return names
+    return tuple(names)
 
 
 def render(call: Call) -> str:
     """The call's prompt: the template with its fields filled by the row's values, in order of first appearance."""
     names = fields(call.template)
     if len(names) != len(call.values):
-        raise ValueError(f"the template has {len(names)} field(s) {names} but llm() got {len(call.values)} "
+        raise ValueError(f"the template has {len(names)} field(s) {list(names)} but llm() got {len(call.values)} "
                          f"value(s): give one column per field, in the order the fields first appear")
     return call.template.format(**dict(zip(names, call.values)))
 
