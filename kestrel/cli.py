@@ -113,13 +113,15 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
     con = duckdb.connect()
     defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    fds = [tuple(x.strip() for x in fd.split("->")) for fd in args.fd] if args.fd else "discover"
+    if any(len(fd) != 2 for fd in fds if fds != "discover"):
+        raise ValueError("--fd takes 'Determinant -> Dependent', e.g. --fd 'City -> State'")
+    plan = {"dedup": not args.no_dedup, "order": args.order, "reorder_fields": not args.keep_field_order, "fds": fds}
     if args.base_url:
-        ks.register(con, base_url=args.base_url, api_key=args.api_key, model=args.model_name, dedup=not args.no_dedup,
-                    order=args.order, **defaults)
+        ks.register(con, base_url=args.base_url, api_key=args.api_key, model=args.model_name, **plan, **defaults)
     else:
         from kestrel.engine.engine import Engine
-        ks.register(con, engine=Engine(config=engine_config_from_args(args)), dedup=not args.no_dedup, order=args.order,
-                    **defaults)
+        ks.register(con, engine=Engine(config=engine_config_from_args(args)), **plan, **defaults)
     if args.explain:
         print(ks.explain(con, args.query).describe())
         return 0
@@ -182,8 +184,13 @@ def main(argv: list[str] | None = None) -> int:
                                                        "an engine in this process)")
     sqlp.add_argument("--api-key", default=None)
     sqlp.add_argument("--model-name", default="default", help="the model the server is asked for (with --base-url)")
-    sqlp.add_argument("--order", default="sorted", choices=["sorted", "original"],
-                      help="the order calls run in: sorted groups prompts that share a prefix")
+    sqlp.add_argument("--order", default="ggr", choices=["ggr", "sorted", "original"],
+                      help="the order calls run in: ggr groups rows that share long values (and orders the fields "
+                           "of a template's {A, B, ...} record per row); sorted sorts rows by their fields")
+    sqlp.add_argument("--keep-field-order", action="store_true",
+                      help="render records' fields in the order the template lists them")
+    sqlp.add_argument("--fd", action="append", default=None, metavar="'A -> B'",
+                      help="a functional dependency to plan with (repeatable); default: discovered from the rows")
     sqlp.add_argument("--no-dedup", action="store_true", help="run identical prompts once per row")
     sqlp.add_argument("--max-tokens", type=int, default=64, help="per call, unless llm_with says otherwise")
     sqlp.add_argument("--temperature", type=float, default=0.0)

@@ -6,7 +6,9 @@
     ks.sql(con, "SELECT llm('Is {Product} durable? Answer yes or no.', Product) FROM 'orders.csv'").show()
 """
 from kestrel.sql.duck import Session, explain, register, sql
-from kestrel.sql.plan import Call, Plan, plan_calls, predict_hits
-from kestrel.sql.runner import fields, render
+from kestrel.sql.ggr import discover_fds, ggr
+from kestrel.sql.plan import Call, Plan, Task, plan_calls, predict_hits
+from kestrel.sql.template import Template, fields, parse
 
-__all__ = ["register", "sql", "explain", "Session", "Call", "Plan", "plan_calls", "predict_hits", "fields", "render"]
+__all__ = ["register", "sql", "explain", "Session", "Call", "Plan", "Task", "plan_calls", "predict_hits", "ggr",
+           "discover_fds", "Template", "parse", "fields"]

@@ -9,15 +9,19 @@ rows is planned and run on its own.
 """
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
-from kestrel.sql.plan import Call, Plan, check_order, plan_calls
-from kestrel.sql.runner import CallError, EngineRunner, OpenAIRunner, render
+from kestrel.sql.plan import FDs, Call, Plan, check_order, plan_calls
+from kestrel.sql.runner import OPTIONS, CallError, EngineRunner, OpenAIRunner
+from kestrel.sql.template import parse
 
 MAX_FIELDS = 16  # columns one llm() call may take
+ABSENT = "\ue001"  # llm()'s default for a field column not given (a private-use character no table holds)
 MAX_PASSES = 8  # collecting passes of sql(): nesting levels of llm() calls
 UDF = "_kestrel_llm"
 log = logging.getLogger("kestrel.sql")
@@ -29,9 +33,12 @@ class Session:
 
     runner: object
     dedup: bool = True
-    order: str = "sorted"
+    order: str = "ggr"
+    reorder_fields: bool = True
+    fds: FDs = "discover"
     progress: bool = True
-    results: dict = field(default_factory=dict)  # Call -> text, or None for a failed call
+    results: dict = field(default_factory=dict)  # Call -> its value as JSON text (a string, or a json_schema
+    # call's object), or None for a failed call
     errors: dict = field(default_factory=dict)  # Call -> why it gave NULL
     collecting: bool = False
     missing: dict = field(default_factory=dict)  # call -> rows a collecting pass met it in (first met first)
@@ -39,9 +46,11 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answer(self, options, templates, values) -> list[Optional[str]]:
-        """One chunk of the UDF: the text of each row's call (None: NULL)."""
+        """One chunk of the UDF: each row's value as JSON text (None: NULL)."""
         calls: list[Optional[Call]] = []
         for o, t, v in zip(options, templates, values):
+            while v and v[-1] == ABSENT:  # llm()'s field columns that were not given
+                v = v[:-1]
             # SQL's rule: a NULL template or field makes the result NULL (and a call nested in a collecting pass
             # answers NULL until its inner call has run)
             calls.append(None if t is None or v is None or any(x is None for x in v) else Call(t, o, tuple(v)))
@@ -55,45 +64,74 @@ class Session:
             return [None if c is None else self.results.get(c) for c in calls]
 
     def plan(self, calls: list[Call]) -> Plan:
-        texts: dict[Call, str] = {}
+        ok: dict[tuple, bool] = {}
         for c in dict.fromkeys(calls):  # a template that does not fit its values is this call's error, not the plan's
-            try:
-                texts[c] = render(c)
-            except ValueError as e:
-                self.results[c], self.errors[c] = None, str(e)
-        ids = dict(zip(texts, self.runner.planning_ids(list(texts.values()))))
-        return plan_calls([c for c in calls if c in ids], ids.__getitem__, self.dedup, self.order,
-                          self.runner.cache_tokens)
+            key = (c.template, len(c.values))
+            if key not in ok:
+                try:
+                    parse(c.template).check(len(c.values))
+                    ok[key] = True
+                except ValueError as e:
+                    ok[key] = str(e)
+            if ok[key] is not True:
+                self.results[c], self.errors[c] = None, ok[key]
+        return plan_calls([c for c in calls if ok[(c.template, len(c.values))] is True], self.runner.planning_ids,
+                          self.dedup, self.order, self.reorder_fields, self.fds, self.runner.cache_tokens)
 
     def execute(self, calls: list[Call]) -> Plan:
         plan = self.plan(calls)
         outputs = self.runner.run(plan.run, self.progress)
         self.calls_run += len(plan.run)
         failed = 0
-        for call, out in zip(plan.run, outputs):
+        for task, out in zip(plan.run, outputs):
+            if not isinstance(out, CallError):
+                out = _as_json(out, _wants_json(task.call.options))
             if isinstance(out, CallError):
-                self.results[call], self.errors[call] = None, str(out)
+                self.results[task.call], self.errors[task.call] = None, str(out)
                 failed += 1
             else:
-                self.results[call] = out
+                self.results[task.call] = out
         if failed:
             first = next(iter(self.errors.values()))
             log.warning("llm(): %d call(s) failed and gave NULL; the first: %s", failed, first)
         return plan
 
 
+@functools.lru_cache(maxsize=256)
+def _wants_json(options: Optional[str]) -> bool:
+    try:
+        return bool(options) and json.loads(options).get("json_schema") is not None
+    except (ValueError, AttributeError):
+        return False
+
+
+def _as_json(text: str, is_json: bool):
+    """A call's value as JSON text for the query: a json_schema call's own output (when it parses: a reply cut
+    short by max_tokens does not), any other the string."""
+    if not is_json:
+        return json.dumps(text)
+    try:
+        json.loads(text)
+    except ValueError:
+        return CallError(f"the reply is not valid JSON (cut short by max_tokens?): {text[:80]!r}")
+    return text
+
+
 _sessions: dict[int, Session] = {}
 
 
 def register(con, engine=None, *, base_url: Optional[str] = None, api_key: Optional[str] = None,
-             model: str = "default", dedup: bool = True, order: str = "sorted", progress: bool = True,
-             **defaults) -> Session:
-    """Make `llm(template, col, ...)` and `llm_with(options_json, template, col, ...)` callable in `con`'s SQL.
+             model: str = "default", dedup: bool = True, order: str = "ggr", reorder_fields: bool = True,
+             fds: FDs = "discover", progress: bool = True, **defaults) -> Session:
+    """Make `llm(template, col, ..., option := value)` and `llm_with(options_json, template, col, ...)` callable
+    in `con`'s SQL.
 
     Calls run on `engine` (a kestrel.Engine in this process) or on the OpenAI-compatible server at `base_url`.
     `defaults` are generation options for every call (max_tokens, temperature, ...; greedy and 64 tokens unless
-    given); llm_with's JSON object overrides them per call and may add choices, regex or json_schema.
-    `dedup` and `order` ("sorted" or "original") switch the optimisations, for comparison."""
+    given); llm()'s named options and llm_with's JSON object override them per call and may add choices, regex or
+    json_schema (llm() then returns a STRUCT). The optimisations switch for comparison: `dedup`, `order`
+    ("original", "sorted" or "ggr"), `reorder_fields` (the fields of a template's records), `fds`
+    ("discover", declared (determinant, dependent) name pairs, or None)."""
     import duckdb
     import pyarrow as pa
 
@@ -101,7 +139,7 @@ def register(con, engine=None, *, base_url: Optional[str] = None, api_key: Optio
         raise ValueError("give either engine= (a kestrel.Engine) or base_url= (an OpenAI-compatible server)")
     check_order(order)
     runner = EngineRunner(engine, defaults) if engine is not None else OpenAIRunner(base_url, api_key, model, defaults)
-    session = Session(runner, dedup, order, progress)
+    session = Session(runner, dedup, order, reorder_fields, fds, progress)
 
     def udf(options, templates, values):
         out = session.answer(options.to_pylist(), templates.to_pylist(), values.to_pylist())
@@ -116,16 +154,39 @@ def register(con, engine=None, *, base_url: Optional[str] = None, api_key: Optio
     # sql() runs the user's query from inside this package: DuckDB must look for pandas, polars and Arrow tables
     # named in it in the caller's frames too, not only in the frame that executes it
     con.execute("SET python_scan_all_frames = true")
-    for name, head in (("llm", "NULL"), ("llm_with", "o")):
-        lead = ["o"] if head == "o" else []
-        overloads = []
-        for n in range(MAX_FIELDS + 1):
-            params = ", ".join(lead + ["t"] + [f"a{i}" for i in range(1, n + 1)])
-            items = ", ".join(f"a{i}::VARCHAR" for i in range(1, n + 1))
-            overloads.append(f"({params}) AS {UDF}({head}, t, {'[' + items + ']' if n else '[]::VARCHAR[]'})")
-        con.execute(f"CREATE OR REPLACE TEMP MACRO {name} " + ", ".join(overloads))
+    for statement in _macros():
+        con.execute(statement)
     _sessions[id(con)] = session
     return session
+
+
+def _macros() -> list[str]:
+    """The SQL side of llm(): one macro each for llm and llm_with, whose field columns default to ABSENT (DuckDB
+    macros cannot overload on arity once parameters have defaults), and the macros that turn a JSON Schema into
+    the structure from_json() types its value with (objects and arrays nested two deep; deeper values stay JSON).
+    The macros use json_extract, not ->: inside a function that takes lambdas DuckDB reads -> as one."""
+    fields = ", ".join(f"a{i} := '{ABSENT}'" for i in range(1, MAX_FIELDS + 1))
+    values = "[" + ", ".join(f"a{i}::VARCHAR" for i in range(1, MAX_FIELDS + 1)) + "]"
+    named = ", ".join(f"{o} := NULL" for o in OPTIONS)
+    options = "json_object(" + ", ".join(f"'{o}', {o}" + ("::JSON" if o == "json_schema" else "") for o in OPTIONS) + ")"
+    as_text = "'\"VARCHAR\"'"
+    out = ["""CREATE OR REPLACE TEMP MACRO _kestrel_type0(s) AS CASE json_extract_string(s, '$.type') WHEN 'string' THEN '"VARCHAR"'
+        WHEN 'integer' THEN '"BIGINT"' WHEN 'number' THEN '"DOUBLE"' WHEN 'boolean' THEN '"BOOLEAN"'
+        ELSE CASE WHEN json_exists(s, '$.enum') THEN '"VARCHAR"' ELSE '"JSON"' END END"""]
+    for level in (1, 2):
+        inner = f"_kestrel_type{level - 1}"
+        out.append(f"""CREATE OR REPLACE TEMP MACRO _kestrel_type{level}(s) AS CASE
+            WHEN json_extract_string(s, '$.type') = 'array' AND json_exists(s, '$.items')
+                THEN '[' || {inner}(json_extract(s, '$.items')) || ']'
+            WHEN json_extract_string(s, '$.type') = 'object' AND json_exists(s, '$.properties') THEN '{{' || array_to_string(list_transform(
+                map_entries(from_json(json_extract(s, '$.properties'), '"MAP(VARCHAR, JSON)"')),
+                lambda p: to_json(p.key) || ':' || {inner}(p.value)), ',') || '}}'
+            ELSE _kestrel_type0(s) END""")
+    out.append(f"""CREATE OR REPLACE TEMP MACRO llm(t, {fields}, {named}) AS from_json({UDF}({options}::VARCHAR, t,
+        {values}), CASE WHEN json_schema IS NULL THEN {as_text} ELSE _kestrel_type2(json_schema::JSON) END)""")
+    out.append(f"""CREATE OR REPLACE TEMP MACRO llm_with(o, t, {fields}) AS from_json({UDF}(o, t, {values}),
+        {as_text})""")
+    return out
 
 
 def session_of(con) -> Session:

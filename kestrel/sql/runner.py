@@ -3,14 +3,12 @@ included). Prompts are chat messages (the template filled in, as the user's turn
 generation ones. A call that fails gives its error instead of a text: the caller turns it into NULL."""
 from __future__ import annotations
 
-import functools
 import json
-import string
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Union
 
-from kestrel.sql.plan import Call
+from kestrel.sql.plan import Task
 
 OPTIONS = ("max_tokens", "temperature", "top_p", "stop", "seed", "choices", "regex", "json_schema")
 DEFAULTS = {"max_tokens": 64, "temperature": 0.0}
@@ -32,34 +30,12 @@ def parse_options(options: Optional[str], defaults: dict) -> dict:
             raise ValueError(f"llm_with options must be a JSON object: {e}") from None
         if not isinstance(given, dict):
             raise ValueError("llm_with options must be a JSON object")
+        given = {k: v for k, v in given.items() if v is not None}  # llm()'s named options that were not given
         unknown = sorted(set(given) - set(OPTIONS))
         if unknown:
             raise ValueError(f"unknown llm_with option(s) {unknown}; known: {list(OPTIONS)}")
         out.update(given)
     return out
-
-
-@functools.lru_cache(maxsize=256)  # a query's rows share a few templates: parse each once
-def fields(template: str) -> tuple[str, ...]:
-    """A template's fields, {Name}, in order of first appearance ({{ and }} are literal braces)."""
-    names: list[str] = []
-    for _, name, spec, conv in string.Formatter().parse(template):
-        if name is None:
-            continue
-        if not name or spec or conv:
-            raise ValueError(f"template field {{{name}}} must be a plain {{Name}}")
-        if name not in names:
-            names.append(name)
-    return tuple(names)
-
-
-def render(call: Call) -> str:
-    """The call's prompt: the template with its fields filled by the row's values, in order of first appearance."""
-    names = fields(call.template)
-    if len(names) != len(call.values):
-        raise ValueError(f"the template has {len(names)} field(s) {list(names)} but llm() got {len(call.values)} "
-                         f"value(s): give one column per field, in the order the fields first appear")
-    return call.template.format(**dict(zip(names, call.values)))
 
 
 def user_turn_ids(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -80,6 +56,9 @@ def user_turn_ids(tokenizer, texts: list[str]) -> list[list[int]]:
         full = [head + t + tail for t in texts]
         probe = " \n a probe {} \n "  # whitespace at both ends: templates that trim the content fail the splice
         if rendered(texts[0]) == full[0] and rendered(probe) == head + probe + tail:
+            backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: no Python per prompt
+            if backend is not None:
+                return [e.ids for e in backend.encode_batch(full, add_special_tokens=False)]
             return [list(ids) for ids in tokenizer(full, add_special_tokens=False)["input_ids"]]
     return [chat_template_ids(tokenizer, [{"role": "user", "content": t}]) for t in texts]
 
@@ -109,25 +88,25 @@ class EngineRunner(Usage):
         self.defaults = dict(DEFAULTS, **(defaults or {}))
         self.cache_tokens = engine.pool.size
 
-    def prompt_ids(self, call: Call) -> list[int]:
-        return self.engine.apply_chat_template([{"role": "user", "content": render(call)}])
+    def prompt_ids(self, text: str) -> list[int]:
+        return self.engine.apply_chat_template([{"role": "user", "content": text}])
 
     def planning_ids(self, texts: list[str]) -> list[list[int]]:
         return user_turn_ids(self.engine.tokenizer, texts)
 
-    def run(self, calls: list[Call], progress: bool = True) -> list[Union[str, CallError]]:
+    def run(self, tasks: list[Task], progress: bool = True) -> list[Union[str, CallError]]:
         from kestrel.engine.sampling_params import SamplingParams
 
-        results: list[Union[str, CallError]] = [CallError("not run")] * len(calls)
+        results: list[Union[str, CallError]] = [CallError("not run")] * len(tasks)
         rids = {}
         # a batch job wants throughput, not first-token latency: every prompt that would share tokens with one
         # starting in the same step waits for them to be cached
         scheduler = self.engine.scheduler
         saved, scheduler.in_batch_prefix = scheduler.in_batch_prefix, BATCH_IN_BATCH_PREFIX
-        for i, call in enumerate(calls):  # queued in plan order: the fcfs scheduler admits them in it
+        for i, task in enumerate(tasks):  # queued in plan order: the fcfs scheduler admits them in it
             try:
-                params = SamplingParams(**parse_options(call.options, self.defaults))
-                rids[i] = self.engine.add_request(self.prompt_ids(call), params)
+                params = SamplingParams(**parse_options(task.call.options, self.defaults))
+                rids[i] = self.engine.add_request(self.prompt_ids(task.text), params)
             except (ValueError, TypeError, LookupError) as e:
                 results[i] = CallError(str(e))
         try:
@@ -164,15 +143,15 @@ class OpenAIRunner(Usage):
             self.tokenizer = load_tokenizer(resolve_model_dir(None))
         return user_turn_ids(self.tokenizer, texts)
 
-    def _one(self, call: Call) -> Union[str, CallError]:
+    def _one(self, task: Task) -> Union[str, CallError]:
         import openai
         try:
-            opts = parse_options(call.options, self.defaults)
+            opts = parse_options(task.call.options, self.defaults)
             extra = {}
             for ours, theirs in (("choices", "guided_choice"), ("regex", "guided_regex"), ("json_schema", "guided_json")):
                 if opts.get(ours) is not None:
                     extra[theirs] = opts.pop(ours)
-            r = self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": render(call)}],
+            r = self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": task.text}],
                                                     extra_body=extra or None, **opts)
             details = r.usage.prompt_tokens_details
             self.count(r.usage.prompt_tokens, details.cached_tokens if details else 0)
@@ -180,10 +159,10 @@ class OpenAIRunner(Usage):
         except (ValueError, openai.APIError) as e:
             return CallError(str(e))
 
-    def run(self, calls: list[Call], progress: bool = True) -> list[Union[str, CallError]]:
+    def run(self, tasks: list[Task], progress: bool = True) -> list[Union[str, CallError]]:
         with ThreadPoolExecutor(self.concurrency) as pool:
-            futures = pool.map(self._one, calls)
-            if progress and len(calls) >= PROGRESS_FROM:
+            futures = pool.map(self._one, tasks)
+            if progress and len(tasks) >= PROGRESS_FROM:
                 from tqdm import tqdm
-                futures = tqdm(futures, total=len(calls), desc="llm() calls", unit="call")
+                futures = tqdm(futures, total=len(tasks), desc="llm() calls", unit="call")
             return list(futures)
