@@ -64,18 +64,18 @@ class Session:
             return [None if c is None else self.results.get(c) for c in calls]
 
     def plan(self, calls: list[Call]) -> Plan:
-        ok: dict[tuple, bool] = {}
+        problem: dict[tuple, Optional[str]] = {}  # (template, fields given) -> why they do not fit, or None
         for c in dict.fromkeys(calls):  # a template that does not fit its values is this call's error, not the plan's
             key = (c.template, len(c.values))
-            if key not in ok:
+            if key not in problem:
                 try:
                     parse(c.template).check(len(c.values))
-                    ok[key] = True
+                    problem[key] = None
                 except ValueError as e:
-                    ok[key] = str(e)
-            if ok[key] is not True:
-                self.results[c], self.errors[c] = None, ok[key]
-        return plan_calls([c for c in calls if ok[(c.template, len(c.values))] is True], self.runner.planning_ids,
+                    problem[key] = str(e)
+            if problem[key] is not None:
+                self.results[c], self.errors[c] = None, problem[key]
+        return plan_calls([c for c in calls if problem[(c.template, len(c.values))] is None], self.runner.planning_ids,
                           self.dedup, self.order, self.reorder_fields, self.fds, self.runner.cache_tokens)
 
     def execute(self, calls: list[Call]) -> Plan:

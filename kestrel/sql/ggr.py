@@ -9,6 +9,7 @@ each group on the fields left.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import Counter
 from typing import Iterable, Optional, Sequence
 
@@ -83,12 +84,13 @@ def ggr(rows: Sequence[Row], segments: Sequence[tuple[int, ...]], extra: Optiona
         for code in codes:
             for b in bs:
                 implied[a][b].setdefault(code[a], code[b])
+    cols = [[code[f] for code in codes] for f in range(width)]
     placements: list[Placement] = []
-    _solve(list(range(len(rows))), [tuple(s) for s in segments], codes, length, implied, placements, ())
+    _solve(list(range(len(rows))), [tuple(s) for s in segments], cols, length, implied, placements, ())
     return placements
 
 
-def _solve(idx: list[int], segments: list[tuple[int, ...]], codes, length, implied, out: list[Placement],
+def _solve(idx: list[int], segments: list[tuple[int, ...]], cols, length, implied, out: list[Placement],
            head: tuple[int, ...]) -> None:
     segments = [s for s in segments if s]
     if not segments or len(idx) == 1:
@@ -96,17 +98,21 @@ def _solve(idx: list[int], segments: list[tuple[int, ...]], codes, length, impli
         out.extend((i, head + rest) for i in idx)
         return
     cand = segments[0]
-    count = {f: Counter(codes[i][f] for i in idx) for f in cand}
+    # (map over a column's list keeps the per-row work in C: this runs for every row at every level)
+    count = {f: Counter(map(cols[f].__getitem__, idx)) for f in cand}
     constant = [f for f in cand if len(count[f]) == 1]
     if constant:  # fields every row here agrees on lead for all of them: that costs no other field anything
-        constant.sort(key=lambda f: -length[f][codes[idx[0]][f]])
+        constant.sort(key=lambda f: -length[f][cols[f][idx[0]]])
         left = [tuple(f for f in s if f not in constant) for s in segments]
-        _solve(idx, left, codes, length, implied, out, head + tuple(constant))
+        _solve(idx, left, cols, length, implied, out, head + tuple(constant))
         return
-    members: dict[tuple[int, int], list[int]] = {}
-    for i in idx:
-        for f in cand:
-            members.setdefault((f, codes[i][f]), []).append(i)
+    members: dict[tuple[int, int], list[int]] = {}  # rows of each shared value, in idx order
+    for f in cand:
+        get = cols[f].__getitem__
+        for v, rows in itertools.groupby(sorted(idx, key=get), key=get):  # stable: idx order within a value
+            rows = list(rows)
+            if len(rows) > 1:
+                members[(f, v)] = rows
 
     def score(f: int, v: int, n: int) -> int:
         s = length[f][v] ** 2
@@ -115,28 +121,21 @@ def _solve(idx: list[int], segments: list[tuple[int, ...]], codes, length, impli
                 s += length[g][by[v]] ** 2
         return s * (n - 1)
 
-    heap = [(-score(f, v, n), f, v) for f in cand for v, n in count[f].items() if n > 1]
+    heap = [(-score(f, v, len(rows)), f, v, len(rows)) for (f, v), rows in members.items()]
     heapq.heapify(heap)
     taken: set[int] = set()
     while heap:
-        neg, f, v = heapq.heappop(heap)
-        n = count[f][v]
-        if n <= 1:
-            continue
-        now = -score(f, v, n)
-        if now != neg:  # stale: rows of this value went with an earlier group
-            heapq.heappush(heap, (now, f, v))
-            continue
+        _, f, v, n = heapq.heappop(heap)
         group = [i for i in members[(f, v)] if i not in taken]
+        if len(group) != n:  # stale: rows of this value went with an earlier group; score what is left
+            if len(group) > 1:
+                heapq.heappush(heap, (-score(f, v, len(group)), f, v, len(group)))
+            continue
         taken.update(group)
-        for i in group:
-            for g in cand:
-                count[g][codes[i][g]] -= 1
         # every field the group agrees on leads, the chosen one first, then the longer
-        same = [g for g in cand if g != f and len({codes[i][g] for i in group}) == 1]
-        lead = (f, *sorted(same, key=lambda g: -length[g][codes[group[0]][g]]))
+        same = [g for g in cand if g != f and len(set(map(cols[g].__getitem__, group))) == 1]
+        lead = (f, *sorted(same, key=lambda g: -length[g][cols[g][group[0]]]))
         left = [tuple(g for g in cand if g not in lead)] + [tuple(g for g in s if g not in lead) for s in segments[1:]]
-        _solve(group, left, codes, length, implied, out, head + lead)
+        _solve(group, left, cols, length, implied, out, head + lead)
     rest = tuple(f for s in segments for f in s)
     out.extend((i, head + rest) for i in idx if i not in taken)  # rows that share no value on these fields
-

@@ -56,11 +56,39 @@ def user_turn_ids(tokenizer, texts: list[str]) -> list[list[int]]:
         full = [head + t + tail for t in texts]
         probe = " \n a probe {} \n "  # whitespace at both ends: templates that trim the content fail the splice
         if rendered(texts[0]) == full[0] and rendered(probe) == head + probe + tail:
-            backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: no Python per prompt
-            if backend is not None:
-                return [e.ids for e in backend.encode_batch(full, add_special_tokens=False)]
-            return [list(ids) for ids in tokenizer(full, add_special_tokens=False)["input_ids"]]
+            return _encode_by_lines(tokenizer, full)
     return [chat_template_ids(tokenizer, [{"role": "user", "content": t}]) for t in texts]
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: no Python per text
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+LINES_FROM = 256  # prompts: from this many, planning encodes their distinct lines rather than every prompt
+LINE_CHECKS = 64  # prompts whose encoding by lines is checked against the whole encoding first
+
+
+def _encode_by_lines(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Encodings of many prompts that repeat whole lines (records' `Name: value` lines, shared instructions): each
+    distinct line encoded once, and a prompt's tokens the concatenation of its lines'. Byte-level BPE tokenizers
+    split words at a newline anyway, so this is the whole encoding; it is used only when a sample of the prompts
+    shows so, and planning falls back to encoding every prompt otherwise."""
+    if len(texts) < LINES_FROM:
+        return _encode(tokenizer, texts)
+    split = [t.replace("\n", "\x00\n").split("\x00") if "\x00" not in t else None for t in texts]
+    if any(parts is None for parts in split):
+        return _encode(tokenizer, texts)
+    step = max(1, len(texts) // LINE_CHECKS)
+    sample = sorted(set(range(0, len(texts), step)) | set(range(min(LINE_CHECKS, len(texts)))))
+    lines = list(dict.fromkeys(p for parts in split for p in parts))
+    ids = dict(zip(lines, _encode(tokenizer, lines)))
+    joined = [[t for p in parts for t in ids[p]] for parts in split]
+    if [joined[i] for i in sample] != _encode(tokenizer, [texts[i] for i in sample]):
+        return _encode(tokenizer, texts)
+    return joined
 
 
 class Usage:
