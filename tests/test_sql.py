@@ -153,6 +153,12 @@ def test_planning_tokenizes_like_the_chat_template(engine):
     want = [engine.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     assert user_turn_ids(engine.tokenizer, texts) == want
     assert user_turn_ids(engine.tokenizer, texts[1:]) == want[1:]
+    # many prompts are encoded by their distinct lines; where lines do not split cleanly (blank lines, trailing
+    # spaces), by whole prompts: the same ids either way
+    for shape in ("Rate:\nname: item {i}\ncity: {c}", "Rate:\n\n  name: item {i} \n\ncity: {c}\n"):
+        many = [shape.format(i=i, c="ab"[i % 2]) for i in range(300)]
+        assert user_turn_ids(engine.tokenizer, many) == [
+            engine.apply_chat_template([{"role": "user", "content": t}]) for t in many], shape
 
 
 def test_options_nulls_and_failures(engine, caplog):
