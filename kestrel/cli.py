@@ -73,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
                         format="kestrel %(levelname)s %(name)s: %(message)s")
     config = engine_config_from_args(args)
+    arena = arena_config_from_args(args)  # before the model loads: a bad flag fails fast
     print("kestrel: starting the engine process (loading the model)...", file=sys.stderr, flush=True)
     try:
         client = EngineClient(config, max_restarts=args.max_engine_restarts)
@@ -84,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = Server(client, args.served_model_name, args.api_key,
                         max_queued=config.max_running_requests + args.max_queued_requests,
                         max_client_labels=args.max_client_labels)
-        app = build_app(server)
+        app = build_app(server, arena)
         url = f"http://{args.host}:{args.port}"
         print(f"kestrel: serving {args.served_model_name!r} at {url}/v1\n"
               f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
@@ -102,6 +103,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http.run()
     finally:
         client.shutdown()
+    return 0
+
+
+def arena_config_from_args(args: argparse.Namespace):
+    from kestrel.arena.routes import ArenaConfig
+    from kestrel.arena.store import default_path
+
+    endpoints = {}
+    for spec in args.arena_endpoint or []:
+        name, sep, url = spec.partition("=")
+        if not sep or not name or not url.startswith(("http://", "https://")):
+            raise ValueError(f"--arena-endpoint takes NAME=URL (an OpenAI-compatible base URL), got {spec!r}")
+        endpoints[name] = url
+    loopback = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    return ArenaConfig(store_path=default_path(args.data_dir), self_url=f"http://{loopback}:{args.port}/v1",
+                       api_key=args.api_key, endpoints=endpoints, sampling=args.arena_sampling,
+                       rate_limit=args.arena_rate_limit)
+
+
+def cmd_arena(args: argparse.Namespace) -> int:
+    """kestrel arena leaderboard: ratings from a battle log, offline."""
+    import json
+
+    from kestrel.arena.ratings import Battle, leaderboard
+
+    battles = []
+    with open(args.votes) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                    battles.append(Battle(r["model_a"], r["model_b"], r["winner"]))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{args.votes} line {n}: {e} (each line needs model_a, model_b and winner)") \
+                        from None
+    board = leaderboard(battles, rounds=args.rounds, seed=args.seed, anchor=args.anchor, progress=sys.stderr.isatty())
+    print(json.dumps(dict(board.to_json(), votes=len(battles)), indent=2) if args.format == "json" else board.table())
+    if args.plot:
+        fmt = "svg" if args.plot.endswith(".svg") else "png"
+        with open(args.plot, "wb") as f:
+            f.write(board.plot(fmt))
     return 0
 
 
@@ -172,10 +214,27 @@ def main(argv: list[str] | None = None) -> int:
                        help="restarts of a failed engine process allowed within 10 minutes before the server "
                             "gives up (and /health stays 503)")
     serve.add_argument("--log-level", default="warning")
+    serve.add_argument("--data-dir", default=None, help="where the arena keeps its votes (arena.sqlite; default: "
+                                                        "$KESTREL_DATA_DIR or ~/.local/share/kestrel)")
+    serve.add_argument("--arena-endpoint", action="append", default=None, metavar="NAME=URL",
+                       help="a model on another OpenAI-compatible server for the arena (repeatable)")
+    serve.add_argument("--arena-sampling", default="uniform", choices=["uniform", "active"],
+                       help="how the arena picks the two models of a battle")
+    serve.add_argument("--arena-rate-limit", type=int, default=30, help="battles and votes per client a minute")
     add_engine_args(serve)
     from kestrel.bench.client import add_bench_args
     bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible server under load")
     add_bench_args(bench)
+    arena = sub.add_parser("arena", help="arena tools: the leaderboard of a battle log")
+    arena_sub = arena.add_subparsers(dest="arena_command", required=True)
+    board = arena_sub.add_parser("leaderboard", help="Bradley–Terry ratings with bootstrap intervals from a battle "
+                                                     "log (JSONL: model_a, model_b, winner, as Chatbot Arena's)")
+    board.add_argument("--votes", required=True, help="the battle log (e.g. GET /arena/api/battles.jsonl)")
+    board.add_argument("--format", default="table", choices=["table", "json"])
+    board.add_argument("--rounds", type=int, default=1000, help="bootstrap resamples (Chatbot Arena uses 1000)")
+    board.add_argument("--anchor", default=None, help="a model to pin at 1000 (default: the mean is 1000)")
+    board.add_argument("--plot", default=None, help="also write the ratings and intervals to this .png or .svg")
+    board.add_argument("--seed", type=int, default=0)
     sqlp = sub.add_parser("sql", help="run SQL (DuckDB) with llm() calls over real tables")
     sqlp.add_argument("query", help="the query, e.g. \"SELECT llm('Summarise: {r}', Review) FROM 'reviews.parquet'\"")
     sqlp.add_argument("--explain", action="store_true", help="show the plan (rows, distinct prompts, order, "
@@ -205,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "sql":
             return cmd_sql(args)
+        if args.command == "arena":
+            return cmd_arena(args)
         if args.command == "bench":
             from kestrel.bench.client import print_summary, run_bench
             summary = run_bench(args)

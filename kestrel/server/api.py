@@ -65,9 +65,14 @@ async def collect(request: Request, flights: list[Flight]) -> list:
             f.close()
 
 
-def build_app(server: Server) -> FastAPI:
+def build_app(server: Server, arena=None) -> FastAPI:
+    """The HTTP app; `arena` (an ArenaConfig) adds the arena's API."""
     app = FastAPI(title="Kestrel", version="0.1.0")
     app.state.server = server
+    if arena is not None:
+        from kestrel.arena.routes import Arena, add_arena_routes
+        app.state.arena = Arena(server, arena)
+        add_arena_routes(app, app.state.arena)
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
