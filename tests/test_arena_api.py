@@ -141,7 +141,7 @@ def test_battle_log_round_trip(http, tmp_path):
 
 def test_rate_limit_per_client(tmp_path, tiny_llama_dir):
     srv = ServerProcess("--model", tiny_llama_dir, "--dtype", "float32", "--data-dir", str(tmp_path),
-                        "--arena-rate-limit", "3", "--arena-endpoint", f"mirror=http://127.0.0.1:1/v1")
+                        "--arena-rate-limit", "3", "--arena-endpoint", "mirror=http://127.0.0.1:1/v1")
     try:
         codes = [httpx.post(srv.url + "/arena/api/battles", json={}).status_code for _ in range(4)]
         assert codes == [200, 200, 200, 429]
