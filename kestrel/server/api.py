@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from typing import AsyncIterator
@@ -65,6 +66,20 @@ async def collect(request: Request, flights: list[Flight]) -> list:
             f.close()
 
 
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+
+def add_pages(app: FastAPI) -> None:
+    """The web pages: the playground at /, the arena, the leaderboard (static files; they use the public API)."""
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    for path, page in (("/", "index.html"), ("/arena", "arena.html"), ("/leaderboard", "leaderboard.html")):
+        app.add_api_route(path, lambda page=page: FileResponse(os.path.join(STATIC, page)), methods=["GET"],
+                          include_in_schema=False)
+
+
 def build_app(server: Server, arena=None) -> FastAPI:
     """The HTTP app; `arena` (an ArenaConfig) adds the arena's API."""
     app = FastAPI(title="Kestrel", version="0.1.0")
@@ -97,6 +112,7 @@ def build_app(server: Server, arena=None) -> FastAPI:
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}").body(), status_code=500)
 
     app.add_middleware(Guard, api_key=server.api_key, max_body_bytes=MAX_BODY_BYTES)
+    add_pages(app)
 
     @app.get("/health")
     async def health():

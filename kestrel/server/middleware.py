@@ -11,7 +11,10 @@ from typing import Optional
 
 from kestrel.server.protocol import APIError
 
-OPEN_PATHS = ("/health",)  # answered without the API key: liveness probes carry no secrets
+# answered without the API key: liveness probes and the web pages carry no secrets (the pages ask for the key and
+# send it with their API calls)
+OPEN_PATHS = ("/health", "/", "/arena", "/leaderboard")
+OPEN_PREFIXES = ("/static/",)
 
 
 class Guard:
@@ -24,7 +27,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.expected is not None and scope["path"] not in OPEN_PATHS:
+        path = scope["path"]
+        if self.expected is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             given = headers.get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 return await _reply(send, APIError(401, "invalid or missing API key; send the header "
