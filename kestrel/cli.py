@@ -147,6 +147,48 @@ def cmd_arena(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_judge(args: argparse.Namespace) -> int:
+    """kestrel judge: answers, judgments and a summary; or the judge's agreement with an arena battle log."""
+    import json
+
+    from kestrel.arena import judge as J
+
+    judge = J.Judge(args.base_url, args.api_key, args.judge, constrain=not args.no_constrain,
+                    explanation_chars=args.explanation_chars)
+    stem = args.output[:-6] if args.output.endswith(".jsonl") else args.output
+    progress = sys.stderr.isatty()
+    if args.battles:
+        with open(args.battles) as f:
+            battles = [json.loads(line) for line in f if line.strip()]
+        result = judge.agreement([b for b in battles if b.get("winner")], progress)
+        with open(args.output, "w") as f:
+            f.writelines(json.dumps(j) + "\n" for j in result.pop("judgments"))
+        print(json.dumps(result, indent=2))
+        return 0
+    if not args.models:
+        raise ValueError("give --models a,b (or --battles LOG for agreement with human votes)")
+    models = [J.Model.parse(m) for m in args.models.split(",")]
+    if len({m.label for m in models}) != len(models):
+        raise ValueError("--models names the same model twice")
+    if args.mode != "single" and len(models) < 2:
+        raise ValueError("pairwise judging needs two models or more: --models a,b (or --mode single)")
+    questions = J.load_questions(args.questions or J.QUESTIONS)[:args.max_questions]
+    answers = judge.answers(models, questions, progress)
+    with open(stem + ".answers.jsonl", "w") as f:
+        f.writelines(json.dumps({"model": label, "question_id": qid, "answers": a}) + "\n"
+                     for (label, qid), a in answers.items())
+    single = judge.grade(models, questions, answers, progress) if args.mode in ("single", "both") else []
+    pairwise = judge.compare(models, questions, answers, progress) if args.mode in ("pairwise", "both") else []
+    with open(args.output, "w") as f:
+        f.writelines(json.dumps(dict(j, mode="single")) + "\n" for j in single)
+        f.writelines(json.dumps(dict(j, mode="pairwise")) + "\n" for j in pairwise)
+    summary = J.summarize(single, pairwise)
+    with open(stem + ".summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     """Run a SQL query whose llm() calls run on the engine (or --base-url), planned together; or show the plan."""
     import duckdb
@@ -235,6 +277,24 @@ def main(argv: list[str] | None = None) -> int:
     board.add_argument("--anchor", default=None, help="a model to pin at 1000 (default: the mean is 1000)")
     board.add_argument("--plot", default=None, help="also write the ratings and intervals to this .png or .svg")
     board.add_argument("--seed", type=int, default=0)
+    judge = sub.add_parser("judge", help="an LLM judge (MT-bench style) over a question set, on an OpenAI server")
+    judge.add_argument("--questions", default=None, help="JSONL of {id, category, turns, reference?} (default: "
+                                                         "the 24 questions Kestrel ships)")
+    judge.add_argument("--models", default=None, help="comma-separated models to judge, each NAME or "
+                                                      "NAME@temperature=0.8:top_p=0.9 (sampling settings)")
+    judge.add_argument("--judge", default="default", help="the judging model (NAME[@settings])")
+    judge.add_argument("--mode", default="pairwise", choices=["pairwise", "single", "both"])
+    judge.add_argument("--output", default="judgments.jsonl", help="judgments (JSONL); the answers and a summary "
+                                                                   "go next to it")
+    judge.add_argument("--battles", default=None, help="an arena battle log: judge its conversations and report "
+                                                       "agreement with the human votes")
+    judge.add_argument("--base-url", default="http://127.0.0.1:30000/v1", help="the OpenAI-compatible server")
+    judge.add_argument("--api-key", default=None)
+    judge.add_argument("--max-questions", type=int, default=None, help="only the first N questions")
+    judge.add_argument("--explanation-chars", type=int, default=400, help="the most the judge may write before "
+                                                                          "its verdict")
+    judge.add_argument("--no-constrain", action="store_true", help="do not hold the judge to its verdict format "
+                                                                   "with guided_regex (servers without it)")
     sqlp = sub.add_parser("sql", help="run SQL (DuckDB) with llm() calls over real tables")
     sqlp.add_argument("query", help="the query, e.g. \"SELECT llm('Summarise: {r}', Review) FROM 'reviews.parquet'\"")
     sqlp.add_argument("--explain", action="store_true", help="show the plan (rows, distinct prompts, order, "
@@ -266,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sql(args)
         if args.command == "arena":
             return cmd_arena(args)
+        if args.command == "judge":
+            return cmd_judge(args)
         if args.command == "bench":
             from kestrel.bench.client import print_summary, run_bench
             summary = run_bench(args)
