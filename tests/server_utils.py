@@ -19,9 +19,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, headers: dict | None = None):
+    def __init__(self, *args: str, headers: dict | None = None, port: int | None = None):
         self.headers = headers or {}  # sent with metric() reads (an API key)
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         # the server's output goes to a file: a pipe nobody reads would fill up and block the server
