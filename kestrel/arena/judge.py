@@ -138,8 +138,9 @@ class Judge:
     def _verdict(self, prompt: str, verdict: str) -> tuple[Optional[str], str]:
         """(the verdict, the judge's whole reply): a short explanation without brackets, then the verdict."""
         regex = r"[^\[\]]{0,%d}" % self.explanation_chars + verdict
-        budget = max(64, self.explanation_chars // 2)  # tokens: a few characters each
-        text = self._ask(self.judge, [{"role": "user", "content": prompt}], regex, max_tokens=budget + 16)
+        # a token spells one character or more: this many always reach the verdict
+        text = self._ask(self.judge, [{"role": "user", "content": prompt}], regex,
+                         max_tokens=self.explanation_chars + 24)
         found = re.findall(verdict, text)
         return (found[-1] if found else None), text
 

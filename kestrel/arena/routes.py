@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kestrel.arena.ratings import draw_pair, leaderboard
 from kestrel.arena.store import ArenaError, ArenaStore
+from kestrel.server.protocol import APIError
 
 CHAT_OPTIONS = ("temperature", "top_p", "max_tokens", "stop", "seed")
 
@@ -154,10 +155,9 @@ def add_arena_routes(app, arena: Arena) -> None:
     def who(request: Request) -> str:
         return request.client.host if request.client else "unknown"
 
-    def fail(e: ArenaError):
-        kind = {404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error"}.get(e.status,
-                                                                                            "invalid_request_error")
-        return JSONResponse({"error": {"message": str(e), "type": kind, "code": e.status}}, status_code=e.status)
+    def fail(e: ArenaError):  # OpenAI's error body, as every other route answers
+        kind = {409: "conflict_error", 429: "rate_limit_error"}.get(e.status)
+        return JSONResponse(APIError(e.status, str(e), kind=kind).body(), status_code=e.status)
 
     async def body_of(request: Request) -> dict:
         try:
