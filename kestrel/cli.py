@@ -127,17 +127,13 @@ def cmd_arena(args: argparse.Namespace) -> int:
     import json
 
     from kestrel.arena.ratings import Battle, leaderboard
+    from kestrel.arena.store import read_battle_log
 
-    battles = []
     with open(args.votes) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                    battles.append(Battle(r["model_a"], r["model_b"], r["winner"]))
-                except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f"{args.votes} line {n}: {e} (each line needs model_a, model_b and winner)") \
-                        from None
+        try:
+            battles = [Battle(r["model_a"], r["model_b"], r["winner"]) for r in read_battle_log(f)]
+        except ValueError as e:
+            raise ValueError(f"{args.votes} {e}") from None
     board = leaderboard(battles, rounds=args.rounds, seed=args.seed, anchor=args.anchor, progress=sys.stderr.isatty())
     print(json.dumps(dict(board.to_json(), votes=len(battles)), indent=2) if args.format == "json" else board.table())
     if args.plot:

@@ -23,11 +23,11 @@ from typing import Optional
 
 import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the routes' (string) annotations here
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from kestrel.arena.ratings import draw_pair, leaderboard
 from kestrel.arena.store import ArenaError, ArenaStore
-from kestrel.server.protocol import APIError
+from kestrel.server.server import sse
 
 CHAT_OPTIONS = ("temperature", "top_p", "max_tokens", "stop", "seed")
 
@@ -73,7 +73,10 @@ class Arena:
 
     def new_battle(self, client: str) -> dict:
         self.limit.check(client, "battles")
-        a, b = draw_pair(self.models(), self.store.battles(), self.config.sampling, self.rng)
+        try:
+            a, b = draw_pair(self.models(), self.store.battles(), self.config.sampling, self.rng)
+        except ValueError as e:  # fewer than two models
+            raise ArenaError(400, str(e)) from None
         return {"battle_id": self.store.create(a, b)}
 
     def vote(self, battle: str, winner: str, client: str) -> dict:
@@ -82,10 +85,11 @@ class Arena:
         return {"battle_id": battle, "winner": winner, "model_a": row["model_a"], "model_b": row["model_b"]}
 
     def board(self):
+        """(votes, their Leaderboard or None before the first)."""
         n = self.store.count()
         if self._board[0] != n:  # recomputed when votes arrive (the bootstrap takes a moment)
             self._board = (n, leaderboard(self.store.battles(), rounds=self.config.bootstrap_rounds) if n else None)
-        return self._board[1]
+        return self._board
 
     async def _upstream(self, client, model: str) -> tuple[str, dict, str]:
         """(chat completions URL, headers, the model id to ask for) for one of the arena's models."""
@@ -112,9 +116,7 @@ class Arena:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or messages[-1].get("role") != "user":
             raise ArenaError(400, "messages must be a list of chat messages ending with the user's")
-        row = self.store.get(battle)
-        if row["winner"] is not None:
-            raise ArenaError(409, "this battle is over (voted): start a new one")
+        row = self.store.open(battle)
         model = row["model_a" if side == "a" else "model_b"]
         request = {k: body[k] for k in CHAT_OPTIONS if body.get(k) is not None}
         request.update(messages=messages, stream=True, stream_options={"include_usage": True})
@@ -124,7 +126,7 @@ class Arena:
             async with client.stream("POST", url, json=dict(request, model=upstream), headers=headers) as resp:
                 if resp.status_code != 200:
                     detail = (await resp.aread()).decode(errors="replace")[:300]
-                    yield _event({"error": f"the model's server answered {resp.status_code}: {detail}"})
+                    yield sse({"error": f"the model's server answered {resp.status_code}: {detail}"})
                     return
                 async for line in resp.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
@@ -136,28 +138,20 @@ class Arena:
                         if piece:
                             first = first if first is not None else time.monotonic() - start
                             text.append(piece)
-                            yield _event({"delta": piece})
+                            yield sse({"delta": piece})
         reply = "".join(text)
         self.store.record_turn(battle, side, messages + [{"role": "assistant", "content": reply}])
         details = usage.get("prompt_tokens_details") or {}
         seconds = time.monotonic() - start
         tokens = usage.get("completion_tokens", 0)
-        yield _event({"done": True, "tokens": tokens, "ttft": first, "seconds": seconds,
+        yield sse({"done": True, "tokens": tokens, "ttft": first, "seconds": seconds,
                       "tokens_per_second": tokens / (seconds - (first or 0)) if tokens and seconds > (first or 0) else None,
                       "cached_tokens": details.get("cached_tokens", 0)})
-
-
-def _event(obj) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
 
 
 def add_arena_routes(app, arena: Arena) -> None:
     def who(request: Request) -> str:
         return request.client.host if request.client else "unknown"
-
-    def fail(e: ArenaError):  # OpenAI's error body, as every other route answers
-        kind = {409: "conflict_error", 429: "rate_limit_error"}.get(e.status)
-        return JSONResponse(APIError(e.status, str(e), kind=kind).body(), status_code=e.status)
 
     async def body_of(request: Request) -> dict:
         try:
@@ -174,19 +168,12 @@ def add_arena_routes(app, arena: Arena) -> None:
 
     @app.post("/arena/api/battles")
     async def new_battle(request: Request):
-        try:
-            return await asyncio.to_thread(arena.new_battle, who(request))
-        except (ArenaError, ValueError) as e:
-            return fail(e if isinstance(e, ArenaError) else ArenaError(400, str(e)))
+        return await asyncio.to_thread(arena.new_battle, who(request))
 
     @app.post("/arena/api/battles/{battle}/chat")
     async def battle_chat(battle: str, request: Request):
-        try:
-            body = await body_of(request)
-            stream = arena.chat(battle, body)
-            first = await stream.__anext__()  # errors before the stream starts are HTTP errors
-        except ArenaError as e:
-            return fail(e)
+        stream = arena.chat(battle, await body_of(request))
+        first = await stream.__anext__()  # errors before the stream starts are HTTP errors
 
         async def events():
             yield first
@@ -194,31 +181,28 @@ def add_arena_routes(app, arena: Arena) -> None:
                 async for event in stream:
                     yield event
             except ArenaError as e:
-                yield _event({"error": str(e)})
+                yield sse({"error": str(e)})
             except Exception as e:  # noqa: BLE001 - the model's server went away mid-reply
-                yield _event({"error": f"the reply broke off: {e}"})
+                yield sse({"error": f"the reply broke off: {e}"})
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/arena/api/battles/{battle}/vote")
     async def battle_vote(battle: str, request: Request):
-        try:
-            body = await body_of(request)
-            return await asyncio.to_thread(arena.vote, battle, body.get("winner"), who(request))
-        except ArenaError as e:
-            return fail(e)
+        body = await body_of(request)
+        return await asyncio.to_thread(arena.vote, battle, body.get("winner"), who(request))
 
     @app.get("/arena/api/leaderboard")
     async def arena_leaderboard():
-        board = await asyncio.to_thread(arena.board)
+        votes, board = await asyncio.to_thread(arena.board)
         if board is None:
             return {"leaderboard": [], "win_rate": {}, "votes": 0}
-        return dict(board.to_json(), votes=arena.store.count())
+        return dict(board.to_json(), votes=votes)
 
     @app.get("/arena/api/leaderboard.svg")
     async def arena_plot():
-        board = await asyncio.to_thread(arena.board)
+        _, board = await asyncio.to_thread(arena.board)
         if board is None:
-            return fail(ArenaError(404, "no votes yet"))
+            raise ArenaError(404, "no votes yet")
         return Response(await asyncio.to_thread(board.plot, "svg"), media_type="image/svg+xml")
 
     @app.get("/arena/api/battles.jsonl")
@@ -227,8 +211,5 @@ def add_arena_routes(app, arena: Arena) -> None:
 
     @app.post("/arena/api/battles.jsonl")
     async def arena_import(request: Request):
-        try:
-            text = (await request.body()).decode()
-            return {"imported": await asyncio.to_thread(arena.store.import_log, text.splitlines())}
-        except ArenaError as e:
-            return fail(e)
+        text = (await request.body()).decode()
+        return {"imported": await asyncio.to_thread(arena.store.import_log, text.splitlines())}

@@ -15,6 +15,7 @@ import uuid
 from typing import Iterable, Optional
 
 from kestrel.arena.ratings import WINNERS, Battle
+from kestrel.server.protocol import APIError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS battles (
@@ -33,10 +34,27 @@ CREATE INDEX IF NOT EXISTS battles_voted ON battles (voted);
 """
 
 
-class ArenaError(Exception):
+class ArenaError(APIError):
+    """An arena request that cannot be done: the server answers it with OpenAI's error body and this status."""
+
     def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+        super().__init__(status, message, kind={409: "conflict_error", 429: "rate_limit_error"}.get(status))
+
+
+def read_battle_log(lines: Iterable[str]) -> list[dict]:
+    """The battles of a battle log (JSON lines with model_a, model_b and winner, ours or Chatbot Arena's), checked;
+    ValueError names the first bad line."""
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            Battle(r["model_a"], r["model_b"], r["winner"])  # validates
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"line {n}: {e} (each line is a JSON object with model_a, model_b and winner)") from None
+        out.append(r)
+    return out
 
 
 class ArenaStore:
@@ -75,6 +93,13 @@ class ArenaStore:
             raise ArenaError(404, f"no battle {battle!r}: start one with POST /arena/api/battles")
         return rows[0]
 
+    def open(self, battle: str) -> dict:
+        """The battle, if it still takes turns (not voted yet)."""
+        row = self.get(battle)
+        if row["winner"] is not None:
+            raise ArenaError(409, "this battle is over (voted): start a new one")
+        return row
+
     def record_turn(self, battle: str, side: str, conversation: list[dict]) -> None:
         """The side's conversation so far (its messages and the reply just given)."""
         column = {"a": "conversation_a", "b": "conversation_b"}[side]
@@ -82,8 +107,7 @@ class ArenaStore:
         changed = self._write(f"UPDATE battles SET {column} = ?, turns = max(turns, ?) WHERE id = ? AND winner IS NULL",
                               (json.dumps(conversation), turns, battle))
         if not changed:
-            self.get(battle)  # 404 if unknown
-            raise ArenaError(409, "this battle is over (voted): start a new one")
+            self.open(battle)  # says why: unknown (404) or voted (409)
 
     def vote(self, battle: str, winner: str, judge: str) -> dict:
         """Record the vote (once per battle); returns the battle with the names."""
@@ -115,16 +139,12 @@ class ArenaStore:
 
     def import_log(self, lines: Iterable[str]) -> int:
         """Add battles from a battle log (ours or Chatbot Arena's); returns how many were new."""
+        try:
+            battles = read_battle_log(lines)
+        except ValueError as e:
+            raise ArenaError(400, f"battle log {e}") from None
         rows = []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                Battle(r["model_a"], r["model_b"], r["winner"])  # validates
-            except (ValueError, KeyError, TypeError) as e:
-                raise ArenaError(400, f"battle log line {n}: {e} (each line is a JSON object with model_a, "
-                                      f"model_b and winner)") from None
+        for r in battles:
             stamp = float(r.get("tstamp") or time.time())
             rows.append((str(r.get("question_id") or uuid.uuid4().hex), r["model_a"], r["model_b"], r.get("judge"),
                          stamp, r["winner"], stamp, int(r.get("turn") or 1),
