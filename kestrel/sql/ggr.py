@@ -68,10 +68,10 @@ def ggr(rows: Sequence[Row], segments: Sequence[tuple[int, ...]], extra: Optiona
     text the field adds around its value (a record's `Name: `); `fds` maps a field to the fields it determines."""
     extra = extra if extra is not None else [0] * (len(rows[0]) if rows else 0)
     fds = fds or {}
-    # values as small ints per field: hashing and comparing them is what the recursion does most
+    # values as small ints, one list per field: hashing and comparing them is what the recursion does most
     width = len(extra)
     interned: list[dict] = [{} for _ in range(width)]
-    codes = [tuple(interned[f].setdefault(r[f], len(interned[f])) for f in range(width)) for r in rows]
+    cols = [[interned[f].setdefault(r[f], len(interned[f])) for r in rows] for f in range(width)]
     length = [[0] * len(interned[f]) for f in range(width)]
     for f in range(width):
         for v, c in interned[f].items():
@@ -81,10 +81,9 @@ def ggr(rows: Sequence[Row], segments: Sequence[tuple[int, ...]], extra: Optiona
     implied: dict[int, dict[int, dict[int, int]]] = {}
     for a, bs in fds.items():
         implied[a] = {b: {} for b in bs}
-        for code in codes:
-            for b in bs:
-                implied[a][b].setdefault(code[a], code[b])
-    cols = [[code[f] for code in codes] for f in range(width)]
+        for b in bs:
+            for va, vb in zip(cols[a], cols[b]):
+                implied[a][b].setdefault(va, vb)
     placements: list[Placement] = []
     _solve(list(range(len(rows))), [tuple(s) for s in segments], cols, length, implied, placements, ())
     return placements
