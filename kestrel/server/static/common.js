@@ -13,10 +13,15 @@ const Kestrel = (() => {
     return h;
   }
 
-  // the key field in the header of every page
-  function keyField() {
+  // every page's header: the pages, and the API key field
+  const PAGES = [["/", "Playground"], ["/arena", "Arena"], ["/leaderboard", "Leaderboard"]];
+
+  function header() {
+    const links = PAGES.map(([path, name]) =>
+      `<a${path === location.pathname ? ' class="here"' : ""} href="${path}">${name}</a>`).join("");
+    document.querySelector("header").innerHTML = `<b>Kestrel</b>${links}<span class="spacer"></span>` +
+      '<label>API key <input id="api-key" type="password" placeholder="if the server has one"></label>';
     const input = document.getElementById("api-key");
-    if (!input) return;
     input.value = key();
     input.addEventListener("change", () => { localStorage.setItem(KEY, input.value.trim()); location.reload(); });
   }
@@ -70,7 +75,8 @@ const Kestrel = (() => {
 
   function fmt(x, digits) { return x === null || x === undefined ? "–" : Number(x).toFixed(digits); }
 
-  return {key, headers, keyField, getJSON, postJSON, stream, markdown, escapeHTML, fmt};
+  return {key, headers, header, getJSON, postJSON, stream, markdown, escapeHTML, fmt};
 })();
 
-document.addEventListener("DOMContentLoaded", Kestrel.keyField);
+const $ = (id) => document.getElementById(id);
+document.addEventListener("DOMContentLoaded", Kestrel.header);
