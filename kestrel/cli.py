@@ -74,9 +74,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format="kestrel %(levelname)s %(name)s: %(message)s")
     config = engine_config_from_args(args)
     arena = arena_config_from_args(args)  # before the model loads: a bad flag fails fast
-    print("kestrel: starting the engine process (loading the model)...", file=sys.stderr, flush=True)
+    cluster = cluster_config_from_args(args)
     try:
-        client = EngineClient(config, max_restarts=args.max_engine_restarts)
+        if cluster is None:
+            print("kestrel: starting the engine process (loading the model)...", file=sys.stderr, flush=True)
+            client = EngineClient(config, max_restarts=args.max_engine_restarts)
+        else:
+            from kestrel.cluster.client import ClusterClient
+            print(f"kestrel: starting {len(cluster.roles())} engine instances on Ray (loading the model)...",
+                  file=sys.stderr, flush=True)
+            client = ClusterClient(config, cluster, max_restarts=args.max_engine_restarts)
     except EngineStartError as e:
         print(f"kestrel: error: the engine could not start: {e}", file=sys.stderr)
         return 1
@@ -104,6 +111,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         client.shutdown()
     return 0
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("several engine instances on Ray (kestrel/cluster)")
+    g.add_argument("--instances", type=int, default=1, help="engine instances behind this server (more than 1: on "
+                                                           "Ray, a local one started unless --ray-address)")
+    g.add_argument("--router", default="least-load", help="dispatch: round-robin | least-load (Llumnix's "
+                                                          "freeness) | cache-aware (longest cached prefix, as "
+                                                          "SGLang's router) | llumnix (least-load + migration)")
+    g.add_argument("--migration", default="off", choices=["on", "off"],
+                   help="live migration of running requests from the most to the least used instance (Llumnix)")
+    g.add_argument("--migration-gap", type=float, default=0.25,
+                   help="usage difference (share of the KV pool, queued demand included) that triggers a migration")
+    g.add_argument("--prefill-instances", type=int, default=0, help="disaggregated serving (DistServe): instances "
+                                                                    "that only prefill ...")
+    g.add_argument("--decode-instances", type=int, default=0, help="... and instances that only decode")
+    g.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto': the one this machine is in)")
+    g.add_argument("--cpus-per-instance", type=float, default=None, help="CPU cores per instance (default: the "
+                                                                         "cores here over the instances)")
+    g.add_argument("--gpus-per-instance", type=float, default=0.0, help="GPUs per instance")
+
+
+def cluster_config_from_args(args: argparse.Namespace):
+    """A ClusterConfig when the flags ask for more than one engine process, else None (one engine process)."""
+    from kestrel.cluster.client import ClusterConfig
+
+    if (args.instances == 1 and not args.prefill_instances and not args.decode_instances and not args.ray_address
+            and args.migration == "off" and args.router in ("least-load", "round-robin")):
+        return None
+    return ClusterConfig(instances=args.instances, prefill_instances=args.prefill_instances,
+                         decode_instances=args.decode_instances, router=args.router, migration=args.migration == "on",
+                         migration_gap=args.migration_gap, ray_address=args.ray_address,
+                         cpus_per_instance=args.cpus_per_instance, gpus_per_instance=args.gpus_per_instance)
 
 
 def arena_config_from_args(args: argparse.Namespace):
@@ -260,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="how the arena picks the two models of a battle")
     serve.add_argument("--arena-rate-limit", type=int, default=30, help="battles and votes per client a minute")
     add_engine_args(serve)
+    add_cluster_args(serve)
     from kestrel.bench.client import add_bench_args
     bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible server under load")
     add_bench_args(bench)

@@ -56,7 +56,10 @@ class Call:
     kwargs: dict
 
 
-CALLABLE = ("load_lora", "unload_lora", "flush_cache")  # what a Call may run
+CALLABLE = ("load_lora", "unload_lora", "flush_cache", "kv_accounting",  # what a Call may run
+            # moving requests between engines (kestrel/engine/handoff.py)
+            "handoffs.export_kv", "handoffs.suspend", "handoffs.commit", "handoffs.resume", "handoffs.reserve",
+            "handoffs.write", "handoffs.adopt", "handoffs.cancel", "handoffs.candidates")
 Command = Union[Submit, Abort, Stop, Call]
 Deliver = Callable[[list[StreamDelta], list[RequestOutput]], None]
 Reject = Callable[[str, BaseException], None]
@@ -68,8 +71,10 @@ class EngineFailed(RuntimeError):
 
 
 class EngineDriver:
-    def __init__(self, engine: Engine, deliver: Deliver, reject: Reject, respond: Optional[Respond] = None):
+    def __init__(self, engine: Engine, deliver: Deliver, reject: Reject, respond: Optional[Respond] = None,
+                 after_step: Optional[Callable[[Engine], None]] = None):
         self.engine = engine
+        self.after_step = after_step  # runs after each step's deltas are delivered (a prefill instance hands off)
         self.deliver = deliver
         self.reject = reject
         self.respond = respond or (lambda call_id, result, error: None)  # respond(call_id, result, error)
@@ -84,6 +89,7 @@ class EngineDriver:
                 commands = self._receive(inbox)
                 touched: set[str] = set()
                 self.engine.expire_pauses()
+                self.engine.handoffs.expire()
                 self._finish_reads()
                 for sub, error in self.compiling.ready():
                     if error is not None:
@@ -106,6 +112,8 @@ class EngineDriver:
                     touched |= stepped
                 if touched or commands:
                     self._deliver(touched)
+                if self.after_step is not None and touched:
+                    self.after_step(self.engine)
         except Exception as e:
             log.exception("the engine driver failed; failing every request it holds")
             self._fail_everything(e)
@@ -135,7 +143,10 @@ class EngineDriver:
         if call.method == "load_lora":  # read the adapter's files in the background while the engine computes
             self.reading.append((call, self.engine.loras.read_async(**call.kwargs)))
             return
-        self._finish(call, lambda: getattr(self.engine, call.method)(**call.kwargs))
+        target = self.engine
+        for name in call.method.split("."):
+            target = getattr(target, name)
+        self._finish(call, lambda: target(**call.kwargs))
 
     def _finish_reads(self) -> None:
         for call, fut in [(c, f) for c, f in self.reading if f.done()]:

@@ -19,6 +19,7 @@ from kestrel.engine.lookahead import (LookaheadSizes, LookaheadState, StepCost, 
                                       default_sizes)
 from kestrel.engine.output_processor import OutputProcessor
 from kestrel.engine.policy import make_policy
+from kestrel.engine.handoff import Handoffs
 from kestrel.engine.request import CompletionOutput, RequestOutput, Sequence, Status, TokenLogprob
 from kestrel.engine.runner import ModelRunner
 from kestrel.engine.sampler import Sampler
@@ -129,6 +130,7 @@ class Engine:
         self.output = OutputProcessor(self.tokenizer, eos, self.context_length)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, eos)
         self._requests: dict[str, list[Sequence]] = {}
+        self.handoffs = Handoffs(self)  # requests moving to or from other engines
         self._ids = itertools.count()
         self.stats = EngineStats()
         for name, path in cfg.lora_modules.items():
@@ -200,6 +202,13 @@ class Engine:
             raise ValueError("the cache is not flushed while requests are running or queued; retry when idle")
         self.pauses.release_all()  # paused conversations' K/V is cache too
         return self.cache.evict(self.cache.evictable_size)
+
+    def kv_accounting(self) -> dict:
+        """Where the pool's slots are: free, cached (evictable), reserved for incoming requests, held by requests."""
+        return dict(size=self.pool.size, free=self.pool.num_free, evictable=self.cache.evictable_size,
+                    reserved=self.handoffs.reserved_tokens, suspended=len(self.handoffs.suspended),
+                    requests=len(self._requests), running=len(self.scheduler.running),
+                    waiting=len(self.scheduler.waiting))
 
     def expire_pauses(self) -> int:
         """Release paused conversations past --pause-timeout (steps do it too; the driver calls it when idle)."""

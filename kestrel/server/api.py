@@ -117,7 +117,7 @@ def build_app(server: Server, arena=None) -> FastAPI:
     @app.get("/health")
     async def health():
         c = server.client
-        body = {"status": c.status(), "engine_pid": c.process.pid, "restarts": c.restarts}
+        body = {"status": c.status(), **c.health_info(), "restarts": c.restarts}
         if body["status"] != "ok":
             return JSONResponse(dict(body, reason=c.failure), status_code=503, headers={"Retry-After": "5"})
         return body

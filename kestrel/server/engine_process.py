@@ -92,13 +92,38 @@ def engine_load(engine) -> dict:
     s = engine.scheduler
     # "used" = held by requests (incl. locked prefixes); unlocked cached prefixes are free to evict
     used = engine.pool.size - engine.pool.num_free - engine.cache.evictable_size
-    return dict(running=len(s.running), waiting=len(s.waiting), kv_used=used, kv_size=engine.pool.size,
+    return dict(running=len(s.running), waiting=len(s.waiting), kv_used=used,
+                waiting_tokens=sum(q.total_len - q.num_computed for q in s.waiting),
+                high_priority=sum(q.priority < 0 for q in itertools.chain(s.waiting, s.running)), kv_size=engine.pool.size,
                 kv_free=engine.pool.num_free, kv_evictable=engine.cache.evictable_size,
                 kv_cached=engine.cache.total_size, retractions=s.num_retractions,
                 clients=s.clients.take_changed(), clients_tracked=len(s.clients.usage),
                 spec_steps=engine.take_spec_histogram(), paused=len(engine.pauses.paused),
                 paused_tokens=engine.cache.pinned_size, swap_bytes=engine.pauses.swapped_bytes,
                 pause_events=engine.pauses.stats.counts())
+
+
+class RestartBudget:
+    """Restarts with exponential backoff (0.5 s, 1 s, 2 s, ... up to 30 s), at most `max_restarts` within
+    RESTART_WINDOW seconds; past that the supervisor gives up."""
+
+    def __init__(self, max_restarts: int):
+        self.max_restarts = max_restarts
+        self.times: deque[float] = deque()
+
+    def next_delay(self) -> Optional[float]:
+        """Seconds to wait before the next attempt (which it counts), or None: give up."""
+        now = time.monotonic()
+        while self.times and now - self.times[0] > RESTART_WINDOW:
+            self.times.popleft()
+        if len(self.times) >= self.max_restarts:
+            return None
+        delay = min(30.0, 0.5 * 2 ** len(self.times))
+        self.times.append(now + delay)
+        return delay
+
+    def gave_up(self) -> str:
+        return f"gave up after {self.max_restarts} restarts in {RESTART_WINDOW:.0f} s"
 
 
 class EngineDead(RuntimeError):
@@ -135,7 +160,7 @@ class EngineClient:
         self.state = STARTING
         self.failure: Optional[str] = None  # why the engine is not ok, while it is not
         self.restarts = 0
-        self._restart_times: deque[float] = deque()
+        self._budget = RestartBudget(max_restarts)
         self._lock = threading.Lock()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._listeners = []
@@ -240,18 +265,14 @@ class EngineClient:
 
     def _restart(self) -> None:
         while True:
-            now = time.monotonic()
-            while self._restart_times and now - self._restart_times[0] > RESTART_WINDOW:
-                self._restart_times.popleft()
-            if len(self._restart_times) >= self.max_restarts:
+            delay = self._budget.next_delay()
+            if delay is None:
                 with self._lock:
                     self.state = FAILED
-                    self.failure = (f"{self.failure}; gave up after {self.max_restarts} restarts in "
-                                    f"{RESTART_WINDOW:.0f} s")
+                    self.failure = f"{self.failure}; {self._budget.gave_up()}"
                 log.error("engine: %s", self.failure)
                 return
-            time.sleep(min(30.0, 0.5 * 2 ** len(self._restart_times)))  # 0.5 s, 1 s, 2 s, ...
-            self._restart_times.append(time.monotonic())
+            time.sleep(delay)
             try:
                 self._start()
             except EngineStartError as e:
@@ -326,6 +347,9 @@ class EngineClient:
         self._streams.pop(rid, None)
         if abort:
             self.abort(rid)
+
+    def health_info(self) -> dict:
+        return {"engine_pid": self.process.pid}
 
     @property
     def alive(self) -> bool:

@@ -89,10 +89,30 @@ class Metrics:
         self.spec_tokens_per_step = Histogram(
             "kestrel:spec_decode_tokens_per_step", "Lookahead decoding: output tokens one sequence's step gave "
             "(1 + accepted draft tokens)", buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 16), registry=r)
+        # several instances (kestrel/cluster): each one's load, and the live migrations between them
+        self.instance_running = Gauge("kestrel:instance_requests_running", "Requests in an instance's running batch",
+                                      ["instance"], registry=r)
+        self.instance_waiting = Gauge("kestrel:instance_requests_waiting", "Requests waiting on an instance",
+                                      ["instance"], registry=r)
+        self.instance_kv_usage = Gauge("kestrel:instance_kv_cache_usage_perc", "Fraction of an instance's KV "
+                                       "slots held by requests", ["instance"], registry=r)
+        self.migrations = Counter("kestrel:migrations", "Live migrations of running requests between instances, "
+                                  "by outcome (done, gone, refused, failed)", ["outcome"], registry=r)
+        self.migration_downtime = Histogram("kestrel:migration_downtime_seconds", "Time a migrated request was "
+                                            "stopped (stop-and-copy of its last K/V)", buckets=LATENCY_BUCKETS,
+                                            registry=r)
         self.engine_restarts = Gauge("kestrel:engine_restarts", "Times the engine process was restarted after a "
                                      "failure", registry=r)
 
     def on_engine_load(self, load: dict) -> None:
+        for name, report in load.get("instances", {}).items():
+            self.instance_running.labels(instance=name).set(report.get("running", 0))
+            self.instance_waiting.labels(instance=name).set(report.get("waiting", 0))
+            self.instance_kv_usage.labels(instance=name).set(report.get("kv_used", 0) / max(1, report.get("kv_size", 1)))
+        for m in load.get("migrations", ()):
+            self.migrations.labels(outcome=m.outcome).inc()
+            if m.outcome == "done":
+                self.migration_downtime.observe(m.downtime)
         self.running.set(load["running"])
         self.waiting.set(load["waiting"])
         self.kv_usage.set(load["kv_used"] / max(1, load["kv_size"]))

@@ -1,0 +1,44 @@
+"""Prefill/decode disaggregation (DistServe) on Ray: a prefill instance computes the prompt and the first token,
+a decode instance goes on with the K/V it was handed; the result is the one engine's. Its own module: the
+2-instance deployment of test_cluster.py holds the local Ray's CPUs until that module ends."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kestrel import Engine, SamplingParams
+from kestrel.cluster.client import ClusterClient, ClusterConfig
+from kestrel.config import EngineConfig
+from tests.test_cluster import ENGINE, OTHER, PROMPT, assert_no_leaks, expected, stream, wait_idle
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir):
+    return Engine(tiny_llama_dir, disable_radix_cache=True, **ENGINE)
+
+
+def test_disaggregated_prefill_then_decode_is_exact(tiny_llama_dir, reference):
+    c = ClusterClient(EngineConfig(model=tiny_llama_dir, **ENGINE),
+                      ClusterConfig(prefill_instances=1, decode_instances=1, cpus_per_instance=1))
+    try:
+        params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+        seeded = SamplingParams(max_tokens=40, temperature=1.0, seed=9, ignore_eos=True)
+
+        async def main():  # the sampled one alone (see test_cluster's exactness test)
+            return [*await asyncio.gather(stream(c, "d1", PROMPT, params),
+                                          stream(c, "d3", PROMPT[:9], SamplingParams(max_tokens=1))),
+                    await stream(c, "d2", OTHER, seeded)]
+        results = asyncio.run(main())
+        results = [results[0], results[2], results[1]]
+        assert results[0][0] == expected(reference, PROMPT, params)
+        assert results[1][0] == expected(reference, OTHER, seeded)
+        assert len(results[2][0]) == 1  # done at its first token: it never leaves the prefill instance
+        states = wait_idle(c)
+        assert states["prefill-0"]["evictable"] >= len(PROMPT)  # the prefill instance keeps prompts cached
+        assert states["decode-0"]["evictable"] >= len(PROMPT) + 49  # and the decode instance what it decoded
+        decode = next(h for h in c.handles if h.role == "decode")
+        assert decode.info["role"] == "decode"
+        assert_no_leaks(c)
+    finally:
+        c.shutdown()
