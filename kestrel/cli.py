@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import typing
@@ -144,6 +145,38 @@ def cluster_config_from_args(args: argparse.Namespace):
                          decode_instances=args.decode_instances, router=args.router, migration=args.migration == "on",
                          migration_gap=args.migration_gap, ray_address=args.ray_address,
                          cpus_per_instance=args.cpus_per_instance, gpus_per_instance=args.gpus_per_instance)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kestrel.cluster.plan import CostModel, Workload, measure, plan
+
+    for name in ("slo_ttft", "slo_tpot"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds")
+    if not 1 <= args.max_instances <= 16:
+        raise ValueError("--max-instances must be between 1 and 16")
+    workload = Workload.load(args.workload)
+    config = engine_config_from_args(args)
+    cost = CostModel.load(args.profile) if args.profile else measure(config)
+    if args.save_profile:
+        cost.save(args.save_profile)
+    options = plan(cost, config, workload, args.slo_ttft, args.slo_tpot, args.max_instances, args.attainment)
+    if args.format == "json":
+        print(json.dumps({"cost_model": dataclasses.asdict(cost), "options": [
+            dict(dataclasses.asdict(o), per_instance=o.per_instance, label=o.label) for o in options]}, indent=1))
+        return 0
+    print(f"cost model: {cost.step * 1e3:.2f} ms + {cost.per_token * 1e3:.3f} ms/token + "
+          f"{cost.per_context * 1e6:.3f} us/context token; KV pool {cost.kv_tokens} tokens")
+    print(f"{len(workload.lengths)} requests; SLOs: TTFT <= {args.slo_ttft:g} s, TPOT <= {args.slo_tpot:g} s, "
+          f"for {args.attainment:.0%} of requests")
+    print(f"{'deployment':<22} {'goodput req/s':>14} {'per instance':>13}")
+    for o in options:
+        print(f"{o.label:<22} {o.goodput:>14.3f} {o.per_instance:>13.3f}")
+    best = options[0]
+    flags = (f"--instances {best.instances}" if best.prefill == 0
+             else f"--prefill-instances {best.prefill} --decode-instances {best.decode}")
+    print(f"best: {best.label}  ->  kestrel serve {flags}")
+    return 0
 
 
 def arena_config_from_args(args: argparse.Namespace):
@@ -301,6 +334,20 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--arena-rate-limit", type=int, default=30, help="battles and votes per client a minute")
     add_engine_args(serve)
     add_cluster_args(serve)
+    planp = sub.add_parser("plan", help="plan a deployment by simulation")
+    plan_sub = planp.add_subparsers(dest="plan_command", required=True)
+    dis = plan_sub.add_parser("disaggregation", help="choose the prefill:decode split (DistServe) that gives the most "
+                                                     "goodput per instance under the SLOs")
+    dis.add_argument("--workload", required=True, help="JSON list of {prompt_tokens, output_tokens[, arrival]}")
+    dis.add_argument("--slo-ttft", type=float, required=True, help="time-to-first-token SLO, seconds")
+    dis.add_argument("--slo-tpot", type=float, required=True, help="time-per-output-token SLO, seconds")
+    dis.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet both SLOs")
+    dis.add_argument("--max-instances", type=int, default=4)
+    dis.add_argument("--profile", default=None, help="a cost model saved by --save-profile (default: measure the "
+                                                     "model's step times now, about a minute)")
+    dis.add_argument("--save-profile", default=None, help="write the measured cost model here")
+    dis.add_argument("--format", default="table", choices=["table", "json"])
+    add_engine_args(dis)
     from kestrel.bench.client import add_bench_args
     bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible server under load")
     add_bench_args(bench)
@@ -361,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "sql":
             return cmd_sql(args)
+        if args.command == "plan":
+            return cmd_plan(args)
         if args.command == "arena":
             return cmd_arena(args)
         if args.command == "judge":

@@ -1,7 +1,7 @@
 """The real scheduler, KV pool, radix cache and policy driven by a model-free runner.
 
-Each step costs `step_cost + token_cost * tokens` simulated seconds and every sequence that reaches the
-end of its pending tokens "samples" a fixed token. Scheduling decisions are exactly the engine's, so
+Each step costs `step_cost + token_cost * tokens + context_cost * (context tokens the step's rows attend to)`
+simulated seconds and every sequence that reaches the end of its pending tokens "samples" a fixed token. Scheduling decisions are exactly the engine's, so
 policies can be studied and tested deterministically without weights (and fast).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from kestrel.cache.radix_cache import RadixCache
 from kestrel.config import EngineConfig
 from kestrel.engine.clients import ANONYMOUS
 from kestrel.engine.policy import make_policy
-from kestrel.engine.request import Sequence
+from kestrel.engine.request import Sequence, Status
 from kestrel.engine.sampling_params import SamplingParams
 from kestrel.engine.scheduler import ScheduledBatch, Scheduler
 
@@ -37,6 +37,8 @@ class Simulator:
     step_cost: float = 0.01  # seconds per step
     token_cost: float = 0.0005  # seconds per token in the step
     output_token: int = 7  # what every "sample" produces
+    context_cost: float = 0.0  # seconds per context token attended to (decode attention reads the whole context)
+    hand_off: bool = False  # a prefill instance: a request leaves once it has its first token (`handed_off`)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -50,6 +52,7 @@ class Simulator:
         self.requests: list[SimulatedRequest] = []
         self._active: dict[int, SimulatedRequest] = {}  # id(seq) -> request, until it finishes
         self._ids = itertools.count()
+        self.handed_off: list[SimulatedRequest] = []  # with hand_off: in the order their first token came
 
     def add(self, prompt_ids: list[int], max_tokens: int, client: str = ANONYMOUS, priority: int = 0) -> SimulatedRequest:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -64,10 +67,49 @@ class Simulator:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def adopt(self, prompt_ids: list[int], output: int, max_tokens: int, arrival: float) -> SimulatedRequest:
+        """A request handed over with its K/V (prompt and `output` tokens generated elsewhere): it joins the
+        running batch at once, its slots taken as a migration's reservation takes them."""
+        s = self.scheduler
+        req = self.add(prompt_ids, max_tokens)
+        seq = req.seq
+        s.waiting.remove(seq)
+        s.clients.queued(seq.client, -1)
+        seq.output_ids = [self.output_token] * output
+        n = seq.total_len - 1
+        if not s._ensure_free(n) or not s._room_for_another():
+            raise MemoryError("no room for a handed-over request")
+        seq.row = self.table.alloc()
+        self.table.write(seq.row, 0, self.pool.alloc(n))
+        seq.num_computed = seq.num_slots = n
+        seq.status = Status.RUNNING
+        seq.admitted_once = True
+        s.running.append(seq)
+        req.arrival = arrival
+        return req
+
+    def run(self, arrivals: list[tuple[float, list[int], int]]) -> list[SimulatedRequest]:
+        """Replay (arrival time, prompt, max_tokens) requests to the end; returns them in arrival order."""
+        pending = sorted(arrivals, key=lambda a: a[0])
+        out, i = [], 0
+        while i < len(pending) or self.has_work():
+            while i < len(pending) and pending[i][0] <= self.now:
+                req = self.add(pending[i][1], pending[i][2])
+                req.arrival = pending[i][0]
+                out.append(req)
+                i += 1
+            if self.has_work():
+                self.step()
+            elif i < len(pending):
+                self.now = pending[i][0]
+        return out
+
     def step(self) -> ScheduledBatch:
         """One scheduling step; advances the simulated clock by its cost (or by step_cost when idle)."""
         batch = self.scheduler.schedule()
-        self.now += self.step_cost + self.token_cost * batch.num_tokens
+        context = sum(seq.num_computed + 1 for seq in batch.decode) + sum(
+            seq.num_computed + chunk for seq, chunk in batch.prefill)
+        self.now += self.step_cost + self.token_cost * batch.num_tokens + self.context_cost * context
         if batch.empty:
             return batch
         sampling = self.scheduler.advance(batch)
@@ -82,4 +124,8 @@ class Simulator:
                 req.finish = self.now
                 self.scheduler.finish(seq)
                 del self._active[id(seq)]
+            elif self.hand_off:  # its K/V goes to a decode instance; the prompt stays cached here
+                self.scheduler.finish(seq)
+                del self._active[id(seq)]
+                self.handed_off.append(req)
         return batch

@@ -1,0 +1,263 @@
+"""`kestrel plan disaggregation`: choose the prefill:decode split by simulation (DistServe's placement search).
+
+A cost model of one instance's step time, `step + per_token * tokens + per_context * context tokens`, is fitted
+by least squares to step times measured on the real engine (or read from a saved profile). The model-free
+simulator (kestrel/engine/simulator.py: the real scheduler, pool and radix cache) then replays the workload's
+request lengths at Poisson arrival rates on each deployment: n colocated instances, or p prefill instances
+handing each request after its first token to d decode instances. Goodput is the highest rate at which at
+least `attainment` of the requests meet both SLOs (TTFT, and TPOT over the rest of the output); the split with
+the most goodput per instance wins.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from kestrel.config import EngineConfig
+from kestrel.engine.simulator import Simulator
+
+RATE_STEPS = 12  # bisection steps of the goodput search
+
+
+@dataclass
+class CostModel:
+    """Seconds one step of an instance takes."""
+
+    step: float
+    per_token: float
+    per_context: float
+    kv_tokens: int  # the instance's KV pool
+    transfer_per_token: float = 0.0  # seconds to move one token's K/V from a prefill to a decode instance
+
+    @classmethod
+    def fit(cls, samples: list[tuple[int, int, float]], kv_tokens: int, transfer_per_token: float = 0.0):
+        """Least squares over (tokens, context tokens, seconds), coefficients kept non-negative."""
+        a = np.array([[1.0, t, c] for t, c, _ in samples])
+        y = np.array([s for _, _, s in samples])
+        coef = np.linalg.lstsq(a, y, rcond=None)[0]
+        coef = np.maximum(coef, 0.0)
+        return cls(float(coef[0]), float(coef[1]), float(coef[2]), kv_tokens, transfer_per_token)
+
+    def seconds(self, tokens: int, context: int) -> float:
+        return self.step + self.per_token * tokens + self.per_context * context
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> "CostModel":
+        with open(path) as f:
+            return cls(**json.load(f))
+
+
+def measure(config: EngineConfig, progress: bool = True) -> CostModel:
+    """Time the real engine's steps: prefills of 16..1024 tokens and decode steps of 1..32 rows at contexts of
+    64..1024 tokens, and fit the cost model to them."""
+    from tqdm import tqdm
+
+    from kestrel.engine.engine import Engine
+    from kestrel.engine.sampling_params import SamplingParams
+
+    engine = Engine(config=dataclasses.replace(config, disable_radix_cache=True))
+    rng = random.Random(0)
+    prompt = lambda n: [rng.randrange(100, engine.vocab_size - 100) for _ in range(n)]  # noqa: E731
+    limit = min(1024, engine.config.chunked_prefill_size, engine.pool.size // 4)
+    prefills = [t for t in (16, 64, 128, 256, 512, 1024) if t <= limit]
+    decodes = [(b, c) for b in (1, 4, 16, 32) for c in (64, 256, 1024)
+               if b * c <= 8192 and b * (c + 8) < engine.pool.size and c + 8 < engine.context_length]
+    samples: list[tuple[int, int, float]] = []
+    bar = tqdm(total=len(prefills) + len(decodes), desc="profiling steps", unit="shape", disable=not progress)
+    for t in prefills:
+        for _ in range(3):
+            rid = engine.add_request(prompt(t), SamplingParams(max_tokens=1))
+            start = time.perf_counter()
+            engine.step()
+            samples.append((t, t, time.perf_counter() - start))
+            engine.abort(rid)
+            engine.get_output(rid, pop=True)
+        bar.update()
+    for b, c in decodes:
+        rids = [engine.add_request(prompt(c), SamplingParams(max_tokens=8, ignore_eos=True)) for _ in range(b)]
+        while any(len(engine._requests[r][0].output_ids) == 0 for r in rids):
+            engine.step()
+        for _ in range(4):
+            start = time.perf_counter()
+            engine.step()
+            samples.append((b, b * (c + 2), time.perf_counter() - start))
+        for r in rids:
+            engine.abort(r)
+            engine.get_output(r, pop=True)
+        bar.update()
+    bar.close()
+    # moving K/V between instances: the handoff's copy out and in, per token
+    kv = engine.pool.caches
+    slots = list(range(1, min(1024, engine.pool.size)))
+    import torch
+    idx = torch.tensor(slots)
+    start = time.perf_counter()
+    for _ in range(3):
+        for k, v in kv:
+            k.index_copy_(0, idx, k.index_select(0, idx))
+            v.index_copy_(0, idx, v.index_select(0, idx))
+    per_token = (time.perf_counter() - start) / 3 / len(slots)
+    return CostModel.fit(samples, engine.pool.size, per_token)
+
+
+@dataclass
+class Workload:
+    """Request lengths (prompt tokens, output tokens) and the rate they were recorded at."""
+
+    lengths: list[tuple[int, int]]
+    rate: Optional[float] = None  # requests per second in the trace, when it has arrival times
+
+    @classmethod
+    def load(cls, path: str) -> "Workload":
+        """A JSON list (or {"requests": [...]}) of objects with prompt_tokens / input_len and output_tokens /
+        output_len, and optionally arrival (seconds)."""
+        with open(path) as f:
+            data = json.load(f)
+        rows = data["requests"] if isinstance(data, dict) else data
+        if not isinstance(rows, list) or not rows:
+            raise ValueError(f"{path}: expected a non-empty list of requests")
+        lengths, arrivals = [], []
+        for i, r in enumerate(rows):
+            p = r.get("prompt_tokens", r.get("input_len", r.get("prompt_len")))
+            o = r.get("output_tokens", r.get("output_len", r.get("max_tokens")))
+            if not isinstance(p, int) or not isinstance(o, int) or p < 1 or o < 1:
+                raise ValueError(f"{path}: request {i} needs prompt_tokens >= 1 and output_tokens >= 1, got {r}")
+            lengths.append((p, o))
+            if "arrival" in r:
+                arrivals.append(float(r["arrival"]))
+        span = max(arrivals) - min(arrivals) if len(arrivals) == len(rows) and len(rows) > 1 else 0.0
+        return cls(lengths, (len(rows) - 1) / span if span > 0 else None)
+
+    def arrivals(self, rate: float, seed: int = 0) -> list[tuple[float, int, int]]:
+        """The requests at Poisson arrivals of `rate` per second: (time, prompt tokens, output tokens)."""
+        rng = random.Random(seed)
+        t, out = 0.0, []
+        for p, o in self.lengths:
+            t += rng.expovariate(rate)
+            out.append((t, p, o))
+        return out
+
+
+def _prompt(i: int, n: int) -> list[int]:
+    return [(i * 7919 + j) % 30000 + 1 for j in range(n)]  # distinct per request: no accidental prefix hits
+
+
+def _simulator(cost: CostModel, config: EngineConfig, context: int, hand_off: bool = False) -> Simulator:
+    cfg = dataclasses.replace(config, max_total_tokens=cost.kv_tokens)
+    return Simulator(cfg, context, cost.step, cost.per_token, context_cost=cost.per_context, hand_off=hand_off)
+
+
+def colocated(cost: CostModel, config: EngineConfig, requests: list, instances: int) -> list[tuple[float, float]]:
+    """(TTFT, TPOT) of each request on `instances` colocated instances (round-robin dispatch)."""
+    context = max(p + o for _, p, o in requests) + 1
+    out = []
+    for k in range(instances):
+        sim = _simulator(cost, config, context)
+        mine = [(t, _prompt(i, p), o) for i, (t, p, o) in enumerate(requests) if i % instances == k]
+        for req in sim.run(mine):
+            out.append(_latencies(req.arrival, req.first_token, req.finish, req.seq.params.max_tokens))
+    return out
+
+
+def disaggregated(cost: CostModel, config: EngineConfig, requests: list, prefill: int, decode: int
+                  ) -> list[tuple[float, float]]:
+    """(TTFT, TPOT) of each request on `prefill` prefill instances handing over to `decode` decode instances."""
+    context = max(p + o for _, p, o in requests) + 1
+    handed: list = []
+    out = []
+    for k in range(prefill):
+        sim = _simulator(cost, config, context, hand_off=True)
+        mine = [(t, _prompt(i, p), o) for i, (t, p, o) in enumerate(requests) if i % prefill == k]
+        for req in sim.run(mine):
+            if req.finish is not None:  # one output token: done at the prefill instance
+                out.append(_latencies(req.arrival, req.first_token, req.finish, 1))
+        handed += sim.handed_off
+    handed.sort(key=lambda r: r.first_token)
+    for k in range(decode):
+        sim = _simulator(cost, config, context)
+        mine = [r for i, r in enumerate(handed) if i % decode == k]
+        events = [(r.first_token + cost.transfer_per_token * len(r.seq.prompt_ids), r) for r in mine]
+        adopted, i = [], 0
+        while i < len(events) or sim.has_work():
+            while i < len(events) and events[i][0] <= sim.now:
+                r = events[i][1]
+                try:
+                    adopted.append((r, sim.adopt(r.seq.prompt_ids, 1, r.seq.params.max_tokens, r.arrival)))
+                except MemoryError:  # no room yet: it waits for the next step's frees
+                    if sim.has_work():
+                        break
+                    out.append((float("inf"), float("inf")))  # it can never fit: it misses its SLOs
+                i += 1
+            if sim.has_work():
+                sim.step()
+            elif i < len(events):
+                sim.now = max(sim.now, events[i][0])
+        for first, req in adopted:
+            out.append(_latencies(first.arrival, first.first_token, req.finish, req.seq.params.max_tokens))
+    return out
+
+
+def _latencies(arrival: float, first: float, finish: float, outputs: int) -> tuple[float, float]:
+    return first - arrival, (finish - first) / (outputs - 1) if outputs > 1 else 0.0
+
+
+def attainment(latencies: list[tuple[float, float]], slo_ttft: float, slo_tpot: float) -> float:
+    return sum(t <= slo_ttft and p <= slo_tpot for t, p in latencies) / max(1, len(latencies))
+
+
+def goodput(run: Callable[[float], list], slo_ttft: float, slo_tpot: float, target: float = 0.9) -> float:
+    """The highest arrival rate (requests/s) at which `target` of the requests meet both SLOs."""
+    ok = lambda rate: attainment(run(rate), slo_ttft, slo_tpot) >= target  # noqa: E731
+    lo, hi = 0.0, 0.5
+    while ok(hi):
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            return hi
+    for _ in range(RATE_STEPS):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+@dataclass
+class Option:
+    prefill: int  # 0: colocated
+    decode: int
+    instances: int
+    goodput: float  # requests/s of the whole deployment
+
+    @property
+    def per_instance(self) -> float:
+        return self.goodput / self.instances
+
+    @property
+    def label(self) -> str:
+        return f"{self.instances} colocated" if self.prefill == 0 else f"{self.prefill} prefill + {self.decode} decode"
+
+
+def plan(cost: CostModel, config: EngineConfig, workload: Workload, slo_ttft: float, slo_tpot: float,
+         max_instances: int = 4, target: float = 0.9, progress: bool = True) -> list[Option]:
+    """Goodput of every deployment of up to `max_instances`: colocated, and each prefill:decode split; best first."""
+    from tqdm import tqdm
+
+    shapes = [(0, n) for n in range(1, max_instances + 1)]
+    shapes += [(p, n - p) for n in range(2, max_instances + 1) for p in range(1, n)]
+    options = []
+    for p, d in tqdm(shapes, desc="simulating deployments", disable=not progress):
+        if p == 0:
+            run = lambda rate, d=d: colocated(cost, config, workload.arrivals(rate), d)  # noqa: E731
+            options.append(Option(0, d, d, goodput(run, slo_ttft, slo_tpot, target)))
+        else:
+            run = lambda rate, p=p, d=d: disaggregated(cost, config, workload.arrivals(rate), p, d)  # noqa: E731
+            options.append(Option(p, d, p + d, goodput(run, slo_ttft, slo_tpot, target)))
+    return sorted(options, key=lambda o: (-o.per_instance, o.instances))

@@ -1,0 +1,149 @@
+"""The pieces of the cluster that need no Ray: dispatch policies, the migration trigger, the handoff of a request
+between two in-process engines (reservations, refusals, expiry), and `kestrel plan disaggregation`."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from kestrel import Engine, SamplingParams
+from kestrel.cluster.dispatch import Dispatcher, Load, migration_pair
+from kestrel.cluster.plan import CostModel, Workload, colocated, disaggregated, goodput, plan
+from kestrel.config import EngineConfig
+from kestrel.engine.handoff import HandoffRefused
+
+A, B = SimpleNamespace(name="a"), SimpleNamespace(name="b")
+
+
+def loads(a: dict, b: dict) -> dict:
+    out = {"a": Load(), "b": Load()}
+    out["a"].update(dict(dict(kv_size=1000), **a))
+    out["b"].update(dict(dict(kv_size=1000), **b))
+    return out
+
+
+def test_least_load_counts_queued_demand_priority_headroom_and_what_it_sent():
+    d = Dispatcher("least-load")
+    assert d.choose([A, B], loads(dict(kv_used=500, running=2), dict(kv_used=100, running=2)), [1]) is B
+    # b holds less KV but has 800 tokens queued: a is freer
+    assert d.choose([A, B], loads(dict(kv_used=300, running=2), dict(kv_used=100, running=2, waiting=2,
+                                                                    waiting_tokens=800)), [1]) is A
+    # a high-priority request on b keeps headroom around it
+    assert d.choose([A, B], loads(dict(kv_used=300, running=1), dict(kv_used=200, running=1, high_priority=1)),
+                    [1]) is A
+    ls = loads(dict(kv_used=100, running=1), dict(kv_used=100, running=1))
+    first = d.choose([A, B], ls, [1] * 300)
+    ls[first.name].sent_tokens += 300
+    ls[first.name].sent_requests += 1
+    assert d.choose([A, B], ls, [1]) is not first  # a burst does not all land on one instance
+
+
+def test_cache_aware_follows_the_longest_prefix_unless_unbalanced():
+    d = Dispatcher("cache-aware")
+    system = list(range(100, 164))
+    ls = loads(dict(running=1), dict(running=0))
+    first = d.choose([A, B], ls, system + [1, 2, 3])
+    assert first is B  # nothing cached anywhere: least load
+    for i in range(5):  # the same system prompt follows its cache although A is as free
+        assert d.choose([A, B], loads(dict(running=0), dict(running=0)), system + [i] * 20) is B
+    assert d.choose([A, B], loads(dict(running=0), dict(running=0)), list(range(900, 960))) is A  # none: least load
+    assert d.choose([A, B], loads(dict(running=0), dict(running=40)), system + [9] * 20) is A  # b is swamped
+    rr = Dispatcher("round-robin")
+    assert [rr.choose([A, B], ls, [1]).name for _ in range(4)] == ["a", "b", "a", "b"]
+    with pytest.raises(ValueError, match="router must be one of"):
+        Dispatcher("random")
+
+
+def test_migration_trigger_needs_a_gap_and_something_to_move():
+    assert migration_pair([A, B], loads(dict(kv_used=900, running=3), dict(kv_used=100, running=1)), 0.25) == (A, B)
+    assert migration_pair([A, B], loads(dict(kv_used=400, running=3), dict(kv_used=300, running=1)), 0.25) is None
+    assert migration_pair([A, B], loads(dict(kv_used=900, running=1), dict(kv_used=0)), 0.25) is None  # lone request
+    assert migration_pair([A, B], loads(dict(kv_used=900, running=1, waiting=1, waiting_tokens=100),
+                                        dict(kv_used=0)), 0.25) == (A, B)  # ... unless others queue behind it
+    assert migration_pair([A], loads(dict(kv_used=900, running=3), {}), 0.25) is None
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_llama_dir):
+    kw = dict(dtype="float32", max_total_tokens=600, num_threads=1)
+    return Engine(tiny_llama_dir, **kw), Engine(tiny_llama_dir, **kw)
+
+
+def accounted(e: Engine) -> bool:
+    s = e.kv_accounting()
+    return s["free"] + s["evictable"] == s["size"] and s["reserved"] == 0 and s["suspended"] == 0
+
+
+def test_handoff_refusals_free_everything(engines, monkeypatch):
+    a, b = engines
+    prompt = list(range(200, 420))
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    rid = a.add_request(prompt, params, request_id="moving")
+    with pytest.raises(HandoffRefused, match="is not running"):  # still waiting for admission
+        a.handoffs.export_kv(rid, 0)
+    while not a._requests[rid][0].output_ids:
+        a.step()
+    with pytest.raises(HandoffRefused, match="not in this engine"):
+        a.handoffs.suspend("nobody", 0)
+    assert not b.handoffs.reserve("big", 601)  # more than the destination's pool: refused, nothing held
+    state, kv = a.handoffs.suspend(rid, 0)
+    b.handoffs.reserve("m", 100)
+    b.add_request(list(range(500, 900)), SamplingParams(max_tokens=150), request_id="filler")  # the destination fills up meanwhile
+    b.step()
+    with pytest.raises(HandoffRefused, match="no room"):
+        b.handoffs.adopt("m", state, 0, kv)
+    assert b.handoffs.reserved_tokens == 0  # a refused adoption frees its reservation
+    a.handoffs.resume(rid)  # the request goes on where it was
+    while a.has_unfinished() or b.has_unfinished():
+        a.step(), b.step()
+    out = a.get_output(rid, pop=True)
+    b.get_output("filler", pop=True)
+    ref = a.generate([prompt], params)[0]
+    assert out.token_ids == ref.token_ids
+    # a reservation whose source died is freed after its time to live
+    assert b.handoffs.reserve("orphan", 50) and b.handoffs.reserved_tokens == 50
+    monkeypatch.setattr("kestrel.engine.handoff.RESERVATION_TTL", 0.0)
+    b.handoffs.expire()
+    assert accounted(a) and accounted(b)
+
+
+def test_cost_model_fit_recovers_its_coefficients():
+    samples = [(t, c, 0.01 + 0.002 * t + 1e-6 * c) for t in (1, 8, 64, 512) for c in (64, 1024, 8000)]
+    m = CostModel.fit(samples, kv_tokens=4096)
+    assert m.step == pytest.approx(0.01, rel=1e-6) and m.per_token == pytest.approx(0.002, rel=1e-6)
+    assert m.per_context == pytest.approx(1e-6, rel=1e-4)
+
+
+def test_plan_prefers_disaggregation_where_prefill_stalls_decode(tmp_path):
+    # long prompts and a tight TPOT: on colocated instances every prefill stalls the decodes beside it
+    # (DistServe's interference); on a decode instance nothing does, so 1 + 1 beats 2 colocated
+    cost = CostModel(step=0.005, per_token=0.0004, per_context=0.0, kv_tokens=40000)
+    work = Workload([(1500, 100)] * 80)
+    config = EngineConfig(chunked_prefill_size=2048)
+    co = goodput(lambda r: colocated(cost, config, work.arrivals(r), 2), 3.0, 0.008)
+    dis = goodput(lambda r: disaggregated(cost, config, work.arrivals(r), 1, 1), 3.0, 0.008)
+    assert dis > 1.5 * co
+    # with a TTFT bound one prefill instance cannot meet, two colocated instances (twice the prefill) win
+    assert goodput(lambda r: disaggregated(cost, config, work.arrivals(r), 1, 1), 1.0, 0.1) < goodput(
+        lambda r: colocated(cost, config, work.arrivals(r), 2), 1.0, 0.1)
+    # short prompts: nothing to separate, colocation wins per instance
+    short = Workload([(20, 100)] * 80)
+    best = plan(cost, config, short, 1.0, 0.05, max_instances=2, progress=False)[0]
+    assert best.prefill == 0
+    # the CLI, on a saved profile
+    cost.save(tmp_path / "cost.json")
+    (tmp_path / "trace.json").write_text(json.dumps([{"prompt_tokens": 1500, "output_tokens": 100}] * 40))
+    out = subprocess.run([sys.executable, "-m", "kestrel.cli", "plan", "disaggregation", "--workload",
+                          str(tmp_path / "trace.json"), "--slo-ttft", "3", "--slo-tpot", "0.008", "--profile",
+                          str(tmp_path / "cost.json"), "--max-instances", "2", "--format", "json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    options = json.loads(out.stdout)["options"]
+    assert options[0]["label"] == "1 prefill + 1 decode" and len(options) == 3
+    bad = subprocess.run([sys.executable, "-m", "kestrel.cli", "plan", "disaggregation", "--workload",
+                          str(tmp_path / "trace.json"), "--slo-ttft", "0", "--slo-tpot", "0.02", "--profile",
+                          str(tmp_path / "cost.json")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--slo-ttft must be > 0" in bad.stderr
