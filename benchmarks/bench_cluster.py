@@ -1,0 +1,182 @@
+"""Two instances of the embedded model, one core each, on a local Ray: dispatch policies, live migration, and
+prefill/decode disaggregation, each against its baseline in one run.
+
+    .venv/bin/python benchmarks/bench_cluster.py [--quick] [--part llumnix,cache,distserve]
+
+- llumnix: long and short requests arriving in bursts near capacity; round-robin vs least-load vs llumnix
+  (least-load + migration): P99 TTFT, P99 TPOT, mean e2e, preemptions, migrations and their downtime.
+- cache: the shared-prefix workload; round-robin vs cache-aware: prefix hit rate and throughput.
+- distserve: goodput (requests/s meeting both SLOs) colocated vs disaggregated at the split `kestrel plan
+  disaggregation` picks, over a sweep of rates, with the simulator's prediction beside each measurement.
+Writes benchmarks/results/cluster.json and cluster.png.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+
+import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import cpu_name, save_results, serve_process, stop_process  # noqa: E402
+from kestrel.bench.client import run_load, summarize  # noqa: E402
+from kestrel.bench.workloads import BenchRequest, _words, shared_prefix_workload  # noqa: E402
+
+PORT = 30321
+SLO_TTFT, SLO_TPOT = 2.0, 0.15
+
+
+def serve(flags: list[str]):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "kestrel.cli", "serve", "--port", str(PORT), "--cpus-per-instance", "1", *flags]
+    return serve_process(cmd, PORT, env)
+
+
+def metrics() -> dict[str, float]:
+    out = {}
+    for line in httpx.get(f"http://127.0.0.1:{PORT}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def bursty(num: int, seed: int = 0) -> list[BenchRequest]:
+    """One long request (1200-token prompt, 200 tokens out) in five; the rest short (100 -> 40)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(num):
+        long = i % 5 == 0
+        out.append(BenchRequest([{"role": "user", "content": _words(rng, int((1200 if long else 100) / 1.3))}],
+                                200 if long else 40))
+    return out
+
+
+def run(requests, rate: float) -> tuple[dict, dict]:
+    before = metrics()
+    results, duration = asyncio.run(run_load(f"http://127.0.0.1:{PORT}", "default", requests, rate, None, None))
+    after = metrics()
+    summary = summarize(results, duration, SLO_TTFT, SLO_TPOT)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if "migration" in k or "preemptions" in k
+             or "prefix_cache" in k}
+    return summary, delta
+
+
+def part_llumnix(quick: bool) -> dict:
+    n, rate = (30, 1.5) if quick else (80, 2.0)
+    out = {}
+    for label, flags in [("round-robin", ["--router", "round-robin"]), ("least-load", ["--router", "least-load"]),
+                         ("llumnix", ["--router", "llumnix"])]:
+        proc = serve(["--instances", "2", *flags])
+        try:
+            summary, delta = run(bursty(n), rate)
+        finally:
+            stop_process(proc)
+        done = delta.get("kestrel:migrations_total{outcome=\"done\"}", 0)
+        out[label] = dict(p99_ttft_ms=summary["ttft"].get("p99_ms"), p99_tpot_ms=summary["tpot"].get("p99_ms"),
+                          mean_e2e_ms=summary["e2e_latency"].get("mean_ms"),
+                          preemptions=delta.get("kestrel:num_preemptions_total", 0), migrations=done,
+                          mean_downtime_ms=1000 * delta.get("kestrel:migration_downtime_seconds_sum", 0) / done
+                          if done else None, failed=summary["failed"])
+        print(label, json.dumps(out[label]), flush=True)
+    return out
+
+
+def part_cache(quick: bool) -> dict:
+    work = shared_prefix_workload(4, 6 if quick else 12, 512, 32, 64)
+    out = {}
+    for label in ("round-robin", "cache-aware"):
+        proc = serve(["--instances", "2", "--router", label])
+        try:
+            summary, delta = run(work, float("inf"))
+        finally:
+            stop_process(proc)
+        queries = delta.get("kestrel:prefix_cache_queries_total", 0)
+        out[label] = dict(hit_rate=delta.get("kestrel:prefix_cache_hits_total", 0) / queries if queries else None,
+                          output_tok_s=summary["output_token_throughput"], failed=summary["failed"])
+        print(label, json.dumps(out[label]), flush=True)
+    return out
+
+
+def part_distserve(quick: bool) -> dict:
+    from kestrel.cluster.plan import CostModel, Workload, colocated, disaggregated, goodput, measure, plan
+    from kestrel.config import EngineConfig
+
+    requests = bursty(24 if quick else 60, seed=1)
+    lengths = [(1200 if r.max_tokens == 200 else 100, r.max_tokens) for r in requests]
+    work = Workload(lengths)
+    config = EngineConfig(num_threads=1)
+    cost = measure(config)
+    options = plan(cost, config, work, SLO_TTFT, SLO_TPOT, max_instances=2)
+    split = next(o for o in options if o.prefill > 0)
+    print("plan:", [(o.label, round(o.goodput, 3)) for o in options], flush=True)
+    rates = [0.5, 1.0, 1.5, 2.0] if not quick else [0.5, 1.5]
+    out = {"plan": [dict(label=o.label, goodput=o.goodput) for o in options], "rates": {}}
+    for label, flags, sim in [
+            ("colocated", ["--instances", "2"], lambda r: colocated(cost, config, work.arrivals(r), 2)),
+            (split.label, ["--prefill-instances", str(split.prefill), "--decode-instances", str(split.decode)],
+             lambda r: disaggregated(cost, config, work.arrivals(r), split.prefill, split.decode))]:
+        proc = serve(flags)
+        try:
+            for rate in rates:
+                summary, _ = run(requests, rate)
+                from kestrel.cluster.plan import attainment
+                predicted = attainment(sim(rate), SLO_TTFT, SLO_TPOT)
+                measured = summary["goodput"] / max(1e-9, summary["request_throughput"])
+                out["rates"].setdefault(label, {})[rate] = dict(measured_attainment=measured,
+                                                               predicted_attainment=predicted,
+                                                               goodput=summary["goodput"])
+                print(label, rate, json.dumps(out["rates"][label][rate]), flush=True)
+        finally:
+            stop_process(proc)
+    out["predicted_goodput"] = {"colocated": goodput(lambda r: colocated(cost, config, work.arrivals(r), 2),
+                                                     SLO_TTFT, SLO_TPOT),
+                                split.label: split.goodput}
+    cost.save(os.path.join(tempfile.gettempdir(), "kestrel-cost.json"))
+    _ = CostModel
+    return out
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if "llumnix" in results:
+        names = list(results["llumnix"])
+        axes[0].bar(names, [results["llumnix"][n]["p99_ttft_ms"] or 0 for n in names])
+        axes[0].set_ylabel("P99 TTFT (ms)")
+        axes[0].set_title("dispatch and migration")
+    if "distserve" in results:
+        for label, by_rate in results["distserve"]["rates"].items():
+            rates = sorted(by_rate)
+            axes[1].plot(rates, [by_rate[r]["measured_attainment"] for r in rates], "o-", label=f"{label} measured")
+            axes[1].plot(rates, [by_rate[r]["predicted_attainment"] for r in rates], "x--", label=f"{label} predicted")
+        axes[1].set_xlabel("requests/s")
+        axes[1].set_ylabel("SLO attainment")
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--part", default="llumnix,cache,distserve")
+    args = ap.parse_args()
+    results = {"cpu": cpu_name()}
+    for part in args.part.split(","):
+        results[part] = {"llumnix": part_llumnix, "cache": part_cache, "distserve": part_distserve}[part](args.quick)
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    save_results(results, os.path.join(here, "cluster.json"))
+    plot(results, os.path.join(here, "cluster.png"))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
