@@ -152,8 +152,9 @@ class Instance:
     def write(self, mid: str, start: int, kv) -> None:
         self.call("handoffs.write", dict(mid=mid, start=start, kv=kv))
 
-    def adopt(self, mid: str, state, start: int, kv) -> None:
-        self.call("handoffs.adopt", dict(mid=mid, state=state, start=start, kv=kv))
+    def adopt(self, mid: str, state, start: int, kv) -> float:
+        """Seconds the request was out of any batch (Handoffs.adopt)."""
+        return self.call("handoffs.adopt", dict(mid=mid, state=state, start=start, kv=kv))
 
     def resume(self, rid: str, keep: bool = False) -> None:
         """The move failed: the request goes on here (`keep`: a prefill instance does not offer it again)."""

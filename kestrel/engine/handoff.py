@@ -46,6 +46,7 @@ class RequestState:
     lora: Optional[str]  # the adapter's name
     generator_state: Optional[torch.Tensor]  # its seeded sampler's generator
     num_kv: int  # tokens whose K/V travel with it
+    suspended_at: float = 0.0  # time.monotonic() when it left its source's batch (downtime starts)
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Handoffs:
         gen = seq.generator.get_state() if seq.generator is not None else None
         plain = dataclasses.replace(seq, lora=None, prefix_node=None, row=None, generator=None, grammar=None,
                                     detok=None, lookahead=None, resumes=None, num_slots=0, prefix_len=0)
-        return RequestState(plain, seq.lora.name if seq.lora is not None else None, gen, end), kv
+        return RequestState(plain, seq.lora.name if seq.lora is not None else None, gen, end, time.monotonic()), kv
 
     def commit(self, rid: str) -> None:
         """The destination took the request: free what it held here (computed tokens go to the radix cache)."""
@@ -160,9 +161,10 @@ class Handoffs:
             k.index_copy_(0, slots, kv[0, layer].to(k.device, k.dtype))
             v.index_copy_(0, slots, kv[1, layer].to(v.device, v.dtype))
 
-    def adopt(self, mid: str, state: RequestState, start: int, kv: torch.Tensor) -> None:
-        """Write the last K/V and put the request into this engine's running batch. Raises HandoffRefused
-        (the reservation is then freed) when it cannot run here."""
+    def adopt(self, mid: str, state: RequestState, start: int, kv: torch.Tensor) -> float:
+        """Write the last K/V and put the request into this engine's running batch; returns the seconds it was
+        out of any batch (its downtime; source and destination share a clock on one machine). Raises
+        HandoffRefused (the reservation is then freed) when it cannot run here."""
         engine, s = self.engine, self.engine.scheduler
         seq = state.seq
         try:
@@ -206,6 +208,7 @@ class Handoffs:
         s.clients.arrived(seq.client)
         s.running.append(seq)
         self.moved_in += 1
+        return time.monotonic() - state.suspended_at
 
     def cancel(self, mid: str) -> bool:
         """Free a reservation (the move was given up); False if there was none."""
