@@ -28,7 +28,8 @@ from kestrel.bench.client import run_load, summarize  # noqa: E402
 from kestrel.bench.workloads import BenchRequest, _words, shared_prefix_workload  # noqa: E402
 
 PORT = 30321
-SLO_TTFT, SLO_TPOT = 2.0, 0.15
+SLO_TTFT, SLO_TPOT = 2.0, 0.15  # Llumnix part (reported as goodput beside its latencies)
+DIS_TTFT, DIS_TPOT = 5.0, 0.1  # DistServe part: a long prompt alone takes ~2-3 s to prefill on one core
 
 
 def serve(flags: list[str]):
@@ -57,11 +58,11 @@ def bursty(num: int, seed: int = 0) -> list[BenchRequest]:
     return out
 
 
-def run(requests, rate: float) -> tuple[dict, dict]:
+def run(requests, rate: float, slo=(SLO_TTFT, SLO_TPOT)) -> tuple[dict, dict]:
     before = metrics()
     results, duration = asyncio.run(run_load(f"http://127.0.0.1:{PORT}", "default", requests, rate, None, None))
     after = metrics()
-    summary = summarize(results, duration, SLO_TTFT, SLO_TPOT)
+    summary = summarize(results, duration, *slo)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if "migration" in k or "preemptions" in k
              or "prefix_cache" in k}
     return summary, delta
@@ -70,7 +71,8 @@ def run(requests, rate: float) -> tuple[dict, dict]:
 def part_llumnix(quick: bool) -> dict:
     # a KV pool that the long requests fill (Llumnix's setting: memory, not compute, decides who waits)
     n, rate = (30, 1.5) if quick else (80, 2.0)
-    pool = ["--max-total-tokens", "3500"]
+    # steps bounded by chunked prefill, so a migration's destination reaches a step boundary soon
+    pool = ["--max-total-tokens", "3500", "--chunked-prefill-size", "256"]
     out = {}
     for label, flags in [("round-robin", ["--router", "round-robin"]), ("least-load", ["--router", "least-load"]),
                          ("llumnix", ["--router", "llumnix"])]:
@@ -114,7 +116,7 @@ def part_distserve(quick: bool) -> dict:
     work = Workload(lengths)
     config = EngineConfig(num_threads=1)
     cost = measure(config)
-    options = plan(cost, config, work, SLO_TTFT, SLO_TPOT, max_instances=2)
+    options = plan(cost, config, work, DIS_TTFT, DIS_TPOT, max_instances=2)
     split = next(o for o in options if o.prefill > 0)
     print("plan:", [(o.label, round(o.goodput, 3)) for o in options], flush=True)
     rates = [0.5, 1.0, 1.5, 2.0] if not quick else [0.5, 1.5]
@@ -125,10 +127,12 @@ def part_distserve(quick: bool) -> dict:
              lambda r: disaggregated(cost, config, work.arrivals(r), split.prefill, split.decode))]:
         proc = serve(flags)
         try:
-            for rate in rates:
-                summary, _ = run(requests, rate)
+            for i, rate in enumerate(rates):
+                # new prompts (same lengths) at each rate: a replay would hit the prefix cache
+                fresh = bursty(len(requests), seed=100 + i)
+                summary, _ = run(fresh, rate, (DIS_TTFT, DIS_TPOT))
                 from kestrel.cluster.plan import attainment
-                predicted = attainment(sim(rate), SLO_TTFT, SLO_TPOT)
+                predicted = attainment(sim(rate), DIS_TTFT, DIS_TPOT)
                 measured = summary["goodput"] / max(1e-9, summary["request_throughput"])
                 out["rates"].setdefault(label, {})[rate] = dict(measured_attainment=measured,
                                                                predicted_attainment=predicted,
@@ -137,7 +141,7 @@ def part_distserve(quick: bool) -> dict:
         finally:
             stop_process(proc)
     out["predicted_goodput"] = {"colocated": goodput(lambda r: colocated(cost, config, work.arrivals(r), 2),
-                                                     SLO_TTFT, SLO_TPOT),
+                                                     DIS_TTFT, DIS_TPOT),
                                 split.label: split.goodput}
     cost.save(os.path.join(tempfile.gettempdir(), "kestrel-cost.json"))
     _ = CostModel

@@ -36,9 +36,12 @@ def test_least_load_counts_queued_demand_priority_headroom_and_what_it_sent():
                     [1]) is A
     ls = loads(dict(kv_used=100, running=1), dict(kv_used=100, running=1))
     first = d.choose([A, B], ls, [1] * 300)
-    ls[first.name].sent_tokens += 300
-    ls[first.name].sent_requests += 1
+    ls[first.name].sent(300)
     assert d.choose([A, B], ls, [1]) is not first  # a burst does not all land on one instance
+    ls[first.name].update(dict(kv_used=100, running=1, kv_size=1000, received=0, received_tokens=0))
+    assert ls[first.name].sent_requests == 1  # a report from before the request arrived still counts it
+    ls[first.name].update(dict(kv_used=400, running=2, kv_size=1000, received=1, received_tokens=300))
+    assert ls[first.name].sent_requests == 0 and ls[first.name].sent_tokens == 0
 
 
 def test_cache_aware_follows_the_longest_prefix_unless_unbalanced():

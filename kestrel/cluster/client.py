@@ -340,9 +340,7 @@ class ClusterClient:
             if not candidates:
                 raise EngineDead(self.failure or "no engine instance is running")
             h = self.dispatcher.choose(candidates, self.loads, sub.prompt, sub.lora)
-            load = self.loads[h.name]
-            load.sent_tokens += len(sub.prompt)
-            load.sent_requests += 1
+            self.loads[h.name].sent(len(sub.prompt))
             self._where[sub.request_id] = h
             self._submits[sub.request_id] = sub
         h.send(sub)
@@ -425,8 +423,8 @@ class ClusterClient:
             rid, tokens, _ = min(options, key=lambda o: (o[2] < 0, o[1]))
             self.migrate(rid, src, dst)
             with self._lock:  # until both report again, count the move in their loads
-                self.loads[src.name].sent_tokens -= tokens
-                self.loads[dst.name].sent_tokens += tokens
+                self.loads[src.name].moved_tokens -= tokens
+                self.loads[dst.name].moved_tokens += tokens
 
     def migrate(self, rid: str, src: InstanceHandle, dst: InstanceHandle) -> Migration:
         """Move a running request from src to dst while it decodes: copy its K/V in stages, then stop it, copy

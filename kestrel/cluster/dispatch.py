@@ -22,15 +22,29 @@ BALANCE_ABS = 32  # ... unless that instance has this many more requests than th
 
 @dataclass
 class Load:
-    """What the router knows of one instance's load: its last report plus what was sent since."""
+    """What the router knows of one instance's load: its last report, plus what was sent that it had not
+    received when it reported (the report counts what it received), plus moves not yet reported."""
 
     report: dict = field(default_factory=dict)
-    sent_tokens: int = 0  # prompt tokens dispatched since the last report
-    sent_requests: int = 0
+    sent_requests_total: int = 0
+    sent_tokens_total: int = 0
+    moved_tokens: int = 0  # K/V tokens migrated in (+) or out (-) since the last report
 
     def update(self, report: dict) -> None:
         self.report = report
-        self.sent_tokens = self.sent_requests = 0
+        self.moved_tokens = 0
+
+    def sent(self, tokens: int) -> None:
+        self.sent_requests_total += 1
+        self.sent_tokens_total += tokens
+
+    @property
+    def sent_requests(self) -> int:
+        return self.sent_requests_total - self.report.get("received", 0)
+
+    @property
+    def sent_tokens(self) -> int:
+        return self.sent_tokens_total - self.report.get("received_tokens", 0) + self.moved_tokens
 
     @property
     def size(self) -> int:

@@ -57,6 +57,7 @@ class Instance:
         self._calls: dict[str, Future] = {}
         self._call_ids = 0
         self._lock = threading.Lock()
+        self._received = self._received_tokens = 0  # Submits taken in: the router's pending count is sent - these
         self.keep: set[str] = set()  # prefill instance: requests that decode here after all (no decode room)
         after = self._hand_off if role == "prefill" else None
         self._driver = EngineDriver(engine, self._deliver, self._reject, self._respond, after)
@@ -80,7 +81,9 @@ class Instance:
             self._cond.notify_all()
 
     def _deliver(self, deltas, finished) -> None:
-        load = dict(self._load(self.engine), loras=self._lora_counts.changes(self.engine))
+        with self._lock:
+            received = dict(received=self._received, received_tokens=self._received_tokens)
+        load = dict(self._load(self.engine), loras=self._lora_counts.changes(self.engine), **received)
         self._emit(("deltas", deltas, load))
 
     def _reject(self, rid: str, error: BaseException) -> None:
@@ -117,7 +120,13 @@ class Instance:
                     pid=os.getpid(), name=self.name, role=self.role)
 
     def send(self, commands: list) -> None:
+        from kestrel.engine.driver import Submit
+
         for cmd in commands:
+            if isinstance(cmd, Submit):
+                with self._lock:
+                    self._received += 1
+                    self._received_tokens += len(cmd.prompt)
             self._inbox.put(cmd)
 
     def poll(self, timeout: float = 0.5) -> tuple[list, int]:
