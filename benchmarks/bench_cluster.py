@@ -108,7 +108,7 @@ def part_cache(quick: bool) -> dict:
 
 
 def part_distserve(quick: bool) -> dict:
-    from kestrel.cluster.plan import CostModel, Workload, colocated, disaggregated, goodput, measure, plan
+    from kestrel.cluster.plan import Workload, attainment, colocated, disaggregated, goodput, measure, plan
     from kestrel.config import EngineConfig
 
     requests = bursty(24 if quick else 60, seed=1)
@@ -131,7 +131,6 @@ def part_distserve(quick: bool) -> dict:
                 # new prompts (same lengths) at each rate: a replay would hit the prefix cache
                 fresh = bursty(len(requests), seed=100 + i)
                 summary, _ = run(fresh, rate, (DIS_TTFT, DIS_TPOT))
-                from kestrel.cluster.plan import attainment
                 predicted = attainment(sim(rate), DIS_TTFT, DIS_TPOT)
                 measured = summary["goodput"] / max(1e-9, summary["request_throughput"])
                 out["rates"].setdefault(label, {})[rate] = dict(measured_attainment=measured,
@@ -144,7 +143,6 @@ def part_distserve(quick: bool) -> dict:
                                                      DIS_TTFT, DIS_TPOT),
                                 split.label: split.goodput}
     cost.save(os.path.join(tempfile.gettempdir(), "kestrel-cost.json"))
-    _ = CostModel
     return out
 
 

@@ -118,8 +118,8 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("several engine instances on Ray (kestrel/cluster)")
     g.add_argument("--instances", type=int, default=1, help="engine instances behind this server (more than 1: on "
                                                            "Ray, a local one started unless --ray-address)")
-    g.add_argument("--router", default="least-load", help="dispatch: round-robin | least-load (Llumnix's "
-                                                          "freeness) | cache-aware (longest cached prefix, as "
+    g.add_argument("--router", default="least-load", help="dispatch: round-robin | least-load (the least "
+                                                          "KV held and queued) | cache-aware (longest cached prefix, as "
                                                           "SGLang's router) | llumnix (least-load + migration)")
     g.add_argument("--migration", default="off", choices=["on", "off"],
                    help="live migration of running requests from the most to the least used instance (Llumnix)")

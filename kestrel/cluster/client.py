@@ -19,11 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
-from kestrel.cluster.dispatch import Dispatcher, Load, least_loaded, migration_pair
+from kestrel.cluster.dispatch import Dispatcher, Load, check_router, least_loaded, migration_pair
 from kestrel.cluster.instance import CallError, Instance
 from kestrel.config import EngineConfig
-from kestrel.server.engine_process import (FAILED, OK, RESTARTING, CallFailed, EngineDead, EngineStartError,
-                                           Rejected, RestartBudget, _put)
+from kestrel.server.engine_process import (FAILED, OK, RESTARTING, CallFailed, EngineDead, EngineFront,
+                                           EngineStartError, Rejected, RestartBudget)
 
 log = logging.getLogger("kestrel.cluster")
 POLL_SECONDS = 0.5  # an idle instance's poll returns after this long with nothing
@@ -50,9 +50,7 @@ class ClusterConfig:
     gpus_per_instance: float = 0.0
 
     def __post_init__(self) -> None:
-        from kestrel.cluster.dispatch import ROUTERS
-        if self.router not in ROUTERS:
-            raise ValueError(f"--router must be one of {ROUTERS}, got {self.router!r}")
+        check_router(self.router)
         if (self.prefill_instances > 0) != (self.decode_instances > 0):
             raise ValueError("disaggregation needs both --prefill-instances and --decode-instances (>= 1 each)")
         if self.instances < 1 and not self.disaggregated:
@@ -108,19 +106,15 @@ class InstanceHandle:
         self.commands.put(cmd)
 
 
-class ClusterClient:
+class ClusterClient(EngineFront):
     def __init__(self, config: EngineConfig, cluster: ClusterConfig, max_restarts: int = 5,
                  start_timeout: float = START_TIMEOUT):
         import ray
 
-        self.config, self.cluster = config, cluster
-        self.max_restarts = max_restarts
+        super().__init__(config)
+        self.cluster = cluster
         self.start_timeout = start_timeout
-        self.failure: Optional[str] = None
-        self.loras: dict[str, str] = dict(config.lora_modules)
         self._lock = threading.RLock()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._listeners = []
         self._where: dict[str, InstanceHandle] = {}  # request -> the instance running it
         self._submits: dict = {}  # request -> its Submit, while nothing has streamed (re-dispatch on a crash)
         self._moving: set[str] = set()  # requests being migrated or handed over
@@ -281,7 +275,7 @@ class ClusterClient:
         redo = []
         for rid in mine:
             sub = self._submits.get(rid)
-            if sub is not None and self._placeable(sub):
+            if sub is not None and self._entry_instances():
                 redo.append(sub)  # nothing streamed yet: run it elsewhere from the start
             else:
                 self._where.pop(rid, None)
@@ -330,9 +324,6 @@ class ClusterClient:
     def _decode_instances(self) -> list[InstanceHandle]:
         role = "decode" if self.cluster.disaggregated else "both"
         return [h for h in self.handles if h.alive and h.role == role]
-
-    def _placeable(self, sub) -> bool:
-        return bool(self._entry_instances())
 
     def _place(self, sub) -> InstanceHandle:
         with self._lock:
@@ -451,13 +442,13 @@ class ClusterClient:
                 if left < STOP_COPY_TOKENS:
                     break
             state_ref, kv_ref, mark_ref = src.actor.suspend.options(num_returns=3).remote(rid, start)
-            mark = ray.get(mark_ref)
+            mark, m.tokens = ray.get(mark_ref)
             suspended = True
             with src.cond:  # every delta the source produced reaches the client before the destination's
                 while src.processed < mark and src.alive:
                     src.cond.wait(0.05)
             m.downtime = ray.get(dst.actor.adopt.remote(mid, state_ref, start, kv_ref))
-            m.outcome, m.tokens = "done", ray.get(state_ref).num_kv
+            m.outcome = "done"
             self._moved(rid, src, dst)
         except ray.exceptions.RayError as e:
             refused = _refusal(e)
@@ -465,7 +456,7 @@ class ClusterClient:
                 m.outcome = "failed"
                 log.warning("migration of %s from %s to %s failed: %s", rid, src.name, dst.name, _cause(e))
             else:  # the request finished or went away first, or the destination had no room
-                m.outcome = "gone" if "not running" in refused or "not in this engine" in refused else "refused"
+                m.outcome = "gone" if "not running" in str(refused) or "not in this engine" in str(refused) else "refused"
             self._undo(rid, src, dst, mid, suspended)
         m.total = time.perf_counter() - t0
         return self._record(m)
@@ -516,14 +507,6 @@ class ClusterClient:
             out["migrations"], self._unreported = self._unreported, []
         return out
 
-    def add_listener(self, fn) -> None:
-        self._listeners.append(fn)
-
-    def _deliver(self, rid: str, item) -> None:
-        target = self._streams.get(rid)
-        if target is not None:
-            _put(*target, item)
-
     def submit(self, rid: str, prompt_ids: list[int], params, client=None, priority: int = 0,
                lora: Optional[str] = None, pause=None) -> asyncio.Queue:
         from kestrel.engine.driver import Submit
@@ -566,22 +549,13 @@ class ClusterClient:
         try:
             results = await asyncio.gather(*[asyncio.wrap_future(r.future()) for r in refs])
         except ray.exceptions.RayError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, CallError):
-                raise CallFailed(str(cause), cause.kind) from None
+            refused = _refusal(e)
+            if refused is not None:
+                raise CallFailed(str(refused), refused.kind) from None
             raise EngineDead(f"an instance failed during {method}: {_cause(e)}") from None
         if all(isinstance(r, int) and not isinstance(r, bool) for r in results):
             return sum(results)
         return results[0]
-
-    async def load_lora(self, name: str, path: str) -> dict:
-        info = await self.call("load_lora", name=name, path=path)
-        self.loras[name] = path
-        return info
-
-    async def unload_lora(self, name: str) -> None:
-        await self.call("unload_lora", name=name)
-        self.loras.pop(name, None)
 
     @property
     def restarts(self) -> int:
@@ -628,10 +602,10 @@ class ClusterClient:
             ray.shutdown()
 
 
-def _refusal(e: BaseException) -> Optional[str]:
-    """The message of an engine's refusal (CallError) inside a Ray error; None for anything else."""
+def _refusal(e: BaseException) -> Optional[CallError]:
+    """An engine's refusal (CallError) inside a Ray error; None for anything else."""
     cause = getattr(e, "cause", None)
-    return str(cause) if isinstance(cause, CallError) else None
+    return cause if isinstance(cause, CallError) else None
 
 
 def _cause(e: BaseException) -> str:

@@ -1,5 +1,5 @@
 """Where a new request goes: round-robin, least load (Llumnix's freeness) or the longest cached prefix (SGLang's
-router), and the load measure Llumnix's migration policy balances.
+router), and the load measure Llumnix's migration policy balances (virtual usage: least-load ranks by it too).
 
 Each instance reports its load after every step (kestrel.server.engine_process.engine_load); between reports the
 router counts what it has dispatched there itself, so a burst does not all land on the instance that looked
@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 ROUTERS = ("round-robin", "least-load", "cache-aware", "llumnix")  # llumnix: least-load + migration
+
+
+def check_router(policy: str) -> None:
+    if policy not in ROUTERS:
+        raise ValueError(f"router must be one of {ROUTERS}, got {policy!r}")
 PRIORITY_HEADROOM = 0.25  # share of an instance's KV a high-priority request (priority < 0) keeps free around it
 BLOCK = 16  # tokens per block of the cache-aware router's prefix index
 INDEX_BLOCKS = 1 << 16  # blocks remembered per instance (least recently routed forgotten first)
@@ -68,11 +73,6 @@ class Load:
         """Virtual usage as a share of the pool (above 1 when queued demand exceeds memory)."""
         return self.virtual_usage / self.size
 
-    @property
-    def freeness(self) -> float:
-        """Llumnix's freeness: memory left per request in the batch (negative when overloaded)."""
-        return (self.size - self.virtual_usage) / max(1, self.requests)
-
 
 class PrefixIndex:
     """The prompts routed to one instance, as hashes of their block-aligned prefixes (LRU-bounded): an
@@ -110,8 +110,7 @@ class Dispatcher:
     """Picks an instance for each new request under one of ROUTERS (llumnix dispatches by least load)."""
 
     def __init__(self, policy: str):
-        if policy not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}, got {policy!r}")
+        check_router(policy)
         self.policy = policy
         self._turn = itertools.count()
         self.indexes: dict[str, PrefixIndex] = {}

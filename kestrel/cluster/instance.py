@@ -12,6 +12,7 @@ thread computes):
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -83,7 +84,10 @@ class Instance:
     def _deliver(self, deltas, finished) -> None:
         with self._lock:
             received = dict(received=self._received, received_tokens=self._received_tokens)
-        load = dict(self._load(self.engine), loras=self._lora_counts.changes(self.engine), **received)
+        s = self.engine.scheduler  # what the router's least-load dispatch counts beyond the engine's own load
+        demand = dict(waiting_tokens=sum(q.total_len - q.num_computed for q in s.waiting),
+                      high_priority=sum(q.priority < 0 for q in itertools.chain(s.waiting, s.running)))
+        load = dict(self._load(self.engine), loras=self._lora_counts.changes(self.engine), **received, **demand)
         self._emit(("deltas", deltas, load))
 
     def _reject(self, rid: str, error: BaseException) -> None:
@@ -152,11 +156,11 @@ class Instance:
         return self.call("handoffs.export_kv", dict(rid=rid, start=start))
 
     def suspend(self, rid: str, start: int):
-        """(state, K/V [start, end), mark): the request stops here; every delta it produced is in a message
-        numbered at most `mark`. Three return values (num_returns=3)."""
+        """(state, K/V [start, end), (mark, end)): the request stops here; every delta it produced is in a message
+        numbered at most `mark`; `end` tokens of K/V move. Three return values (num_returns=3)."""
         state, kv = self.call("handoffs.suspend", dict(rid=rid, start=start))
         with self._cond:
-            return state, kv, self._emitted
+            return state, kv, (self._emitted, state.num_kv)
 
     def write(self, mid: str, start: int, kv) -> None:
         self.call("handoffs.write", dict(mid=mid, start=start, kv=kv))

@@ -60,6 +60,7 @@ class CostModel:
 def measure(config: EngineConfig, progress: bool = True) -> CostModel:
     """Time the real engine's steps: prefills of 16..1024 tokens and decode steps of 1..32 rows at contexts of
     64..1024 tokens, and fit the cost model to them."""
+    import torch
     from tqdm import tqdm
 
     from kestrel.engine.engine import Engine
@@ -99,7 +100,6 @@ def measure(config: EngineConfig, progress: bool = True) -> CostModel:
     # moving K/V between instances: the handoff's copy out and in, per token
     kv = engine.pool.caches
     slots = list(range(1, min(1024, engine.pool.size)))
-    import torch
     idx = torch.tensor(slots)
     start = time.perf_counter()
     for _ in range(3):

@@ -92,9 +92,7 @@ def engine_load(engine) -> dict:
     s = engine.scheduler
     # "used" = held by requests (incl. locked prefixes); unlocked cached prefixes are free to evict
     used = engine.pool.size - engine.pool.num_free - engine.cache.evictable_size
-    return dict(running=len(s.running), waiting=len(s.waiting), kv_used=used,
-                waiting_tokens=sum(q.total_len - q.num_computed for q in s.waiting),
-                high_priority=sum(q.priority < 0 for q in itertools.chain(s.waiting, s.running)), kv_size=engine.pool.size,
+    return dict(running=len(s.running), waiting=len(s.waiting), kv_used=used, kv_size=engine.pool.size,
                 kv_free=engine.pool.num_free, kv_evictable=engine.cache.evictable_size,
                 kv_cached=engine.cache.total_size, retractions=s.num_retractions,
                 clients=s.clients.take_changed(), clients_tracked=len(s.clients.usage),
@@ -150,24 +148,52 @@ class EngineStartError(RuntimeError):
     """The engine process could not start (bad model path, bad setting, crash while loading)."""
 
 
-class EngineClient:
+class EngineFront:
+    """What the server's clients of one engine process (EngineClient) and of many (kestrel.cluster's ClusterClient)
+    share: a stream per request, listeners of each batch of deltas, and the adapters served; `call` is theirs."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.failure: Optional[str] = None  # why the engine is not ok, while it is not
+        self.loras: dict[str, str] = dict(config.lora_modules)  # served adapters; a restarted engine loads them
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._listeners = []
+
+    def add_listener(self, fn) -> None:
+        """fn(deltas, load) is called (in a reader thread) for every batch of deltas: metrics hook."""
+        self._listeners.append(fn)
+
+    def _deliver(self, rid: str, item) -> None:
+        target = self._streams.get(rid)
+        if target is not None:
+            _put(*target, item)
+
+    async def call(self, method: str, **kwargs):
+        raise NotImplementedError
+
+    async def load_lora(self, name: str, path: str) -> dict:
+        info = await self.call("load_lora", name=name, path=path)
+        self.loras[name] = path
+        return info
+
+    async def unload_lora(self, name: str) -> None:
+        await self.call("unload_lora", name=name)
+        self.loras.pop(name, None)
+
+
+class EngineClient(EngineFront):
     """Starts and supervises the engine process; routes its deltas to per-request asyncio queues."""
 
     def __init__(self, config: EngineConfig, max_restarts: int = 5, start_timeout: float = ENGINE_START_TIMEOUT):
-        self.config = config
-        self.max_restarts = max_restarts
+        super().__init__(config)
         self.start_timeout = start_timeout
         self.state = STARTING
-        self.failure: Optional[str] = None  # why the engine is not ok, while it is not
         self.restarts = 0
         self._budget = RestartBudget(max_restarts)
         self._lock = threading.Lock()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._listeners = []
         self._generation = 0
         self._calls: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._call_ids = itertools.count()
-        self.loras: dict[str, str] = dict(config.lora_modules)  # served adapters; a restarted engine loads them
         self._start()  # raises EngineStartError
         self.load: dict = dict(running=0, waiting=0, kv_used=0, kv_size=self.info["max_total_tokens"],
                                kv_free=self.info["max_total_tokens"], kv_evictable=0, retractions=0)
@@ -285,15 +311,6 @@ class EngineClient:
             return
 
     # ---- requests -----------------------------------------------------------------------
-    def add_listener(self, fn) -> None:
-        """fn(deltas, load) is called (in the reader thread) for every batch of deltas: metrics hook."""
-        self._listeners.append(fn)
-
-    def _deliver(self, rid: str, item) -> None:
-        target = self._streams.get(rid)
-        if target is not None:
-            _put(*target, item)
-
     def submit(self, rid: str, prompt_ids: list[int], params, client=None, priority: int = 0,
                lora: Optional[str] = None, pause=None) -> asyncio.Queue:
         """Send a request to the engine; its deltas (or an exception) arrive on the returned queue. `pause`:
@@ -324,15 +341,6 @@ class EngineClient:
         if isinstance(result, Exception):
             raise result
         return result
-
-    async def load_lora(self, name: str, path: str) -> dict:
-        info = await self.call("load_lora", name=name, path=path)
-        self.loras[name] = path
-        return info
-
-    async def unload_lora(self, name: str) -> None:
-        await self.call("unload_lora", name=name)
-        self.loras.pop(name, None)
 
     def abort(self, rid: str) -> None:
         """Ask the engine to stop a request; its stream still receives the final delta (finish_reason abort)."""
