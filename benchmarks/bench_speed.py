@@ -7,7 +7,8 @@ Figures (embedded SmolLM2-135M-Instruct, its GGUF file for llama.cpp, its conver
 - batch-1 decode tok/s: llama-bench tg128; Kestrel one request, 128 tokens;
 - prefill tok/s: llama-bench pp512 and pp200; Kestrel one 512-token prompt;
 - decode tok/s at contexts of 512, 2k and 8k tokens (Kestrel, with and without its C++ kernels);
-- share of a batch-1 decode step spent outside the matmul kernels (profiler);
+- share of a batch-1 decode step spent outside the matmul kernels (profiler's matmul time against the step's
+  wall time measured without it), and outside the model's forward call (scheduling, tensor building, sampling);
 - serving, `kestrel bench` against each server, N requests at --concurrency streams: random 200 -> 64 and
   shared-prefix 4 x 512 + 32 -> 64, output tok/s.
 Writes benchmarks/results/speed.json and speed.png. Peers are run when their builds are present
@@ -54,18 +55,19 @@ for ctx in {contexts!r}:
     t = time.perf_counter(); e.generate([prompt], greedy(1)); one = time.perf_counter() - t
     t = time.perf_counter(); e.generate([prompt], greedy(33)); many = time.perf_counter() - t
     at_context[ctx] = 32 / (many - one)
-# share of a batch-1 decode step inside the matmul kernels
-fresh(); rid = e.add_request(ids[:64], greedy(200))
+# a batch-1 decode step: its wall time (no profiler), the time in the forward call, and (profiler) in matmuls
+fresh(); rid = e.add_request(ids[:64], greedy(300))
 for _ in range(10): e.step()
+forward0, t = e.stats.forward_time, time.perf_counter()
+for _ in range(100): e.step()
+wall, forward = (time.perf_counter() - t) / 100, (e.stats.forward_time - forward0) / 100
 from torch.profiler import profile, ProfilerActivity
 with profile(activities=[ProfilerActivity.CPU]) as prof:
-    t = time.perf_counter()
     for _ in range(50): e.step()
-    wall = time.perf_counter() - t
-mm = sum(a.self_cpu_time_total for a in prof.key_averages() if a.key in {matmul_ops!r}) / 1e6
+mm = sum(a.self_cpu_time_total for a in prof.key_averages() if a.key in {matmul_ops!r}) / 1e6 / 50
 print("RESULT" + json.dumps(dict(describe=e.describe(), decode_tok_s=decode, prefill512_tok_s=prefill,
-    decode_at_context=at_context, step_ms=wall / 50 * 1e3, matmul_ms=mm / 50 * 1e3,
-    outside_matmul_share=1 - mm / wall)))
+    decode_at_context=at_context, step_ms=wall * 1e3, matmul_ms=mm * 1e3, forward_ms=forward * 1e3,
+    outside_matmul_share=1 - mm / wall, host_share=1 - forward / wall)))
 """
 
 
@@ -215,7 +217,8 @@ def main() -> None:
             print(f"  {n:48s} {v:8.1f}")
     for n, r in k.items():
         if r:
-            print(f"{n}: outside matmuls {r['outside_matmul_share']:.0%} of a {r['step_ms']:.2f} ms step; decode at "
+            print(f"{n}: outside matmuls {r['outside_matmul_share']:.0%}, outside the forward "
+                  f"{r['host_share']:.0%} of a {r['step_ms']:.2f} ms step; decode at "
                   + ", ".join(f"{c}: {v:.1f}" for c, v in r.get("decode_at_context", {}).items()))
     for n, v in ratios.items():
         print(f"  {n}: {v:.2f}x")

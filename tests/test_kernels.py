@@ -71,38 +71,43 @@ def test_rope_store(ops, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_paged_attention_matches_sdpa_on_gathered_kv(ops, dtype):
-    """Decode tokens of very different lengths (1 position to several partitions) and a causal chunk, each
-    reading its own scattered slots, against SDPA over K/V gathered per row."""
+@pytest.mark.parametrize("nh,nkv,d", [(8, 2, 32), (9, 3, 64), (4, 1, 80), (4, 2, 128)])
+def test_paged_attention_matches_sdpa_on_gathered_kv(ops, dtype, nh, nkv, d):
+    """Decode tokens of very different lengths (1 position, part of a tile, several partitions) and a causal
+    chunk, each reading its own scattered slots, against SDPA over K/V gathered per row. Head sizes: the
+    compiled-in ones (64, 128) and any other multiple of 16."""
     torch.manual_seed(3)
-    nh, nkv, d, slots = 8, 2, 32, 3000
+    slots = 3000
     k_cache, v_cache = torch.randn(slots, nkv, d, dtype=dtype), torch.randn(slots, nkv, d, dtype=dtype)
     table = torch.stack([torch.randperm(slots - 1)[:2500] + 1 for _ in range(4)])
     chunk_row, chunk_kv, chunk_q = 3, 40, 6  # a 6-token chunk whose last token sees 40 positions
-    rows = torch.tensor([0, 1, 2] + [chunk_row] * chunk_q)
-    lens = torch.tensor([1, 300, 2500] + list(range(chunk_kv - chunk_q + 1, chunk_kv + 1)))
+    rows = torch.tensor([0, 1, 2, 1] + [chunk_row] * chunk_q)
+    lens = torch.tensor([1, 300, 2500, 17] + list(range(chunk_kv - chunk_q + 1, chunk_kv + 1)))
     qkv = torch.randn(len(rows), (nh + 2 * nkv) * d, dtype=dtype)
     q = qkv.view(len(rows), nh + 2 * nkv, d)[:, :nh]  # strided rows, as the model hands it over
     got = ops.paged_attention(q, k_cache, v_cache, table, rows, lens, d ** -0.5)
     ref = []
-    for b in range(3):
+    for b in range(4):
         idx = table[rows[b], :lens[b]]
         kk, vv = k_cache[idx].transpose(0, 1), v_cache[idx].transpose(0, 1)
         ref.append(F.scaled_dot_product_attention(q[b].unsqueeze(1), kk, vv, enable_gqa=True).reshape(-1))
     idx = table[chunk_row, :chunk_kv]
     kk, vv = k_cache[idx].transpose(0, 1), v_cache[idx].transpose(0, 1)
-    o = F.scaled_dot_product_attention(q[3:].transpose(0, 1), kk, vv, attn_mask=causal_mask(chunk_q, chunk_kv, "cpu"),
+    o = F.scaled_dot_product_attention(q[4:].transpose(0, 1), kk, vv, attn_mask=causal_mask(chunk_q, chunk_kv, "cpu"),
                                        enable_gqa=True)
     ref = torch.cat([torch.stack(ref), o.transpose(0, 1).reshape(chunk_q, -1)])
     _close(got, ref, dtype)
 
 
 def test_kernels_reject_bad_input_with_a_clear_error(ops):
-    q = torch.randn(2, 4, 8)
-    cache = torch.randn(10, 2, 8)
+    q = torch.randn(2, 4, 16)
+    cache = torch.randn(10, 2, 16)
+    table, one_row = torch.zeros(2, 10, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="one row and one length per query token"):
-        ops.paged_attention(q, cache, cache, torch.zeros(2, 10, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
-                            torch.ones(2, dtype=torch.int64), 1.0)
+        ops.paged_attention(q, cache, cache, table, one_row, torch.ones(2, dtype=torch.int64), 1.0)
+    with pytest.raises(RuntimeError, match="head size must be a multiple of 16"):
+        ops.paged_attention(torch.randn(2, 4, 8), cache[..., :8].contiguous(), cache[..., :8].contiguous(), table,
+                            one_row.repeat(2), torch.ones(2, dtype=torch.int64), 1.0)
     with pytest.raises(RuntimeError, match="one dtype"):
         ops.add_rms_norm(torch.randn(2, 8), None, torch.ones(8, dtype=torch.bfloat16), 1e-5)
     with pytest.raises(ValueError, match="kernels must be"):
@@ -125,3 +130,12 @@ def test_engine_on_kernels_equals_engine_on_torch_ops(tiny_llama_dir):
         if which == "cpp":
             assert engine.runner.shared_prefix_steps > 0
     assert outs["cpp"] == outs["torch"]
+
+
+def test_head_sizes_the_attention_kernel_cannot_take_fall_back_to_torch_ops():
+    cpu = torch.device("cpu")
+    module, reason = kernels.resolve("auto", cpu, torch.float32, head_dim=72)
+    assert module is None and "head size 72" in reason
+    assert kernels.resolve("auto", cpu, torch.float32, head_dim=80)[0] is not None
+    with pytest.raises(ValueError, match="multiples of 16"):
+        kernels.resolve("cpp", cpu, torch.float32, head_dim=72)

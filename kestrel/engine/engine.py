@@ -93,7 +93,8 @@ class Engine:
         self.dense_copies, self.batch_weights_reason = resolve_batch_weights(
             cfg.batch_weights, self.quantization, self.model_dir, self.dtype)
         self.model = load_model(self.model_dir, self.dtype, self.device, self.quantization, self.dense_copies)
-        self.model.kernels, self.kernels_reason = kernels.resolve(cfg.kernels, self.device, self.dtype)
+        self.model.kernels, self.kernels_reason = kernels.resolve(cfg.kernels, self.device, self.dtype,
+                                                                  self.model.cfg.head_dim)
         self.tokenizer = load_tokenizer(self.model_dir)
         mc = self.model.cfg
         self.context_length = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings)

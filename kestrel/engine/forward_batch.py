@@ -119,8 +119,11 @@ def build(decode: list[Sequence], prefill: list[tuple[Sequence, int]], table: to
         logit_at.extend(range(first, first + seq.draft.num_tokens))
     rows_t = torch.tensor(rows, dtype=torch.int64, device=table.device)
     pos_t = torch.tensor(positions, dtype=torch.int64, device=table.device)
-    counts = torch.tensor([q_starts[i + 1] - q_starts[i] for i in range(len(rows))], device=table.device)
-    token_rows = torch.repeat_interleave(rows_t, counts)
+    if len(ids) == len(rows):  # one token a row (decode steps): no repeat to build
+        token_rows = rows_t
+    else:
+        counts = torch.tensor([q_starts[i + 1] - q_starts[i] for i in range(len(rows))], device=table.device)
+        token_rows = torch.repeat_interleave(rows_t, counts)
     # a lookahead row's tokens take the table columns after its pending token, in row order
     columns = pos_t
     if drafted:

@@ -83,11 +83,20 @@ def error() -> Optional[str]:
     return _error
 
 
-def resolve(requested: str, device: torch.device, dtype: torch.dtype) -> tuple[Optional[ModuleType], str]:
+MAX_HEAD_DIM = 256  # the attention kernel's limit; head sizes must also be multiples of 16 (its vector width)
+
+
+def resolve(requested: str, device: torch.device, dtype: torch.dtype,
+            head_dim: int) -> tuple[Optional[ModuleType], str]:
     """The kernels an engine runs with for `requested` (auto | cpp | torch, validated by EngineConfig) on
-    `device` in `dtype`, and why."""
+    `device` in `dtype` for a model with heads of `head_dim`, and why."""
     if requested == "torch":
         return None, "PyTorch ops, as requested"
+    if head_dim % 16 or head_dim > MAX_HEAD_DIM:
+        if requested == "cpp":
+            raise ValueError(f"the C++ kernels take head sizes that are multiples of 16 up to {MAX_HEAD_DIM}, "
+                             f"not {head_dim}; use kernels='torch' or 'auto'")
+        return None, f"PyTorch ops (head size {head_dim}: the C++ kernels take multiples of 16 up to {MAX_HEAD_DIM})"
     if device.type != "cpu":
         if requested == "cpp":
             raise ValueError(f"the C++ kernels are CPU kernels; use kernels='torch' or 'auto' on {device}")

@@ -6,6 +6,7 @@
 // exactly as the PyTorch ops they replace; attention asks for its fused multiply-adds explicitly. Every kernel accumulates in float32, whatever the
 // storage dtype (float32 or bfloat16), and rounds once on output.
 #include <torch/extension.h>
+#include <immintrin.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -44,28 +45,163 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
 }
 
+// ---- vectors of W floats (GCC/Clang vector extensions): one zmm register with AVX-512, one ymm with AVX2 --------
+#if defined(__AVX512F__)
+#define W 16
+#else
+#define W 8
+#endif
+typedef float vec __attribute__((vector_size(4 * W)));
+typedef int32_t veci __attribute__((vector_size(4 * W)));
+typedef uint32_t vecu __attribute__((vector_size(4 * W)));
+typedef uint16_t vech __attribute__((vector_size(2 * W)));
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (veci){__VA_ARGS__})
+#endif
+
+inline vec loadv(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vec loadv(const c10::BFloat16* p) {  // bf16 is the upper half of a float
+  vech h;
+  std::memcpy(&h, p, sizeof h);
+  return (vec)(__builtin_convertvector(h, vecu) << 16);
+}
+#if W == 16
+inline vec splat(float x) { return (vec){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+#else
+inline vec splat(float x) { return (vec){x, x, x, x, x, x, x, x}; }
+#endif
+// a * b + c rounded once (the file is built with -ffp-contract=off, so `a * b + c` would round twice)
+inline vec fmav(vec a, vec b, vec c) {
+#if W == 16
+  return (vec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  return (vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  for (int l = 0; l < W; ++l) c[l] = std::fma(a[l], b[l], c[l]);
+  return c;
+#endif
+}
+// lanes [0, n) on (all bits set), the rest off
+inline vec lane_mask(int64_t n) {
+  veci m;
+  for (int l = 0; l < W; ++l) m[l] = l < n ? -1 : 0;
+  return (vec)m;
+}
+inline vec selectv(vec mask, vec a, vec b) { return (vec)(((veci)mask & (veci)a) | (~(veci)mask & (veci)b)); }
+inline vec addv(vec a, vec b) { return a + b; }
+inline vec maxv(vec a, vec b) { return a > b ? a : b; }
+// the largest lane, and the sum of the lanes, in registers (a fixed tree: lanes l and l + W/2, then l + W/4, ...);
+// row_sums(a), for a as a W x W matrix: lane j = the sum of row a[j]. W sums at once, in log2(W) levels of lane
+// shuffles and adds instead of a horizontal sum per vector: vector i of level k+1 holds, side by side, the partial
+// sums of the rows in vectors 2i and 2i+1 of level k, each folded to half as many lanes.
+#if W == 16
+#define FOLD(op, v)                                                                    \
+  v = op(v, SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));      \
+  v = op(v, SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));      \
+  v = op(v, SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));      \
+  v = op(v, SHUFFLE(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14))
+inline vec row_sums(const vec* a) {
+  vec b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = SHUFFLE(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           SHUFFLE(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    c[i] = SHUFFLE(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           SHUFFLE(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    d[i] = SHUFFLE(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           SHUFFLE(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return SHUFFLE(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         SHUFFLE(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+#else
+#define FOLD(op, v)                                     \
+  v = op(v, SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3));      \
+  v = op(v, SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5));      \
+  v = op(v, SHUFFLE(v, v, 1, 0, 3, 2, 5, 4, 7, 6))
+inline vec row_sums(const vec* a) {
+  vec b[4], c[2];
+  for (int i = 0; i < 4; ++i)
+    b[i] = SHUFFLE(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           SHUFFLE(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)
+    c[i] = SHUFFLE(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+           SHUFFLE(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  return SHUFFLE(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14) + SHUFFLE(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+#endif
+inline float max_lanes(vec v) {
+  FOLD(maxv, v);
+  return v[0];
+}
+inline float sum_lanes(vec v) {
+  FOLD(addv, v);
+  return v[0];
+}
+
+// the float lanes rounded to T (round to nearest even, as c10::BFloat16 does), as floats and stored
+inline vec roundv(vec v, float*) { return v; }
+inline vec roundv(vec v, c10::BFloat16*) {
+  vecu u = (vecu)v;
+  const vec r = (vec)((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+  return v != v ? v : r;  // NaN stays NaN
+}
+inline void storev(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+inline void storev(c10::BFloat16* p, vec v) {
+  const vec r = roundv(v, p);
+  const vech h = __builtin_convertvector((vecu)r >> 16, vech);
+  std::memcpy(p, &h, sizeof h);
+}
+// float64 tensors (dispatched, never used by the engine) are computed in float32, as every kernel here does
+inline vec loadv(const double* p) {
+  vec v;
+  for (int l = 0; l < W; ++l) v[l] = static_cast<float>(p[l]);
+  return v;
+}
+inline vec roundv(vec v, double*) { return v; }
+inline void storev(double* p, vec v) {
+  for (int l = 0; l < W; ++l) p[l] = v[l];
+}
+
 // ---- residual add + RMSNorm ------------------------------------------------------------------------
 // hidden += delta (in place, when delta is given), then out = weight * (hidden * rsqrt(mean(hidden^2) + eps)),
 // rounding hidden * rsqrt to the dtype before the weight, as the reference (transformers) does.
 template <typename T>
 void rms_norm_impl(T* hidden, const T* delta, const T* weight, T* out, int64_t rows, int64_t dim, double eps) {
+  const int64_t body = dim - dim % W;  // W lanes at a time, the rest one by one
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(dim);
     for (int64_t r = begin; r < end; ++r) {
       T* h = hidden + r * dim;
-      float ss = 0.f;
-      for (int64_t i = 0; i < dim; ++i) {
+      const T* dr = delta ? delta + r * dim : nullptr;
+      vec ss_v = splat(0.f);
+      for (int64_t i = 0; i < body; i += W) {
+        vec x = loadv(h + i);
+        if (dr) {
+          x = roundv(x + loadv(dr + i), h);
+          storev(h + i, x);
+        }
+        ss_v = ss_v + x * x;
+      }
+      float ss = sum_lanes(ss_v);
+      for (int64_t i = body; i < dim; ++i) {
         float x = to_f(h[i]);
-        if (delta) {
-          x = to_f(from_f<T>(x + to_f(delta[r * dim + i])));
+        if (dr) {
+          x = to_f(from_f<T>(x + to_f(dr[i])));
           h[i] = from_f<T>(x);
         }
-        buf[i] = x;
         ss += x * x;
       }
-      float inv = 1.f / std::sqrt(ss / dim + static_cast<float>(eps));
+      const float inv = 1.f / std::sqrt(ss / dim + static_cast<float>(eps));
+      const vec inv_v = splat(inv);
       T* o = out + r * dim;
-      for (int64_t i = 0; i < dim; ++i) o[i] = from_f<T>(to_f(weight[i]) * to_f(from_f<T>(buf[i] * inv)));
+      for (int64_t i = 0; i < body; i += W) storev(o + i, loadv(weight + i) * roundv(loadv(h + i) * inv_v, o));
+      for (int64_t i = body; i < dim; ++i) o[i] = from_f<T>(to_f(weight[i]) * to_f(from_f<T>(to_f(h[i]) * inv)));
     }
   });
 }
@@ -169,30 +305,25 @@ void rope_store(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor
 
 // ---- attention through the req-to-token table ----------------------------------------------------------
 // Query token t attends positions [0, lens[t]) of table row rows[t]: slot table[rows[t], j] holds position j's
-// K/V. Grouped-query heads sharing a KV head are computed together, so each K/V row is read once per group.
-// Long contexts are split into partitions (flash-decoding) so a batch of one still uses every thread;
-// each partition keeps a running max and sum (online softmax over tiles), and partitions merge exactly.
-constexpr int64_t TILE = 32;
-constexpr int64_t LANES = 16;
+// K/V. Grouped-query heads sharing a KV head are computed together, so each K/V row is read (and converted to
+// float) once per group. Long contexts are split into partitions (flash-decoding) so a batch of one still uses
+// every thread; each partition keeps a running max and sum (online softmax over tiles), and partitions merge
+// exactly. A tile's W dot products per head are W-lane partial sums folded together (row_sums).
+constexpr int64_t TILE = W;  // positions per tile: one row_sums of their dot products
+constexpr int64_t LANES = W;
+constexpr int64_t MAX_HEAD = 256;
+constexpr int64_t MAX_VECS = MAX_HEAD / W;
 
-// q . k over d elements. Sixteen independent partial sums, then a tree: a plain `s += q[i] * k[i]` loop is
-// reduced in order (no fast-math), one scalar add after another, which made attention 3-4x slower.
-// x[0] + ... + x[n-1], n <= 2 * LANES, as independent partial sums (see dot)
-inline float total(const float* x, int64_t n) {
-  float part[LANES] = {};
-  for (int64_t i = 0; i < n; ++i) part[i % LANES] += x[i];
-  for (int64_t l = 0; l < 8; ++l) part[l] += part[l + 8];
-  for (int64_t l = 0; l < 4; ++l) part[l] += part[l + 4];
-  return (part[0] + part[2]) + (part[1] + part[3]);
-}
-
+// q . k over d elements (LoRA's shrink). Sixteen independent partial sums, then a tree: a plain
+// `s += q[i] * k[i]` loop is reduced in order (no fast-math), one scalar add after another, 3-4x slower.
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t d) {
-  float part[LANES] = {};
-  const int64_t body = d - d % LANES;
-  for (int64_t i0 = 0; i0 < body; i0 += LANES) {
+  constexpr int64_t P = 16;
+  float part[P] = {};
+  const int64_t body = d - d % P;
+  for (int64_t i0 = 0; i0 < body; i0 += P) {
 #pragma omp simd
-    for (int64_t l = 0; l < LANES; ++l) part[l] = std::fma(q[i0 + l], to_f(k[i0 + l]), part[l]);
+    for (int64_t l = 0; l < P; ++l) part[l] = std::fma(q[i0 + l], to_f(k[i0 + l]), part[l]);
   }
   for (int64_t i = body; i < d; ++i) part[i - body] = std::fma(q[i], to_f(k[i]), part[i - body]);
   for (int64_t l = 0; l < 8; ++l) part[l] += part[l + 8];
@@ -200,12 +331,13 @@ inline float dot(const float* q, const T* k, int64_t d) {
   return (part[0] + part[2]) + (part[1] + part[3]);
 }
 
-// D: the head size when known at compile time (fully unrolled inner loops), 0 for any head size.
-template <typename T, int64_t D>
+// NV: W-float vectors per head when known at compile time (registers, unrolled loops), 0 for any head size
+// that is a multiple of 16.
+template <typename T, int64_t NV>
 void attention_impl(const T* q, int64_t q_stride, T* out, const T* k_cache, const T* v_cache, const int64_t* table,
                     int64_t table_stride, const int64_t* rows, const int64_t* lens, int64_t tokens, int64_t nh,
                     int64_t nkv, int64_t head_dim, float scale) {
-  const int64_t d = D > 0 ? D : head_dim;
+  const int64_t nv = NV > 0 ? NV : head_dim / LANES, d = nv * LANES;
   const int64_t group = nh / nkv;
   int64_t max_len = 0;
   for (int64_t t = 0; t < tokens; ++t) max_len = std::max(max_len, lens[t]);
@@ -214,55 +346,95 @@ void attention_impl(const T* q, int64_t q_stride, T* out, const T* k_cache, cons
   int64_t parts = std::max<int64_t>(1, std::min<int64_t>((4 * threads + tokens * nkv - 1) / (tokens * nkv),
                                                          (max_len + 127) / 128));
   const int64_t items = tokens * nkv * parts;
-  std::vector<float> part_max(items * group), part_sum(items * group), part_acc(items * group * d);
+  const bool direct = parts == 1;  // each item is a whole (token, kv head): it writes the output itself
+  std::vector<float> part_max(direct ? 0 : items * group), part_sum(direct ? 0 : items * group),
+      part_acc(direct ? 0 : items * group * d);
+  const vec zero = splat(0.f), scale_v = splat(scale);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * d), scores(group * TILE);
+    // per thread: the group's queries and accumulators, a tile of V in float, the tile's dot products
+    // (kept per thread across calls: an allocation per call costs more than a short row's attention)
+    thread_local std::vector<vec> qv, acc, vt, dots;
+    thread_local std::vector<float> mx, sum;
+    qv.resize(group * nv), acc.resize(group * nv), vt.resize(TILE * nv), dots.resize(group * TILE);
+    mx.resize(group), sum.resize(group);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / (nkv * parts), h = (item / parts) % nkv, p = item % parts;
       const int64_t len = lens[t], chunk = (len + parts - 1) / parts;
       const int64_t j0 = std::min(len, p * chunk), j1 = std::min(len, j0 + chunk);
-      float* mx = &part_max[item * group];
-      float* sum = &part_sum[item * group];
-      float* acc = &part_acc[item * group * d];
       for (int64_t g = 0; g < group; ++g) {
         mx[g] = -std::numeric_limits<float>::infinity();
         sum[g] = 0.f;
         const T* qh = q + t * q_stride + (h * group + g) * d;
-        for (int64_t i = 0; i < d; ++i) qf[g * d + i] = to_f(qh[i]) * scale;
+        for (int64_t c = 0; c < nv; ++c) qv[g * nv + c] = loadv(qh + c * LANES) * scale_v;
       }
-      std::fill(acc, acc + group * d, 0.f);
+      std::fill(acc.begin(), acc.end(), zero);
       const int64_t* trow = table + rows[t] * table_stride;
       for (int64_t j = j0; j < j1; j += TILE) {
         const int64_t n = std::min(TILE, j1 - j);
+        // q . k for the group's heads, each K row converted once; V rows converted to float for the weighted sum
         for (int64_t jj = 0; jj < n; ++jj) {
-          const T* k = k_cache + (trow[j + jj] * nkv + h) * d;
-          for (int64_t g = 0; g < group; ++g) scores[g * TILE + jj] = dot(&qf[g * d], k, d);
-        }
-        for (int64_t g = 0; g < group; ++g) {
-          float* sc = &scores[g * TILE];
-          float tile_max = *std::max_element(sc, sc + n);
-          float new_max = std::max(mx[g], tile_max);
-          float corr = std::exp(mx[g] - new_max);
-          mx[g] = new_max;
-#pragma omp simd
-          for (int64_t jj = 0; jj < n; ++jj) sc[jj] = vexp(sc[jj] - new_max);
-          const float tile_sum = total(sc, n);
-          sum[g] = sum[g] * corr + tile_sum;
-          float* a = acc + g * d;
-          for (int64_t i = 0; i < d; ++i) a[i] *= corr;
-        }
-        for (int64_t jj = 0; jj < n; ++jj) {
-          const T* v = v_cache + (trow[j + jj] * nkv + h) * d;
-          for (int64_t g = 0; g < group; ++g) {
-            const float w = scores[g * TILE + jj];
-            float* a = acc + g * d;
-#pragma omp simd
-            for (int64_t i = 0; i < d; ++i) a[i] = std::fma(w, to_f(v[i]), a[i]);
+          const int64_t at = (trow[j + jj] * nkv + h) * d;
+          if (j + jj + TILE < j1) {  // the next tile's rows: their slots are scattered, beyond the prefetcher's reach
+            const int64_t next = (trow[j + jj + TILE] * nkv + h) * d;
+            for (int64_t c = 0; c < d * (int64_t)sizeof(T); c += 64) {
+              __builtin_prefetch(reinterpret_cast<const char*>(k_cache + next) + c);
+              __builtin_prefetch(reinterpret_cast<const char*>(v_cache + next) + c);
+            }
           }
+          vec k[NV > 0 ? NV : MAX_VECS];
+          for (int64_t c = 0; c < nv; ++c) {
+            k[c] = loadv(k_cache + at + c * LANES);
+            vt[jj * nv + c] = loadv(v_cache + at + c * LANES);
+          }
+          for (int64_t g = 0; g < group; ++g) {
+            const vec* qg = &qv[g * nv];
+            vec s = qg[0] * k[0];
+            for (int64_t c = 1; c < nv; ++c) s = fmav(qg[c], k[c], s);
+            dots[g * TILE + jj] = s;
+          }
+        }
+        const vec lanes_on = lane_mask(n);
+        for (int64_t g = 0; g < group; ++g) {
+          for (int64_t jj = n; jj < TILE; ++jj) dots[g * TILE + jj] = zero;
+          const vec scores = row_sums(&dots[g * TILE]);
+          const float tile_max = max_lanes(n == TILE ? scores : selectv(lanes_on, scores, splat(-HUGE_VALF)));
+          const float new_max = std::max(mx[g], tile_max);
+          const float corr = std::exp(mx[g] - new_max);
+          mx[g] = new_max;
+          float e[TILE];
+#pragma omp simd
+          for (int64_t jj = 0; jj < TILE; ++jj) e[jj] = vexp(scores[jj] - new_max);
+          for (int64_t jj = n; jj < TILE; ++jj) e[jj] = 0.f;  // past the context
+          sum[g] = sum[g] * corr + sum_lanes(loadv(e));
+          vec a[NV > 0 ? NV : MAX_VECS];
+          for (int64_t c = 0; c < nv; ++c) a[c] = acc[g * nv + c];
+          if (corr != 1.f) {
+            const vec cv = splat(corr);
+            for (int64_t c = 0; c < nv; ++c) a[c] = a[c] * cv;
+          }
+          for (int64_t jj = 0; jj < n; ++jj) {
+            const vec w = splat(e[jj]);
+            for (int64_t c = 0; c < nv; ++c) a[c] = fmav(w, vt[jj * nv + c], a[c]);
+          }
+          for (int64_t c = 0; c < nv; ++c) acc[g * nv + c] = a[c];
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        const vec* a = &acc[g * nv];
+        if (direct) {
+          T* dst = out + t * nh * d + (h * group + g) * d;
+          const float inv = sum[g] > 0.f ? 1.f / sum[g] : 0.f;
+          for (int64_t c = 0; c < nv; ++c)
+            for (int64_t l = 0; l < LANES; ++l) dst[c * LANES + l] = from_f<T>(a[c][l] * inv);
+        } else {
+          part_max[item * group + g] = mx[g];
+          part_sum[item * group + g] = sum[g];
+          for (int64_t c = 0; c < nv; ++c) std::memcpy(&part_acc[(item * group + g) * d + c * LANES], &a[c], sizeof(vec));
         }
       }
     }
   });
+  if (direct) return;
   // merge the partitions of each (token, kv head, query head in the group)
   at::parallel_for(0, tokens * nkv, 16, [&](int64_t begin, int64_t end) {
     for (int64_t th = begin; th < end; ++th) {
@@ -300,18 +472,20 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   TORCH_CHECK(rows.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "rows and lens must be int64");
   const int64_t tokens = q.size(0), nh = q.size(1), d = q.size(2), nkv = k_cache.size(1);
   TORCH_CHECK(nh % nkv == 0 && k_cache.size(2) == d, "heads disagree with the cache");
+  TORCH_CHECK(d % 16 == 0 && d <= MAX_HEAD, "head size must be a multiple of 16, at most 256 (got ", d, ")");
   TORCH_CHECK(rows.numel() == tokens && lens.numel() == tokens, "one row and one length per query token");
   auto r = rows.contiguous(), l = lens.contiguous();
   at::Tensor out = at::empty({tokens, nh * d}, q.options());
   if (tokens == 0) return out;
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "attention takes float32 or bfloat16");
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "paged_attention", [&] {
     auto run = [&](auto impl) {
       impl(q.data_ptr<scalar_t>(), q.stride(0), out.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
            v_cache.data_ptr<scalar_t>(), table.data_ptr<int64_t>(), table.stride(0), r.data_ptr<int64_t>(),
            l.data_ptr<int64_t>(), tokens, nh, nkv, d, static_cast<float>(scale));
     };
-    if (d == 64) run(attention_impl<scalar_t, 64>);
-    else if (d == 128) run(attention_impl<scalar_t, 128>);
+    if (d == 64) run(attention_impl<scalar_t, 64 / W>);
+    else if (d == 128) run(attention_impl<scalar_t, 128 / W>);
     else run(attention_impl<scalar_t, 0>);
   });
   return out;
