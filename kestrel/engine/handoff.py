@@ -185,12 +185,6 @@ class Handoffs:
             raise
         slots = self.reservations.pop(mid).slots
         seq.lora = adapter
-        seq.row = engine.table.alloc()
-        engine.table.write(seq.row, 0, slots[:state.num_kv])
-        if len(slots) > state.num_kv:
-            engine.pool.free(slots[state.num_kv:])
-        seq.num_computed = seq.num_slots = state.num_kv
-        seq.status = Status.RUNNING
         if state.generator_state is not None:
             seq.generator = torch.Generator(device="cpu")
             seq.generator.set_state(state.generator_state)
@@ -204,9 +198,11 @@ class Handoffs:
         if engine.lookahead_sizes is not None:
             from kestrel.engine.lookahead import LookaheadState
             seq.lookahead = LookaheadState.for_prompt(engine.lookahead_sizes, seq.all_ids)
+        if len(slots) > state.num_kv:
+            engine.pool.free(slots[state.num_kv:])
+        s.adopt(seq, slots[:state.num_kv])
         engine._requests[seq.request_id] = [seq]
         s.clients.arrived(seq.client)
-        s.running.append(seq)
         self.moved_in += 1
         return time.monotonic() - state.suspended_at
 

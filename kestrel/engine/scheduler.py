@@ -357,6 +357,15 @@ class Scheduler:
     def _reserve_for_new(self, seq: Sequence, prefix_len: int) -> float:
         return (seq.total_len - prefix_len) + self.new_token_ratio * self._output_left(seq)
 
+    def adopt(self, seq: Sequence, slots: list[int]) -> None:
+        """Put a sequence whose first len(slots) tokens already have their K/V in `slots` (handed over by another
+        engine) straight into the running batch; the caller has checked there is room (_room_for_another)."""
+        seq.row = self.table.alloc()
+        self.table.write(seq.row, 0, slots)
+        seq.num_computed = seq.num_slots = len(slots)
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
     # ---- after a step -------------------------------------------------------------------
     def advance(self, batch: ScheduledBatch) -> list[Sequence]:
         """Record the K/V computed by a finished step and charge each client for it. Returns the

@@ -1,8 +1,9 @@
 """The real scheduler, KV pool, radix cache and policy driven by a model-free runner.
 
 Each step costs `step_cost + token_cost * tokens + context_cost * (context tokens the step's rows attend to)`
-simulated seconds and every sequence that reaches the end of its pending tokens "samples" a fixed token. Scheduling decisions are exactly the engine's, so
-policies can be studied and tested deterministically without weights (and fast).
+simulated seconds and every sequence that reaches the end of its pending tokens "samples" a fixed token.
+Scheduling decisions are exactly the engine's, so policies can be studied and tested deterministically without
+weights (and fast).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from kestrel.cache.radix_cache import RadixCache
 from kestrel.config import EngineConfig
 from kestrel.engine.clients import ANONYMOUS
 from kestrel.engine.policy import make_policy
-from kestrel.engine.request import Sequence, Status
+from kestrel.engine.request import Sequence
 from kestrel.engine.sampling_params import SamplingParams
 from kestrel.engine.scheduler import ScheduledBatch, Scheduler
 
@@ -79,12 +80,8 @@ class Simulator:
         n = seq.total_len - 1
         if not s._ensure_free(n) or not s._room_for_another():
             raise MemoryError("no room for a handed-over request")
-        seq.row = self.table.alloc()
-        self.table.write(seq.row, 0, self.pool.alloc(n))
-        seq.num_computed = seq.num_slots = n
-        seq.status = Status.RUNNING
+        s.adopt(seq, self.pool.alloc(n))
         seq.admitted_once = True
-        s.running.append(seq)
         req.arrival = arrival
         return req
 
