@@ -33,7 +33,7 @@ def expected(engine: Engine, prompt, params: SamplingParams) -> list[int]:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_llama_dir):
-    c = ClusterClient(EngineConfig(model=tiny_llama_dir, **ENGINE),
+    c = ClusterClient(EngineConfig(model=tiny_llama_dir, policy="vtc", **ENGINE),
                       ClusterConfig(instances=2, router="round-robin", cpus_per_instance=1))
     yield c
     c.shutdown()
@@ -56,9 +56,9 @@ def assert_no_leaks(c: ClusterClient) -> None:
         assert s["free"] + s["evictable"] == s["size"], (name, s)
 
 
-async def stream(c: ClusterClient, rid: str, prompt, params, on_token=None):
+async def stream(c: ClusterClient, rid: str, prompt, params, on_token=None, client=None):
     """Tokens and text as the client receives them; on_token(n) runs (in a thread) after each delta."""
-    q = c.submit(rid, prompt, params)
+    q = c.submit(rid, prompt, params, client=client)
     tokens, text, reason = [], "", None
     try:
         while True:
@@ -149,6 +149,40 @@ def test_round_robin_spreads_and_least_load_follows_queued_demand(cluster):
                                for i in range(4)])
     asyncio.run(main())
     assert {h.name for h in seen if h is not None} == {"instance-0", "instance-1"}
+
+
+def test_fairness_counters_cover_the_whole_deployment(cluster):
+    """VTC behind the router: each instance's counter for a client is the service it received on every
+    instance (the router credits each instance with the others' reports), not only on its own."""
+    import ray
+
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    def run(wave: int) -> float:
+        """Three requests of client "fair" (round-robin spreads them); returns the service they cost."""
+        prompts = [[(31 * i + 17 * k + wave) % 5000 + 200 for i in range(20 + 7 * k)] for k in range(3)]
+
+        async def main():
+            await asyncio.gather(*[stream(cluster, f"fair{wave}-{k}", p, params, client="fair")
+                                   for k, p in enumerate(prompts)])
+        asyncio.run(main())
+        return sum(1.0 * len(p) + 2.0 * params.max_tokens for p in prompts)
+
+    def counters_once_settled(want):
+        deadline = time.monotonic() + 10
+        while True:
+            got = [ray.get(h.actor.call.remote("client_counters")).get("fair") for h in cluster.handles]
+            if got == want(got) or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+    first = run(0)
+    # the first arrival is lifted to the instance's floor (VTC): at least the service, the same on both
+    before = counters_once_settled(lambda got: [max(got[0] or 0, got[1] or 0, first)] * 2)
+    assert before[0] == before[1] >= first
+    second = run(1)  # no lift now ("fair" was the last admitted): each counter grows by the whole wave's cost
+    after = counters_once_settled(lambda got: [before[0] + second] * 2)
+    assert after == [before[0] + second] * 2
 
 
 def test_killed_instance_fails_its_requests_then_comes_back(cluster):

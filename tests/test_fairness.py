@@ -216,3 +216,54 @@ def test_priority_preempts_less_important_running_work():
             assert (usage.input_tokens, usage.output_tokens) == (3 * 32, 2 * 200 + 20)
         else:
             assert urgent.finish > min(r.finish for r in low)
+
+
+def simulate_deployment(windows: dict[str, dict[str, tuple[float, float]]], until: float, share: bool):
+    """Two instances behind a router: clients send at `rate` to the instances named in `windows`
+    ({instance: {client: rate}}). With `share`, each report goes through the router's ServiceShare and the
+    other instance is credited at once, as the router's next command batch does. Returns total service per client."""
+    from kestrel.engine.clients import ServiceShare
+
+    sims = {name: Simulator(EngineConfig(policy="vtc", max_total_tokens=POOL, max_running_requests=8,
+                                         chunked_prefill_size=256)) for name in windows}
+    shares, served, rng = ServiceShare(), {}, random.Random(1)
+    arrivals = {name: sorted((k / rate, client) for client, rate in clients.items() for k in range(int(until * rate)))
+                for name, clients in windows.items()}
+    while min(s.now for s in sims.values()) < until:
+        name, sim = min(sims.items(), key=lambda kv: kv[1].now)
+        while arrivals[name] and arrivals[name][0][0] <= sim.now:
+            _, client = arrivals[name].pop(0)
+            sim.add([rng.randrange(10, 40000) for _ in range(rng.randint(16, MAX_PROMPT))], rng.randint(16, 64),
+                    client=client)
+        sim.step()
+        changes = sim.scheduler.clients.take_changed()
+        for c, change in changes.items():
+            served[c] = served.get(c, 0.0) + change[0]
+        if share:
+            for other in shares.reported(name, changes, list(sims)):
+                sims[other].scheduler.credit(shares.take(other))
+    return served
+
+
+def test_vtc_counters_are_deployment_wide_behind_a_router():
+    """The heavy client sends to both instances, the light one to one only, both over capacity: instance-local
+    counters give the heavy client its share of the shared instance plus all of the other (about 3:1); counters
+    credited with the other instance's service (kestrel.cluster's router) even it out."""
+    windows = {"a": {"heavy": 16.0, "light": 16.0}, "b": {"heavy": 16.0}}
+    local = simulate_deployment(windows, until=15.0, share=False)
+    shared = simulate_deployment(windows, until=15.0, share=True)
+    assert local["heavy"] > 2.5 * local["light"]
+    assert abs(shared["heavy"] - shared["light"]) / (shared["heavy"] + shared["light"]) < 0.1
+
+
+def test_credited_clients_are_forgotten_when_idle():
+    sim = Simulator(EngineConfig(policy="vtc", max_total_tokens=POOL, client_idle_timeout=30.0))
+    sim.scheduler.credit({"elsewhere": 500.0})
+    assert sim.scheduler.policy.counter("elsewhere") == 500.0
+    sim.add([1, 2, 3], 2, client="elsewhere")  # arriving here, it keeps the counter it earned elsewhere
+    assert sim.scheduler.policy.counter("elsewhere") == 500.0
+    while sim.has_work():
+        sim.step()
+    sim.now += 31.0
+    sim.step()
+    assert "elsewhere" not in sim.scheduler.policy.counters and not sim.scheduler.clients._idle

@@ -22,6 +22,7 @@ from typing import Optional
 from kestrel.cluster.dispatch import Dispatcher, Load, check_router, least_loaded, migration_pair
 from kestrel.cluster.instance import CallError, Instance
 from kestrel.config import EngineConfig
+from kestrel.engine.clients import ServiceShare
 from kestrel.server.engine_process import (FAILED, OK, RESTARTING, CallFailed, EngineDead, EngineFront,
                                            EngineStartError, Rejected, RestartBudget)
 
@@ -31,6 +32,7 @@ BALANCE_SECONDS = 0.05  # how often the migration policy looks at the loads
 STOP_COPY_TOKENS = 4  # a migration stops the request once fewer tokens than this are left to copy
 MAX_STAGES = 6  # copy stages before the stop-and-copy, whatever is left
 START_TIMEOUT = 600.0
+CREDIT_DUE = object()  # in an instance's command queue: its sender adds what other instances' clients received
 SUMMED = ("running", "waiting", "kv_used", "kv_size", "kv_free", "kv_evictable", "kv_cached", "retractions",
           "clients_tracked", "paused", "paused_tokens", "swap_bytes", "waiting_tokens", "high_priority")
 
@@ -121,6 +123,7 @@ class ClusterClient(EngineFront):
         self._aborted: set[str] = set()  # ... and aborted meanwhile
         self._stopping = False
         self.dispatcher = Dispatcher(cluster.router)
+        self.shares = ServiceShare()  # one fairness counter per client across the instances
         self.loads: dict[str, Load] = {}
         self.migrations: list[Migration] = []
         self._unreported: list[Migration] = []
@@ -199,6 +202,7 @@ class ClusterClient(EngineFront):
             h.actor, h.info = actor, info
             h.generation += 1
             h.commands = queue.Queue()
+            self.shares.take(h.name)  # a new engine starts its counters afresh; what was owed to the old one goes
             h.processed = 0
             h.alive = True
             self.loads[h.name] = Load()
@@ -208,6 +212,8 @@ class ClusterClient(EngineFront):
 
     def _send(self, h: InstanceHandle, gen: int) -> None:
         import ray
+
+        from kestrel.engine.driver import Credit
 
         while not self._stopping and h.generation == gen:
             try:
@@ -219,6 +225,13 @@ class ClusterClient(EngineFront):
                     batch.append(h.commands.get_nowait())
                 except queue.Empty:
                     break
+            if any(cmd is CREDIT_DUE for cmd in batch):
+                batch = [cmd for cmd in batch if cmd is not CREDIT_DUE]
+                owed = self.shares.take(h.name)
+                if owed:
+                    batch.append(Credit(owed))
+            if not batch:
+                continue
             try:
                 ray.get(h.actor.send.remote(batch))
             except ray.exceptions.RayError:
@@ -249,6 +262,9 @@ class ClusterClient(EngineFront):
         if kind == "deltas":
             _, deltas, report = msg
             self.loads[h.name].update(report)
+            alive = [x for x in self.handles if x.alive]
+            for name in self.shares.reported(h.name, report.get("clients", {}), [x.name for x in alive]):
+                next(x for x in alive if x.name == name).send(CREDIT_DUE)
             self.load = self._combined(report)
             for fn in self._listeners:
                 fn(deltas, self.load)

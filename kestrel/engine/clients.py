@@ -1,6 +1,7 @@
 """Who sent a request, and how much service each client has received (for fair scheduling and metrics)."""
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -74,6 +75,13 @@ class ClientLedger:
         self._idle[client] = now
         self._idle.move_to_end(client)
 
+    def served_elsewhere(self, client: str, now: float) -> None:
+        """The client was served on another instance of the deployment: unless it has work here, it counts as
+        idle from now, so what the policy keeps for it is forgotten on the same terms as for local clients."""
+        if client not in self._live:
+            self._idle[client] = now
+            self._idle.move_to_end(client)
+
     def forget_idle(self, now: float) -> list[str]:
         """Forget clients idle for longer than idle_timeout, and the oldest idle ones beyond max_idle."""
         gone = []
@@ -110,3 +118,36 @@ class ClientLedger:
             out[c] = (service, prompt, output, u.waiting if u is not None else 0)
         self._unreported = {}
         return out
+
+
+class ServiceShare:
+    """Deployment-wide fairness behind one router: each instance reports the service its clients received
+    (`ClientLedger.take_changed`); what a client received on one instance is owed to every other instance's
+    policy (`Scheduler.credit`) until that instance's next command batch takes it. Thread-safe: reports come in
+    on one thread per instance, and each instance's sender takes its own."""
+
+    def __init__(self):
+        self._owed: dict[str, dict[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def reported(self, source: str, changes: dict, destinations: list[str]) -> list[str]:
+        """Record `source`'s per-client changes; returns the destinations that had nothing owed until now
+        (their sender must be woken; the others' is already due)."""
+        served = {c: v[0] for c, v in changes.items() if v[0] > 0}
+        if not served:
+            return []
+        woken = []
+        with self._lock:
+            for d in destinations:
+                if d == source:
+                    continue
+                owed = self._owed.setdefault(d, {})
+                if not owed:
+                    woken.append(d)
+                for c, service in served.items():
+                    owed[c] = owed.get(c, 0.0) + service
+        return woken
+
+    def take(self, destination: str) -> dict[str, float]:
+        with self._lock:
+            return self._owed.pop(destination, {})

@@ -43,6 +43,13 @@ class Abort:
 
 
 @dataclass
+class Credit:
+    """Service clients received on the deployment's other instances (Scheduler.credit), sent by the router."""
+
+    services: dict[str, float]
+
+
+@dataclass
 class Stop:
     pass
 
@@ -56,11 +63,11 @@ class Call:
     kwargs: dict
 
 
-CALLABLE = ("load_lora", "unload_lora", "flush_cache", "kv_accounting",  # what a Call may run
+CALLABLE = ("load_lora", "unload_lora", "flush_cache", "kv_accounting", "client_counters",  # what a Call may run
             # moving requests between engines (kestrel/engine/handoff.py)
             "handoffs.export_kv", "handoffs.suspend", "handoffs.commit", "handoffs.resume", "handoffs.reserve",
             "handoffs.write", "handoffs.adopt", "handoffs.cancel", "handoffs.candidates")
-Command = Union[Submit, Abort, Stop, Call]
+Command = Union[Submit, Abort, Stop, Call, Credit]
 Deliver = Callable[[list[StreamDelta], list[RequestOutput]], None]
 Reject = Callable[[str, BaseException], None]
 Respond = Callable[[str, object, Optional[BaseException]], None]
@@ -106,11 +113,14 @@ class EngineDriver:
                         touched |= self._abort(cmd.request_id)
                     elif isinstance(cmd, Call):
                         self._call(cmd)
+                    elif isinstance(cmd, Credit):
+                        self.engine.scheduler.credit(cmd.services)
                 if self.engine.has_unfinished():
                     stepped = self.engine.step()
                     self.stalled = not stepped
                     touched |= stepped
-                if touched or commands:
+                # a credit alone changes no request: no report for it (else reports and credits ping-pong)
+                if touched or any(not isinstance(c, Credit) for c in commands):
                     self._deliver(touched)
                 if self.after_step is not None and touched:
                     self.after_step(self.engine)

@@ -211,6 +211,10 @@ class Engine:
                     requests=len(self._requests), running=len(self.scheduler.running),
                     waiting=len(self.scheduler.waiting))
 
+    def client_counters(self) -> dict[str, float]:
+        """The fairness policy's per-client counters (VTC; empty for other policies), which order waiting clients."""
+        return dict(getattr(self.scheduler.policy, "counters", {}))
+
     def expire_pauses(self) -> int:
         """Release paused conversations past --pause-timeout (steps do it too; the driver calls it when idle)."""
         return self.pauses.expire()

@@ -47,6 +47,9 @@ class SchedulePolicy:
     def forget(self, client: str) -> None:
         """The client has been idle long enough to drop whatever the policy keeps about it."""
 
+    def credit(self, client: str, service: float) -> None:
+        """The client received `service` on another instance of the same deployment (kestrel.cluster)."""
+
     def preempt_for(self, waiting: list[Sequence], running: list[Sequence], fits) -> Optional[Sequence]:
         """A running sequence to give way to a waiting one that cannot be admitted (`fits(seq)` is
         False), or None. Only the priority policy preempts for waiting work."""
@@ -160,6 +163,12 @@ class VTCPolicy(SchedulePolicy):
 
     def account(self, seq, input_tokens, output_tokens):
         self.counters[seq.client] = self.counter(seq.client) + self.cost(input_tokens, output_tokens)
+
+    def credit(self, client, service):
+        # Behind one router the counter is the deployment's: service on other instances counts here too, so a
+        # client spread over several instances is not served once per instance. The lift still applies at
+        # arrival (max with the local floor), and the client is forgotten when idle here as any other.
+        self.counters[client] = self.counter(client) + service
 
     def order(self, waiting, cache):
         queues: dict[str, list[Sequence]] = {}

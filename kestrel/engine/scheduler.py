@@ -97,6 +97,14 @@ class Scheduler:
         if self.pauses.enabled and seq.index == 0:
             seq.resumes = self.pauses.claim(seq.prompt_ids, seq.namespace)
 
+    def credit(self, services: dict[str, float]) -> None:
+        """Weighted service clients received on other instances of the deployment (kestrel.cluster): the
+        fairness policy counts it as if received here."""
+        now = self.clock()
+        for client, service in services.items():
+            self.policy.credit(client, service)
+            self.clients.served_elsewhere(client, now)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
