@@ -205,8 +205,10 @@ class Engine:
         return self.cache.evict(self.cache.evictable_size)
 
     def kv_accounting(self) -> dict:
-        """Where the pool's slots are: free, cached (evictable), reserved for incoming requests, held by requests."""
+        """Where the pool's slots are: free, cached (evictable), holding idle LoRA adapters (evictable too),
+        reserved for incoming requests, held by requests."""
         return dict(size=self.pool.size, free=self.pool.num_free, evictable=self.cache.evictable_size,
+                    idle_adapters=self.loras.idle_pages(),
                     reserved=self.handoffs.reserved_tokens, suspended=len(self.handoffs.suspended),
                     requests=len(self._requests), running=len(self.scheduler.running),
                     waiting=len(self.scheduler.waiting))
