@@ -132,6 +132,44 @@ def test_engine_on_kernels_equals_engine_on_torch_ops(tiny_llama_dir):
     assert outs["cpp"] == outs["torch"]
 
 
+@pytest.mark.parametrize("dtype,quantization", [("float32", "int8"), ("float32", "int4"), ("float32", "none"),
+                                                ("bfloat16", "int4")])
+def test_decoder_layers_in_one_call_equal_the_layer_by_layer_ops(tiny_llama_dir, dtype, quantization):
+    """decoder_layers() against the same step composed of the single kernels and the model's linears, to the bit.
+    With a float32 model on quantized (bf16-activation) matmuls the one call reads and writes bf16 around them
+    instead of converting; the layer-by-layer ops convert, and the results must not differ."""
+    engine = Engine(tiny_llama_dir, dtype=dtype, quantization=quantization, batch_weights="quantized",
+                    kernels="cpp", device="cpu")
+    model, ops, cfg = engine.model, engine.model.kernels, engine.model.cfg
+    nh, nkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    g = torch.Generator().manual_seed(0)
+    dt = model.embed.dtype
+    lens = torch.tensor([7, 40, 130])  # one decode token per row; its own K/V is stored in the step
+    table = torch.randperm(400, generator=g)[:3 * 130].view(3, 130).contiguous()
+    rows, positions = torch.arange(3), lens - 1
+    slots = table[rows, positions].contiguous()
+    caches = [(torch.randn(400, nkv, d, generator=g).to(dt), torch.randn(400, nkv, d, generator=g).to(dt))
+              for _ in model.layers]
+    hidden = torch.randn(3, cfg.hidden_size, generator=g).to(dt)
+    cos, sin = model.rope_tables()
+    norms, kinds, groups, tensors = model.layer_specs()
+    one = [(k.clone(), v.clone()) for k, v in caches]
+    got = ops.decoder_layers(hidden.clone(), norms, model.norm, kinds, groups, tensors, [k for k, _ in one],
+                             [v for _, v in one], positions, cos, sin, slots, table, rows, lens, nh, nkv, eps, None, None)
+    h, delta = hidden.clone(), None
+    for layer, (k, v) in zip(model.layers, caches):
+        qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears(3)
+        x = ops.add_rms_norm(h, delta, layer.input_norm, eps)
+        qkv = qkv_proj(x).contiguous()
+        ops.rope_store(qkv, positions, cos, sin, k, v, slots, nh, nkv)
+        attn = ops.paged_attention(qkv.view(3, nh + 2 * nkv, d)[:, :nh], k, v, table, rows, lens, d ** -0.5)
+        x = ops.add_rms_norm(h, o_proj(attn), layer.post_norm, eps)
+        delta = down_proj(ops.silu_mul(gate_up_proj(x)))
+    want = ops.add_rms_norm(h, delta, model.norm, eps)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(one, caches))
+
+
 def test_head_sizes_the_attention_kernel_cannot_take_fall_back_to_torch_ops():
     cpu = torch.device("cpu")
     module, reason = kernels.resolve("auto", cpu, torch.float32, head_dim=72)

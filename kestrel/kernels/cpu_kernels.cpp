@@ -20,6 +20,11 @@ namespace {
 
 template <typename T> inline float to_f(T x) { return static_cast<float>(x); }
 template <typename T> inline T from_f(float x) { return static_cast<T>(x); }
+// x rounded to T (the dtype the computation is in), then stored as O (T, or bf16 for a float32 T)
+template <typename T, typename O> inline O narrow(float x) {
+  if constexpr (std::is_same<T, O>::value) return from_f<T>(x);
+  else return from_f<O>(to_f(from_f<T>(x)));
+}
 
 // exp(x) that the compiler vectorizes (libm's expf is a scalar call): x = n ln2 + r with |r| <= ln2 / 2,
 // exp(r) by its degree-7 Taylor polynomial (relative error < 2e-7, about one float ulp), times 2^n.
@@ -171,14 +176,15 @@ inline void storev(double* p, vec v) {
 
 // ---- residual add + RMSNorm ------------------------------------------------------------------------
 // hidden += delta (in place, when delta is given), then out = weight * (hidden * rsqrt(mean(hidden^2) + eps)),
-// rounding hidden * rsqrt to the dtype before the weight, as the reference (transformers) does.
-template <typename T>
-void rms_norm_impl(T* hidden, const T* delta, const T* weight, T* out, int64_t rows, int64_t dim, double eps) {
+// rounding hidden * rsqrt to the dtype before the weight, as the reference (transformers) does. A bf16 delta or
+// output (around a quantized matmul, which works in bf16) is what converting to or from T would give, exactly.
+template <typename T, typename D = T, typename O = T>
+void rms_norm_impl(T* hidden, const D* delta, const T* weight, O* out, int64_t rows, int64_t dim, double eps) {
   const int64_t body = dim - dim % W;  // W lanes at a time, the rest one by one
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T* h = hidden + r * dim;
-      const T* dr = delta ? delta + r * dim : nullptr;
+      const D* dr = delta ? delta + r * dim : nullptr;
       vec ss_v = splat(0.f);
       for (int64_t i = 0; i < body; i += W) {
         vec x = loadv(h + i);
@@ -199,60 +205,103 @@ void rms_norm_impl(T* hidden, const T* delta, const T* weight, T* out, int64_t r
       }
       const float inv = 1.f / std::sqrt(ss / dim + static_cast<float>(eps));
       const vec inv_v = splat(inv);
-      T* o = out + r * dim;
-      for (int64_t i = 0; i < body; i += W) storev(o + i, loadv(weight + i) * roundv(loadv(h + i) * inv_v, o));
-      for (int64_t i = body; i < dim; ++i) o[i] = from_f<T>(to_f(weight[i]) * to_f(from_f<T>(to_f(h[i]) * inv)));
+      O* o = out + r * dim;
+      for (int64_t i = 0; i < body; i += W) storev(o + i, roundv(loadv(weight + i) * roundv(loadv(h + i) * inv_v, h), h));
+      for (int64_t i = body; i < dim; ++i) o[i] = narrow<T, O>(to_f(weight[i]) * to_f(from_f<T>(to_f(h[i]) * inv)));
     }
   });
 }
 
-at::Tensor add_rms_norm(at::Tensor hidden, c10::optional<at::Tensor> delta, at::Tensor weight, double eps) {
+// float32 work with bf16 at its edges: the mixed case the decoder layers meet around quantized matmuls
+inline bool bf16_edges(at::ScalarType t, at::ScalarType a, at::ScalarType b) {
+  return t == at::kFloat && (a == at::kFloat || a == at::kBFloat16) && (b == at::kFloat || b == at::kBFloat16);
+}
+
+// out_dtype: the output's dtype (hidden's, or bf16 for a float32 hidden); delta may be bf16 for a float32 hidden
+at::Tensor add_rms_norm_to(at::Tensor hidden, c10::optional<at::Tensor> delta, at::Tensor weight, double eps,
+                           at::ScalarType out_dtype) {
   check_cpu(hidden, "hidden");
   TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be a contiguous [tokens, dim] tensor");
-  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "weight and hidden must have one dtype");
+  const auto t = hidden.scalar_type();
+  TORCH_CHECK(weight.scalar_type() == t, "weight and hidden must have one dtype");
   at::Tensor d;
   if (delta) {
     d = delta->contiguous();
-    TORCH_CHECK(d.sizes() == hidden.sizes() && d.scalar_type() == hidden.scalar_type(), "delta must match hidden");
+    TORCH_CHECK(d.sizes() == hidden.sizes(), "delta must match hidden");
   }
+  const auto dt = delta ? d.scalar_type() : t;
+  TORCH_CHECK((dt == t && out_dtype == t) || bf16_edges(t, dt, out_dtype),
+              "delta and the output must be in hidden's dtype (or bf16 with a float32 hidden)");
   at::Tensor w = weight.contiguous();
-  at::Tensor out = at::empty_like(hidden);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, hidden.scalar_type(), "add_rms_norm", [&] {
+  at::Tensor out = at::empty(hidden.sizes(), hidden.options().dtype(out_dtype));
+  const int64_t rows = hidden.size(0), dim = hidden.size(1);
+  if (t == at::kFloat && (dt != t || out_dtype != t)) {
+    using BF = c10::BFloat16;
+    float* h = hidden.data_ptr<float>();
+    const float* wp = w.data_ptr<float>();
+    if (dt == at::kBFloat16 && out_dtype == at::kBFloat16)
+      rms_norm_impl<float, BF, BF>(h, delta ? d.data_ptr<BF>() : nullptr, wp, out.data_ptr<BF>(), rows, dim, eps);
+    else if (dt == at::kBFloat16)
+      rms_norm_impl<float, BF, float>(h, delta ? d.data_ptr<BF>() : nullptr, wp, out.data_ptr<float>(), rows, dim, eps);
+    else
+      rms_norm_impl<float, float, BF>(h, delta ? d.data_ptr<float>() : nullptr, wp, out.data_ptr<BF>(), rows, dim, eps);
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, t, "add_rms_norm", [&] {
     rms_norm_impl<scalar_t>(hidden.data_ptr<scalar_t>(), delta ? d.data_ptr<scalar_t>() : nullptr,
-                            w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), hidden.size(0), hidden.size(1), eps);
+                            w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, dim, eps);
   });
   return out;
 }
 
+at::Tensor add_rms_norm(at::Tensor hidden, c10::optional<at::Tensor> delta, at::Tensor weight, double eps) {
+  return add_rms_norm_to(hidden, delta, weight, eps, hidden.scalar_type());
+}
+
 // ---- SiLU(gate) * up ---------------------------------------------------------------------------------
-template <typename T>
-void silu_mul_impl(const T* gate_up, T* out, int64_t rows, int64_t inter) {
+// computed in the model's dtype T (each step rounded to it, as the reference does); gate_up of type I and the
+// output of type O may be bf16 around quantized matmuls with a float32 T
+template <typename T, typename I = T, typename O = T>
+void silu_mul_impl(const I* gate_up, O* out, int64_t rows, int64_t inter) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const T* g = gate_up + r * 2 * inter;
-      const T* u = g + inter;
-      T* o = out + r * inter;
+      const I* g = gate_up + r * 2 * inter;
+      const I* u = g + inter;
+      O* o = out + r * inter;
 #pragma omp simd
       for (int64_t i = 0; i < inter; ++i) {
         float x = to_f(g[i]);
         float s = to_f(from_f<T>(x / (1.f + vexp(-x))));
-        o[i] = from_f<T>(s * to_f(u[i]));
+        o[i] = narrow<T, O>(s * to_f(u[i]));
       }
     }
   });
 }
 
-at::Tensor silu_mul(at::Tensor gate_up) {
+at::Tensor silu_mul_to(at::Tensor gate_up, at::ScalarType model_dtype, at::ScalarType out_dtype) {
   check_cpu(gate_up, "gate_up");
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
               "gate_up must be a contiguous [tokens, 2 * intermediate] tensor");
-  int64_t inter = gate_up.size(1) / 2;
-  at::Tensor out = at::empty({gate_up.size(0), inter}, gate_up.options());
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gate_up.scalar_type(), "silu_mul", [&] {
-    silu_mul_impl<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), gate_up.size(0), inter);
-  });
+  const auto it = gate_up.scalar_type();
+  TORCH_CHECK((it == model_dtype && out_dtype == model_dtype) || bf16_edges(model_dtype, it, out_dtype),
+              "gate_up and the output must be in the model's dtype (or bf16 with a float32 model)");
+  int64_t inter = gate_up.size(1) / 2, rows = gate_up.size(0);
+  at::Tensor out = at::empty({rows, inter}, gate_up.options().dtype(out_dtype));
+  using BF = c10::BFloat16;
+  if (model_dtype == at::kFloat && it == at::kBFloat16 && out_dtype == at::kBFloat16)
+    silu_mul_impl<float, BF, BF>(gate_up.data_ptr<BF>(), out.data_ptr<BF>(), rows, inter);
+  else if (model_dtype == at::kFloat && it == at::kBFloat16)
+    silu_mul_impl<float, BF, float>(gate_up.data_ptr<BF>(), out.data_ptr<float>(), rows, inter);
+  else if (model_dtype == at::kFloat && out_dtype == at::kBFloat16)
+    silu_mul_impl<float, float, BF>(gate_up.data_ptr<float>(), out.data_ptr<BF>(), rows, inter);
+  else
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, it, "silu_mul", [&] {
+      silu_mul_impl<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, inter);
+    });
   return out;
 }
+
+at::Tensor silu_mul(at::Tensor gate_up) { return silu_mul_to(gate_up, gate_up.scalar_type(), gate_up.scalar_type()); }
 
 // ---- RoPE on q and k in place, and K/V into the pool -------------------------------------------------
 // qkv: [T, (nh + 2 nkv) * D]; rotate-half RoPE on the first nh + nkv heads with cos/sin rows at each
@@ -333,8 +382,8 @@ inline float dot(const float* q, const T* k, int64_t d) {
 
 // NV: W-float vectors per head when known at compile time (registers, unrolled loops), 0 for any head size
 // that is a multiple of 16.
-template <typename T, int64_t NV>
-void attention_impl(const T* q, int64_t q_stride, T* out, const T* k_cache, const T* v_cache, const int64_t* table,
+template <typename T, int64_t NV, typename O = T>
+void attention_impl(const T* q, int64_t q_stride, O* out, const T* k_cache, const T* v_cache, const int64_t* table,
                     int64_t table_stride, const int64_t* rows, const int64_t* lens, int64_t tokens, int64_t nh,
                     int64_t nkv, int64_t head_dim, float scale) {
   const int64_t nv = NV > 0 ? NV : head_dim / LANES, d = nv * LANES;
@@ -422,10 +471,10 @@ void attention_impl(const T* q, int64_t q_stride, T* out, const T* k_cache, cons
       for (int64_t g = 0; g < group; ++g) {
         const vec* a = &acc[g * nv];
         if (direct) {
-          T* dst = out + t * nh * d + (h * group + g) * d;
+          O* dst = out + t * nh * d + (h * group + g) * d;
           const float inv = sum[g] > 0.f ? 1.f / sum[g] : 0.f;
           for (int64_t c = 0; c < nv; ++c)
-            for (int64_t l = 0; l < LANES; ++l) dst[c * LANES + l] = from_f<T>(a[c][l] * inv);
+            for (int64_t l = 0; l < LANES; ++l) dst[c * LANES + l] = narrow<T, O>(a[c][l] * inv);
         } else {
           part_max[item * group + g] = mx[g];
           part_sum[item * group + g] = sum[g];
@@ -453,17 +502,18 @@ void attention_impl(const T* q, int64_t q_stride, T* out, const T* k_cache, cons
           const float* a = &part_acc[(it * group + g) * d];
           for (int64_t i = 0; i < d; ++i) o[i] += w * a[i];
         }
-        T* dst = out + t * nh * d + (h * group + g) * d;
+        O* dst = out + t * nh * d + (h * group + g) * d;
         const float inv = total > 0.f ? 1.f / total : 0.f;
-        for (int64_t i = 0; i < d; ++i) dst[i] = from_f<T>(o[i] * inv);
+        for (int64_t i = 0; i < d; ++i) dst[i] = narrow<T, O>(o[i] * inv);
       }
     }
   });
 }
 
-// q: [T, nh, D] (rows may be strided, e.g. a view into the fused qkv); returns [T, nh * D].
-at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor table, at::Tensor rows,
-                           at::Tensor lens, double scale) {
+// q: [T, nh, D] (rows may be strided, e.g. a view into the fused qkv); returns [T, nh * D] in out_dtype (q's, or
+// bf16 for a float32 q).
+at::Tensor paged_attention_to(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor table, at::Tensor rows,
+                              at::Tensor lens, double scale, at::ScalarType out_dtype) {
   check_cpu(q, "q");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [T, heads, D] with dense heads");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == q.scalar_type() &&
@@ -475,9 +525,23 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   TORCH_CHECK(d % 16 == 0 && d <= MAX_HEAD, "head size must be a multiple of 16, at most 256 (got ", d, ")");
   TORCH_CHECK(rows.numel() == tokens && lens.numel() == tokens, "one row and one length per query token");
   auto r = rows.contiguous(), l = lens.contiguous();
-  at::Tensor out = at::empty({tokens, nh * d}, q.options());
-  if (tokens == 0) return out;
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "attention takes float32 or bfloat16");
+  TORCH_CHECK(out_dtype == q.scalar_type() || bf16_edges(q.scalar_type(), q.scalar_type(), out_dtype),
+              "the output must be in q's dtype (or bf16 for a float32 q)");
+  at::Tensor out = at::empty({tokens, nh * d}, q.options().dtype(out_dtype));
+  if (tokens == 0) return out;
+  if (out_dtype != q.scalar_type()) {
+    using BF = c10::BFloat16;
+    auto run = [&](auto impl) {
+      impl(q.data_ptr<float>(), q.stride(0), out.data_ptr<BF>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+           table.data_ptr<int64_t>(), table.stride(0), r.data_ptr<int64_t>(), l.data_ptr<int64_t>(), tokens, nh, nkv,
+           d, static_cast<float>(scale));
+    };
+    if (d == 64) run(attention_impl<float, 64 / W, BF>);
+    else if (d == 128) run(attention_impl<float, 128 / W, BF>);
+    else run(attention_impl<float, 0, BF>);
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "paged_attention", [&] {
     auto run = [&](auto impl) {
       impl(q.data_ptr<scalar_t>(), q.stride(0), out.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
@@ -489,6 +553,11 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
     else run(attention_impl<scalar_t, 0>);
   });
   return out;
+}
+
+at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor table, at::Tensor rows,
+                           at::Tensor lens, double scale) {
+  return paged_attention_to(q, k_cache, v_cache, table, rows, lens, scale, q.scalar_type());
 }
 
 // ---- LoRA: the low-rank updates of a mixed batch (Punica's shrink and expand, per token) -------------------
@@ -555,20 +624,23 @@ void lora_apply(at::Tensor y, at::Tensor x, at::Tensor token_adapter, at::Tensor
 
 // ---- the decoder layers in one call ----------------------------------------------------------------------
 // A linear as the Python side describes it: kind 0 dense (weight[, bias]), 1 int8 (q, scale[, bias]),
-// 2 int4 (packed, scales_zeros[, bias]) with its group size. The quantized kernels take bf16 activations.
+// 2 int4 (packed, scales_zeros[, bias]) with its group size. The quantized kernels take and return bf16
+// activations; with a float32 model the kernels around them read and write bf16 directly, which gives exactly what
+// converting would (widening is exact, narrowing rounds to nearest even either way) without a copy per matmul.
 struct LinearSpec {
   int64_t kind, group;
   std::vector<at::Tensor> t;
   bool has_bias;
 };
 
+// y = x W^T (+ bias): in x's dtype for a dense linear, bf16 for a quantized one
 at::Tensor apply_linear(const LinearSpec& l, const at::Tensor& x) {
   if (l.kind == 0) return at::linear(x, l.t[0], l.has_bias ? c10::optional<at::Tensor>(l.t[1]) : c10::nullopt);
   at::Tensor xb = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
   at::Tensor y = l.kind == 1 ? at::_weight_int8pack_mm(xb, l.t[0], l.t[1])
                              : at::_weight_int4pack_mm_for_cpu(xb, l.t[0], l.group, l.t[1]);
   if (l.has_bias) y = y + l.t[2];
-  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+  return y;
 }
 
 // hidden: the embeddings [T, H], updated in place as the residual stream; returns the final norm's output.
@@ -594,21 +666,29 @@ at::Tensor decoder_layers(at::Tensor hidden, std::vector<at::Tensor> norms, at::
     linears.push_back({kinds[i], groups[i], weights[i], weights[i].size() == need + 1});
   }
   const bool lora = lora_tokens.has_value() && lora_table.has_value();
+  const auto model = hidden.scalar_type();
+  // the dtype a linear wants its input in (the LoRA updates work in the model's dtype, on both sides)
+  auto input_dtype = [&](int64_t layer, int64_t site) {
+    return lora || linears[4 * layer + site].kind == 0 ? model : at::kBFloat16;
+  };
   // y = linear(x), plus the batch's LoRA updates of that layer's site (0 qkv, 1 o, 2 gate_up, 3 down)
   auto linear = [&](int64_t layer, int64_t site, const at::Tensor& x) {
     at::Tensor y = apply_linear(linears[4 * layer + site], x).contiguous();
-    if (lora) lora_apply(y, x.contiguous(), *lora_tokens, *lora_table, layer, site);
+    if (lora) {
+      y = y.to(model);
+      lora_apply(y, x.contiguous(), *lora_tokens, *lora_table, layer, site);
+    }
     return y;
   };
   c10::optional<at::Tensor> delta;
   for (int64_t i = 0; i < layers; ++i) {
-    at::Tensor x = add_rms_norm(hidden, delta, norms[2 * i], eps);
-    at::Tensor qkv = linear(i, 0, x);
+    at::Tensor x = add_rms_norm_to(hidden, delta, norms[2 * i], eps, input_dtype(i, 0));
+    at::Tensor qkv = linear(i, 0, x).to(model);  // RoPE rotates q and k in place, in the model's dtype
     rope_store(qkv, positions, cos, sin, k_caches[i], v_caches[i], slots, nh, nkv);
     at::Tensor q = qkv.view({tokens, nh + 2 * nkv, d}).narrow(1, 0, nh);
-    at::Tensor attn = paged_attention(q, k_caches[i], v_caches[i], table, rows, lens, scale);
-    x = add_rms_norm(hidden, linear(i, 1, attn), norms[2 * i + 1], eps);
-    at::Tensor act = silu_mul(linear(i, 2, x));
+    at::Tensor attn = paged_attention_to(q, k_caches[i], v_caches[i], table, rows, lens, scale, input_dtype(i, 1));
+    x = add_rms_norm_to(hidden, linear(i, 1, attn), norms[2 * i + 1], eps, input_dtype(i, 2));
+    at::Tensor act = silu_mul_to(linear(i, 2, x), model, input_dtype(i, 3));
     delta = linear(i, 3, act);
   }
   return add_rms_norm(hidden, delta, final_norm, eps);
