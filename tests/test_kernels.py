@@ -99,6 +99,22 @@ def test_paged_attention_matches_sdpa_on_gathered_kv(ops, dtype, nh, nkv, d):
     _close(got, ref, dtype)
 
 
+def test_argmax_rows_matches_torch_argmax(ops):
+    g = torch.Generator().manual_seed(1)
+    for vocab in (1, 15, 16, 49152, 50001):
+        logits = torch.randn(5, vocab, generator=g)
+        assert torch.equal(ops.argmax_rows(logits), logits.argmax(dim=-1)), vocab
+    logits = torch.randn(4, 1000, generator=g)
+    logits[0, [3, 700]] = 9.0  # ties: the first
+    logits[1, 999] = 9.0  # in the tail past the last full vector
+    logits[2, [5, 600]] = float("nan")  # NaN above everything, as torch
+    logits[3] = float("-inf")
+    assert torch.equal(ops.argmax_rows(logits), logits.argmax(dim=-1))
+    assert torch.equal(ops.argmax_rows(logits[:, :999]), logits[:, :999].argmax(dim=-1))  # strided rows
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.argmax_rows(logits.to(torch.bfloat16))
+
+
 def test_kernels_reject_bad_input_with_a_clear_error(ops):
     q = torch.randn(2, 4, 16)
     cache = torch.randn(10, 2, 16)

@@ -127,7 +127,7 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = eos
-        self.sampler = Sampler(self.device, cfg.seed, eos)
+        self.sampler = Sampler(self.device, cfg.seed, eos, self.model.kernels)
         self.output = OutputProcessor(self.tokenizer, eos, self.context_length)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, eos)
         self._requests: dict[str, list[Sequence]] = {}
@@ -423,7 +423,7 @@ class Engine:
         base = seq.num_computed - 1  # advance() counted the pending token
         p = seq.params
         simple = p.plain_argmax and seq.grammar is None
-        argmax = logits.argmax(dim=-1).tolist() if simple or draft.window_levels else None
+        argmax = self.sampler._argmax(logits).tolist() if simple or draft.window_levels else None
         window_out = state.window_outputs(draft, argmax) if draft.window_levels else None
         node, produced, rejected = 0, 0, False
         while True:

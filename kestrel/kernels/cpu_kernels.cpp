@@ -98,6 +98,18 @@ inline vec lane_mask(int64_t n) {
   for (int l = 0; l < W; ++l) m[l] = l < n ? -1 : 0;
   return (vec)m;
 }
+// one bit per lane of a comparison's result (bit l: lane l is all ones)
+inline unsigned lanes_set(veci m) {
+#if W == 16
+  return _mm512_cmpneq_epi32_mask((__m512i)m, _mm512_setzero_si512());
+#elif defined(__AVX__)
+  return static_cast<unsigned>(_mm256_movemask_ps((__m256)m));
+#else
+  unsigned bits = 0;
+  for (int l = 0; l < W; ++l) bits |= (m[l] != 0) << l;
+  return bits;
+#endif
+}
 inline vec selectv(vec mask, vec a, vec b) { return (vec)(((veci)mask & (veci)a) | (~(veci)mask & (veci)b)); }
 inline vec addv(vec a, vec b) { return a + b; }
 inline vec maxv(vec a, vec b) { return a > b ? a : b; }
@@ -694,6 +706,51 @@ at::Tensor decoder_layers(at::Tensor hidden, std::vector<at::Tensor> norms, at::
   return add_rms_norm(hidden, delta, final_norm, eps);
 }
 
+// ---- greedy picks --------------------------------------------------------------------------------------
+// The index of each row's largest value, the first one on ties, NaN above everything (as torch.argmax): one
+// vectorized pass for the maximum, one for its first position.
+at::Tensor argmax_rows(at::Tensor logits) {
+  check_cpu(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.stride(1) == 1,
+              "logits must be float32 [rows, vocab] with dense rows");
+  const int64_t rows = logits.size(0), n = logits.size(1), stride = logits.stride(0), body = n - n % W;
+  TORCH_CHECK(n > 0, "logits must have a vocabulary");
+  at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  const float* base = logits.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = base + r * stride;
+      vec m = splat(-HUGE_VALF);
+      veci nan = (veci)splat(0.f);
+      for (int64_t i = 0; i < body; i += W) {
+        const vec v = loadv(x + i);
+        m = maxv(m, v);
+        nan |= (veci)(v != v);
+      }
+      float best = max_lanes(m);
+      bool any_nan = false;
+      for (int l = 0; l < W; ++l) any_nan |= nan[l] != 0;
+      for (int64_t i = body; i < n; ++i) {
+        any_nan |= x[i] != x[i];
+        best = std::max(best, x[i]);
+      }
+      int64_t at = -1;
+      if (!any_nan) {
+        const vec b = splat(best);
+        for (int64_t i = 0; i < body && at < 0; i += W) {
+          const unsigned hits = lanes_set((veci)(loadv(x + i) == b));
+          if (hits) at = i + __builtin_ctz(hits);
+        }
+      }
+      for (int64_t i = any_nan ? 0 : body; i < n && at < 0; ++i)
+        if (any_nan ? x[i] != x[i] : x[i] == best) at = i;
+      o[r] = at;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -702,5 +759,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_store", &rope_store, "RoPE on q and k in place in the fused qkv, and K/V into their pool slots");
   m.def("decoder_layers", &decoder_layers, "all decoder layers for a step whose attention the table serves");
   m.def("lora_apply", &lora_apply, "y += each token's adapter's low-rank update (B A x) at one layer's site, in place");
+  m.def("argmax_rows", &argmax_rows, "each row's argmax (first on ties, NaN first), as torch.argmax(dim=-1)");
   m.def("paged_attention", &paged_attention, "attention of each query token over its table row's first lens slots");
 }
