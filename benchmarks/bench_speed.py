@@ -112,10 +112,15 @@ def serving(name: str, cmd: list[str], env: dict, port: int, args) -> dict | Non
                                 ("shared-prefix", ["--num-groups", "4", "--system-prompt-len", "512",
                                                    "--question-len", "32"])):
             path = os.path.join(RESULTS, f"speed-serving-{name.replace(' ', '_')}-{workload}.json")
-            subprocess.run([os.path.join(ROOT, ".venv/bin/kestrel"), "bench", "--base-url", f"http://127.0.0.1:{port}",
-                            "--workload", workload, "--num-requests", str(args.num_requests), "--request-rate", "inf",
-                            "--max-concurrency", str(args.concurrency), "--output-len", "64", *extra, "--output", path],
-                           check=True, capture_output=True)
+            run = subprocess.run([os.path.join(ROOT, ".venv/bin/kestrel"), "bench", "--base-url",
+                                  f"http://127.0.0.1:{port}", "--workload", workload, "--num-requests",
+                                  str(args.num_requests), "--request-rate", "inf", "--max-concurrency",
+                                  str(args.concurrency), "--output-len", "64", *extra, "--output", path],
+                                 capture_output=True, text=True)
+            if run.returncode:  # say why and go on with the other servers
+                print(f"== {name} {workload}: kestrel bench failed ({run.returncode}):\n{run.stdout[-1500:]}"
+                      f"{run.stderr[-1500:]}", flush=True)
+                continue
             with open(path) as f:
                 data = json.load(f)
             res[workload] = data["output_token_throughput"]
@@ -152,6 +157,7 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--skip-serving", action="store_true")
+    ap.add_argument("--skip-engine", action="store_true", help="serving figures only")
     ap.add_argument("--port", type=int, default=30611)
     ap.add_argument("--output", default=os.path.join(RESULTS, "speed.json"))
     args = ap.parse_args()
@@ -160,9 +166,10 @@ def main() -> None:
 
     threads = place("cpu", "auto", None).threads
     gguf, model_dir = embedded_model_path(), resolve_model_dir(None)
-    results = {"cpu": cpu_name(), "threads": threads, "command": " ".join(sys.argv), "kestrel": kestrel_engine(args)}
+    results = {"cpu": cpu_name(), "threads": threads, "command": " ".join(sys.argv),
+               "kestrel": {} if args.skip_engine else kestrel_engine(args)}
     llama_bin = os.path.join(args.peers_home, "llama.cpp", "bin")
-    results["llama_bench"] = llama_bench(llama_bin, gguf, threads)
+    results["llama_bench"] = None if args.skip_engine else llama_bench(llama_bin, gguf, threads)
     serve = {}
     if not args.skip_serving:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -207,7 +214,7 @@ def main() -> None:
         mine = serve.get(label) or {}
         for peer in [p for p in serve if not p.startswith("kestrel") and serve[p]]:
             for w in ("random", "shared-prefix"):
-                if w in mine:
+                if w in mine and w in serve[peer]:
                     ratios[f"serving {w}: {label} vs {peer}"] = mine[w] / serve[peer][w]
     results["ratios"] = ratios
     print(f"\nCPU: {results['cpu']}, {threads} threads")

@@ -127,7 +127,7 @@ def test_bench_against_the_server(server, tmp_path, workload):
     import json
     import subprocess
     import sys
-    out, png = tmp_path / "r.json", tmp_path / "p.png"
+    out, png = tmp_path / "results" / "r.json", tmp_path / "plots" / "p.png"  # folders it makes
     proc = subprocess.run([sys.executable, "-m", "kestrel.cli", "bench", "--base-url", server.url, "--workload", workload,
                            "--num-requests", "6", "--request-rate", "20", "--input-len", "40", "--output-len", "8",
                            "--system-prompt-len", "100", "--num-groups", "2", "--turns", "2", "--slo-ttft", "60",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -211,6 +212,9 @@ def run_bench(args) -> dict:
     url = args.base_url.rstrip("/")
     if url.endswith("/v1"):
         url = url[:-3]
+    for path in (args.output, args.plot):  # before the run: a path that cannot be written fails now, not after it
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     results, duration = asyncio.run(run_load(url, args.model, requests, args.request_rate, args.max_concurrency,
                                              args.api_key, args.seed))
     summary = summarize(results, duration, args.slo_ttft, args.slo_tpot)
