@@ -26,12 +26,12 @@ class EngineConfig:
     quantization: str = field(default="auto", metadata={"help": "weights: none | int8 | int4 | auto (int4 for a GGUF "
                                                                  "file's Q4_0/Q4_1 layers unless float32 is asked "
                                                                  "for, else none)"})
-    batch_weights: str = field(default="auto", metadata={"help": "with quantized weights, what steps of more than "
-                                                                  "four tokens compute with: dense (a bf16 copy "
-                                                                  "dequantized from them: the same values, 2-2.5x "
-                                                                  "faster matmuls from 8 rows on; needs native bf16) "
-                                                                  "| quantized | auto (dense where the CPU has native "
-                                                                  "bf16 and the copy takes under a quarter of RAM)"})
+    batch_weights: str = field(default="auto", metadata={"help": "with quantized weights, what steps of many tokens "
+                                                                  "compute with: dense (a copy in the model's dtype "
+                                                                  "dequantized from them: the same values, faster "
+                                                                  "matmuls from a few rows on; bf16 needs native "
+                                                                  "bf16) | quantized | auto (dense where that is fast "
+                                                                  "and the copy takes under a quarter of RAM)"})
     kernels: str = field(default="auto", metadata={"help": "cpp | torch | auto (Kestrel's C++ CPU kernels, built for "
                                                           "this CPU at set-up, where they build; PyTorch ops else)"})
     num_threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for the forward (default: the cores "

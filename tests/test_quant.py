@@ -29,6 +29,21 @@ def test_kernel_matches_its_dequantized_weights(kind, dtype):
         assert torch.allclose(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
+def test_int4_dequantize_equals_the_kernels_own_float32_path(embedded_dir):
+    """dequantize() reads the codes through the kernel's fast bf16 path and applies scales itself: bit-identical to
+    the kernel's (slow) float32 path, on random weights and on GGUF Q4_1 blocks loaded straight in."""
+    from kestrel.model.gguf_blocks import load_int4_layers
+    from kestrel.model.loader import gguf_origin
+
+    torch.manual_seed(0)
+    lins = [Int4Linear.from_float(torch.randn(96, 128) * s) for s in (0.02, 1.0, 300.0)]
+    layers = load_int4_layers(gguf_origin(embedded_dir)["gguf_file"], cache_dir=embedded_dir)
+    lins += [layers[3]["qkv"], layers[3]["down"]]
+    for lin in lins:
+        assert torch.equal(lin.dequantize(torch.float32), lin.kernel_dequantize())
+        assert torch.equal(lin.dequantize(torch.bfloat16), lin.kernel_dequantize().to(torch.bfloat16))
+
+
 def test_int4_needs_rows_in_sixteens():
     with pytest.raises(ValueError, match="divisible by 16"):
         Int4Linear.from_float(torch.randn(24, 64))
@@ -110,10 +125,8 @@ def test_auto_quantization(embedded_dir):
 
 
 def test_dense_copies_for_many_token_steps_hold_the_quantized_values(chat_prompt_ids):
-    """batch_weights: steps of more than two tokens run on bf16 copies dequantized from the int4 weights where the
-    CPU has native bf16 (else quantized weights throughout, and asking for copies is an error)."""
-    import torch.nn.functional as F
-
+    """batch_weights: a bf16 model's steps of more than four tokens run on bf16 copies dequantized from the int4
+    weights where the CPU has native bf16 (else quantized weights throughout, and asking for copies is an error)."""
     from kestrel.model.linear import can_prepack
 
     if not can_prepack(torch.empty(0, dtype=torch.bfloat16)):  # an AVX2-only CPU: no fast bf16 matmul
@@ -122,17 +135,38 @@ def test_dense_copies_for_many_token_steps_hold_the_quantized_values(chat_prompt
         assert all(layer.dense is None for layer in Engine(dtype="bfloat16", device="cpu").model.layers)
         return
     hybrid = Engine(dtype="bfloat16", device="cpu")  # auto: copies on this CPU
-    assert hybrid.quantization == "int4" and "dense bf16 copies" in hybrid.describe()
-    x = torch.randn(8, hybrid.model.cfg.hidden_size, dtype=torch.bfloat16)
+    assert_dense_copies_hold_the_quantized_values(hybrid, chat_prompt_ids, torch.bfloat16)
+
+
+def test_float32_dense_copies_for_many_token_steps(chat_prompt_ids):
+    """float32 matmuls are fast on every CPU: a float32 model on int4 weights keeps float32 copies for steps of many
+    tokens (prefill, large batches) wherever it runs."""
+    from kestrel.model.llama import QUANTIZED_MAX_ROWS_F32
+
+    hybrid = Engine(dtype="float32", quantization="int4", device="cpu")
+    assert f"dense float32 copies for steps of more than {QUANTIZED_MAX_ROWS_F32} tokens" in hybrid.describe()
+    assert all(layer.dense_above == QUANTIZED_MAX_ROWS_F32 for layer in hybrid.model.layers)
+    assert_dense_copies_hold_the_quantized_values(hybrid, chat_prompt_ids, torch.float32)
+    assert all(layer.dense is None for layer in Engine(dtype="float32", quantization="int4", device="cpu",
+                                                        batch_weights="quantized").model.layers)
+
+
+def assert_dense_copies_hold_the_quantized_values(hybrid, chat_prompt_ids, dtype) -> None:
+    import torch.nn.functional as F
+
+    name = "bf16" if dtype == torch.bfloat16 else "float32"
+    assert hybrid.quantization == "int4" and f"dense {name} copies" in hybrid.describe()
+    x = torch.randn(8, hybrid.model.cfg.hidden_size, dtype=dtype)
     layer = hybrid.model.layers[5]
     for quantized, dense in zip(layer.fast[:1] + layer.fast[2:3], layer.dense[:1] + layer.dense[2:3]):
-        assert torch.equal(dense(x), F.linear(x, quantized.dequantize().to(torch.bfloat16), quantized.bias))
+        assert torch.equal(dense(x), F.linear(x, quantized.dequantize().to(dtype), quantized.bias))
     # teacher-forced scoring (prefill: the dense copies) against the quantized kernels' scoring
     outs = hybrid.generate(chat_prompt_ids[:4], SamplingParams(max_tokens=16, temperature=0.0))
     seqs = [o.prompt_token_ids + o.token_ids for o in outs]
     score = [SamplingParams(max_tokens=1, prompt_logprobs=1, logprob_start_len=len(o.prompt_token_ids)) for o in outs]
     dense = hybrid.generate(seqs, score)
-    quantized = Engine(dtype="bfloat16", batch_weights="quantized").generate(seqs, score)
+    quantized = Engine(dtype=str(dtype).removeprefix("torch."), quantization="int4",
+                       batch_weights="quantized").generate(seqs, score)
     errors = [abs(a.logprob - b.logprob) for d, q, o in zip(dense, quantized, outs)
               for a, b in zip(d.prompt_logprobs[len(o.prompt_token_ids):], q.prompt_logprobs[len(o.prompt_token_ids):])]
     assert sum(errors) / len(errors) < 0.05 and max(errors) < 1.0, (sum(errors) / len(errors), max(errors))

@@ -45,6 +45,15 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 # (one row at context 300, logits of every row): int4 9.3/11.1/12.6 ms at 2/3/4 rows against dense bf16 16.9/15.2/15.6;
 # from 5 rows dense wins (16.2 against 21.8). Lookahead decoding's small token trees live in this range.
 QUANTIZED_MAX_ROWS = 4
+# ... and with float32 copies (CPUs without native bf16, where float32 is the fast dense path). Measured on a Xeon
+# without native bf16 (benchmarks/bench_dense_rows.py; decode steps at context 300, ms): int4 46.0/66.2/86.6/169.9
+# at 16/24/32/64 rows against dense float32 56.3/68.3/79.9/134.8; a 512-token prefill runs 2x faster dense.
+QUANTIZED_MAX_ROWS_F32 = 24
+
+
+def quantized_max_rows(dtype: torch.dtype) -> int:
+    """Steps of up to this many tokens run on a quantized model's quantized weights, longer ones on its dense copies."""
+    return QUANTIZED_MAX_ROWS_F32 if dtype == torch.float32 else QUANTIZED_MAX_ROWS
 
 
 def _no_adapter(layer: int, site: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -65,10 +74,11 @@ class DecoderLayer(nn.Module):
         self.down = nn.Parameter(torch.empty(h, cfg.intermediate_size))
         self.fast: tuple | None = None  # qkv, o, gate_up, down: Linear or QuantLinear, set by freeze()
         self.dense: tuple | None = None  # a quantized layer's dense copies, for steps of many tokens (freeze)
+        self.dense_above = QUANTIZED_MAX_ROWS  # ... of more than this many tokens
 
     def linears(self, rows: int = 1) -> tuple[Linear, Linear, Linear, Linear]:
         """The layer's linears for a step of `rows` tokens."""
-        if self.dense is not None and rows > QUANTIZED_MAX_ROWS:
+        if self.dense is not None and rows > self.dense_above:
             return self.dense
         if self.fast is None:
             return (Linear(self.qkv, self.qkv_bias, False), Linear(self.o, None, False),
@@ -88,6 +98,7 @@ class LlamaForCausalLM(nn.Module):
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lm_head: Linear | None = None
         self._lm_head_small: Int8Linear | None = None  # a quantized model's int8 head, for a row or two (freeze)
+        self.dense_above = QUANTIZED_MAX_ROWS  # logits of more rows than this come from the dense head (freeze)
         self.kernels = None  # the C++ CPU kernels module (kestrel.kernels), or None: PyTorch ops alone
         self._layer_specs: tuple | None = None  # the layers as decoder_layers() takes them (see layer_specs)
 
@@ -98,16 +109,19 @@ class LlamaForCausalLM(nn.Module):
         them (int8 | int4). The output head of a quantized model is int8; where oneDNN's bf16 path exists
         (native-bf16 CPUs) a dense packed copy serves logits of more than QUANTIZED_MAX_ROWS rows (measured on
         Zen 4: int8 ~7% faster at batch-1 decode, where bytes read decide; the dense copy 2x faster at 4 rows and
-        4x at 16, where int8's compute does). With `dense_copies` (native-bf16 CPUs) the layers' linears get the
-        same treatment: steps of more than QUANTIZED_MAX_ROWS tokens run on bf16 copies dequantized from the
-        quantized weights (same values; oneDNN's bf16 matmul is 2-2.5x faster than the int4 kernel from 8 rows
-        on, while up to four rows read a quarter of the bytes with int4). `prebuilt` holds layers' linears already
+        4x at 16, where int8's compute does). With `dense_copies` the layers' linears get the same treatment:
+        steps of more than `quantized_max_rows` tokens run on copies in the model's dtype dequantized from the
+        quantized weights (bf16 on native-bf16 CPUs: oneDNN's bf16 matmul is 2-2.5x faster than the int4 kernel
+        from 8 rows on, while up to four rows read a quarter of the bytes with int4; float32 elsewhere), and so do
+        the logits. `prebuilt` holds layers' linears already
         quantized (read straight from a GGUF file), by layer index and name.
 
         Packed or quantized weights replace the dense ones (the embedding stays dense for lookups), so the
         model's weights cannot be reloaded afterwards.
         """
-        pack = quantization == "none" and can_prepack(self.embed)
+        packable = can_prepack(self.embed)
+        pack = quantization == "none" and packable
+        self.dense_above = quantized_max_rows(self.embed.dtype)  # the logits of more rows come from the dense head
         self._layer_specs = None
         names = ("qkv", "o", "gate_up", "down")
         for i, layer in enumerate(self.layers):
@@ -123,7 +137,9 @@ class LlamaForCausalLM(nn.Module):
                     fast.append(quantize(getattr(layer, name), bias, quantization))
             layer.fast = tuple(fast)
             if dense_copies and quantization != "none":
-                layer.dense = tuple(Linear(f.dequantize(torch.bfloat16), f.bias, True) for f in fast)
+                dt = self.embed.dtype
+                layer.dense = tuple(Linear(f.dequantize(dt), f.bias, packable) for f in fast)
+                layer.dense_above = self.dense_above
             for name in names:
                 if pack or quantization != "none" or name in ready:
                     getattr(layer, name).data = torch.empty(0, dtype=self.embed.dtype)
@@ -131,8 +147,8 @@ class LlamaForCausalLM(nn.Module):
         self._lm_head_small = None
         if quantization == "none":
             self._lm_head = Linear(head, None, pack)
-        elif can_prepack(head):
-            self._lm_head = Linear(head, None, True)
+        elif can_prepack(head) or dense_copies:
+            self._lm_head = Linear(head, None, can_prepack(head))
             self._lm_head_small = Int8Linear.from_float(head)
         else:
             self._lm_head = Int8Linear.from_float(head)
@@ -220,7 +236,7 @@ class LlamaForCausalLM(nn.Module):
         cos_table, sin_table = self.rope_tables()
         hidden = F.embedding(input_ids, self.embed)
         # the quantized weights as the C++ loop takes them, unless this step runs on dense copies
-        dense_step = self.layers[0].dense is not None and num_tokens > QUANTIZED_MAX_ROWS
+        dense_step = self.layers[0].dense is not None and num_tokens > self.layers[0].dense_above
         specs = None if dense_step else self.layer_specs()
         # the table serves every token (no row left to SDPA, no cascade decode): the layers in one C++ call
         if specs is not None and meta.token_rows is not None and not meta.multi and not meta.decode_shared_len:
@@ -246,7 +262,7 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given hidden rows."""
-        if self._lm_head_small is not None and hidden.shape[0] <= QUANTIZED_MAX_ROWS:
+        if self._lm_head_small is not None and hidden.shape[0] <= self.dense_above:
             return self._lm_head_small(hidden).float()
         if self._lm_head is not None:
             return self._lm_head(hidden).float()

@@ -79,33 +79,39 @@ def resolve_quantization(requested: str, model_dir: str, dtype: str,
     return "none", f"auto: the GGUF layers are {'/'.join(kinds)}"
 
 
-def dense_copy_bytes(model_dir: str) -> int:
-    """Bytes of bf16 copies of a model's layer linears (what batch_weights="dense" adds to a quantized model)."""
+def dense_copy_bytes(model_dir: str, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of dense copies of a model's layer linears in `dtype` (what batch_weights="dense" adds to a quantized
+    model)."""
     c = ModelConfig.from_dir(model_dir)
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     per_layer = (q + 2 * kv) * c.hidden_size + c.hidden_size * q + 3 * c.intermediate_size * c.hidden_size
-    return 2 * per_layer * c.num_layers
+    return torch.empty(0, dtype=dtype).element_size() * per_layer * c.num_layers
 
 
 def resolve_batch_weights(requested: str, quantization: str, model_dir: str, dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether a quantized model keeps dense bf16 copies for steps of many tokens, and why."""
+    """Whether a quantized model keeps dense copies (in the model's dtype) for steps of many tokens, and why. Dense
+    matmuls are fast in float32 on every CPU, in bf16 only where the CPU has native bf16."""
     from kestrel.model.linear import can_prepack
 
     if quantization == "none":
         return False, ""
     if requested == "quantized":
         return False, "quantized weights at every batch size, as requested"
-    native = dtype == torch.bfloat16 and can_prepack(torch.empty(0, dtype=dtype))
-    if not native:
+    fast = dtype == torch.float32 or (dtype == torch.bfloat16 and can_prepack(torch.empty(0, dtype=dtype)))
+    if not fast:
         if requested == "dense":
-            raise ValueError("batch_weights='dense' needs bfloat16 and oneDNN's bf16 matmul (a CPU with native bf16)")
+            raise ValueError("batch_weights='dense' with bfloat16 needs oneDNN's bf16 matmul (a CPU with native bf16); "
+                             "use float32 or batch_weights='quantized'")
         return False, "quantized weights at every batch size (no native bf16 matmul here)"
-    size = dense_copy_bytes(model_dir)
+    size = dense_copy_bytes(model_dir, dtype)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if requested == "auto" and size > ram // 4:
         return False, f"quantized weights at every batch size (a dense copy, {size / 2**30:.1f} GiB, is over a " \
                       f"quarter of RAM)"
-    return True, f"dense bf16 copies for steps of many tokens (+{size / 2**20:.0f} MiB)"
+    from kestrel.model.llama import quantized_max_rows
+    name = "bf16" if dtype == torch.bfloat16 else "float32"
+    return True, (f"dense {name} copies for steps of more than {quantized_max_rows(dtype)} tokens "
+                  f"(+{size / 2**20:.0f} MiB)")
 
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device,

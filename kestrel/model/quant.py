@@ -101,15 +101,25 @@ class Int4Linear(QuantLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        # the kernel applied to the identity: (q - 8) * scale + zero from its own packing. In bf16 it takes the
-        # kernel's fast path (~40x faster than float32's; the result is float32's rounded to bf16)
+        # the kernel applied to the identity reads (q - 8) * scale + zero back from its own packing. Only its bf16
+        # path is fast (~50x float32's), and it rounds to bf16; so for other dtypes it reads the codes (unit scale,
+        # zero 0: q - 8, small integers, exact in bf16) and the groups' scale and zero are applied here, in float32
+        # as the kernel does (bit-identical to its float32 path: tests/test_quant.py)
+        eye = torch.eye(self.shape[1], dtype=COMPUTE)
         if dtype == COMPUTE:
-            eye = torch.eye(self.shape[1], dtype=COMPUTE)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group,
                                                               self.scales_zeros).t().contiguous()
+        unit = torch.zeros_like(self.scales_zeros)
+        unit[..., 0] = 1
+        codes = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, unit).t().float()
+        scale_zero = self.scales_zeros.float().transpose(0, 1).repeat_interleave(self.group, dim=1)  # [N, K, 2]
+        return (codes * scale_zero[..., 0] + scale_zero[..., 1]).to(dtype)
+
+    def kernel_dequantize(self) -> torch.Tensor:
+        """float32 weights from the kernel's own float32 path (slow): what `dequantize` must equal."""
         eye = torch.eye(self.shape[1], dtype=torch.float32)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group,
-                                                          self.scales_zeros.float()).t().contiguous().to(dtype)
+                                                          self.scales_zeros.float()).t().contiguous()
 
 
 def quantize(w: torch.Tensor, bias: Optional[torch.Tensor], kind: str):
