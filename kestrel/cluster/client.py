@@ -188,7 +188,7 @@ class ClusterClient(EngineFront):
                                           max_concurrency=16, max_restarts=0).remote(config, h.name, h.role)
         return actor, actor.ready.remote()
 
-    def _adopt_actor(self, h: InstanceHandle, actor, ready_ref) -> None:
+    def _adopt_actor(self, h: InstanceHandle, actor, ready_ref, restart: bool = False) -> None:
         import ray
 
         try:
@@ -204,6 +204,9 @@ class ClusterClient(EngineFront):
             h.commands = queue.Queue()
             self.shares.take(h.name)  # a new engine starts its counters afresh; what was owed to the old one goes
             h.processed = 0
+            if restart:  # counted before it shows alive, so whoever sees it back sees the restart too
+                h.restarts += 1
+                self.failure = None
             h.alive = True
             self.loads[h.name] = Load()
         gen = h.generation
@@ -262,9 +265,9 @@ class ClusterClient(EngineFront):
         if kind == "deltas":
             _, deltas, report = msg
             self.loads[h.name].update(report)
-            alive = [x for x in self.handles if x.alive]
-            for name in self.shares.reported(h.name, report.get("clients", {}), [x.name for x in alive]):
-                next(x for x in alive if x.name == name).send(CREDIT_DUE)
+            alive = {x.name: x for x in self.handles if x.alive}
+            for name in self.shares.reported(h.name, report.get("clients", {}), list(alive)):
+                alive[name].send(CREDIT_DUE)
             self.load = self._combined(report)
             for fn in self._listeners:
                 fn(deltas, self.load)
@@ -323,12 +326,10 @@ class ClusterClient(EngineFront):
                 return
             time.sleep(delay)
             try:
-                self._adopt_actor(h, *self._create(h))
+                self._adopt_actor(h, *self._create(h), restart=True)
             except EngineStartError as e:
                 log.error("instance %s: restart failed: %s", h.name, e)
                 continue
-            h.restarts += 1
-            self.failure = None
             log.warning("instance %s restarted (%d restarts so far)", h.name, h.restarts)
             return
 
