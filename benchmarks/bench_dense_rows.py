@@ -24,8 +24,6 @@ from kestrel import Engine, SamplingParams
 e = Engine(dtype={dtype!r}, quantization="int4", batch_weights={weights!r})
 if {weights!r} == "dense":  # the dense copies at every row count, to see where they start to pay
     e.model.dense_above = 0
-    for layer in e.model.layers:
-        layer.dense_above = 0
 times = {{}}
 for n in {rows!r}:
     e.cache.evict(e.cache.evictable_size)

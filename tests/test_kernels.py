@@ -174,7 +174,7 @@ def test_decoder_layers_in_one_call_equal_the_layer_by_layer_ops(tiny_llama_dir,
                              [v for _, v in one], positions, cos, sin, slots, table, rows, lens, nh, nkv, eps, None, None)
     h, delta = hidden.clone(), None
     for layer, (k, v) in zip(model.layers, caches):
-        qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears(3)
+        qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears()
         x = ops.add_rms_norm(h, delta, layer.input_norm, eps)
         qkv = qkv_proj(x).contiguous()
         ops.rope_store(qkv, positions, cos, sin, k, v, slots, nh, nkv)

@@ -145,7 +145,7 @@ def test_float32_dense_copies_for_many_token_steps(chat_prompt_ids):
 
     hybrid = Engine(dtype="float32", quantization="int4", device="cpu")
     assert f"dense float32 copies for steps of more than {QUANTIZED_MAX_ROWS_F32} tokens" in hybrid.describe()
-    assert all(layer.dense_above == QUANTIZED_MAX_ROWS_F32 for layer in hybrid.model.layers)
+    assert hybrid.model.dense_above == QUANTIZED_MAX_ROWS_F32
     assert_dense_copies_hold_the_quantized_values(hybrid, chat_prompt_ids, torch.float32)
     assert all(layer.dense is None for layer in Engine(dtype="float32", quantization="int4", device="cpu",
                                                         batch_weights="quantized").model.layers)

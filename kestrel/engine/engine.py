@@ -423,7 +423,7 @@ class Engine:
         base = seq.num_computed - 1  # advance() counted the pending token
         p = seq.params
         simple = p.plain_argmax and seq.grammar is None
-        argmax = self.sampler._argmax(logits).tolist() if simple or draft.window_levels else None
+        argmax = self.sampler.argmax(logits).tolist() if simple or draft.window_levels else None
         window_out = state.window_outputs(draft, argmax) if draft.window_levels else None
         node, produced, rejected = 0, 0, False
         while True:

@@ -36,7 +36,7 @@ class Sampler:
         if early:
             logits = self._forbid_ending(logits.clone(), [seqs[i] for i in early], early)
         if all(p.greedy for p in params):
-            tokens = self._argmax(logits)
+            tokens = self.argmax(logits)
         else:
             tokens = self._sample(logits, seqs)
         token_list = tokens.tolist()
@@ -76,9 +76,10 @@ class Sampler:
         u = self._uniforms(seqs).to(dev)
         choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).clamp_(max=vocab - 1)
         sampled = sorted_ids.gather(1, choice).view(-1)
-        return torch.where(greedy, self._argmax(logits), sampled)
+        return torch.where(greedy, self.argmax(logits), sampled)
 
-    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's argmax (greedy picks), on the C++ kernel where it applies."""
         if self.kernels is not None and logits.dtype == torch.float32 and logits.stride(-1) == 1:
             return self.kernels.argmax_rows(logits)
         return logits.argmax(dim=-1)

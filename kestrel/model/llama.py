@@ -74,11 +74,10 @@ class DecoderLayer(nn.Module):
         self.down = nn.Parameter(torch.empty(h, cfg.intermediate_size))
         self.fast: tuple | None = None  # qkv, o, gate_up, down: Linear or QuantLinear, set by freeze()
         self.dense: tuple | None = None  # a quantized layer's dense copies, for steps of many tokens (freeze)
-        self.dense_above = QUANTIZED_MAX_ROWS  # ... of more than this many tokens
 
-    def linears(self, rows: int = 1) -> tuple[Linear, Linear, Linear, Linear]:
-        """The layer's linears for a step of `rows` tokens."""
-        if self.dense is not None and rows > self.dense_above:
+    def linears(self, dense: bool = False) -> tuple[Linear, Linear, Linear, Linear]:
+        """The layer's linears; `dense`: its dense copies where it has them (LlamaForCausalLM.dense_step)."""
+        if dense and self.dense is not None:
             return self.dense
         if self.fast is None:
             return (Linear(self.qkv, self.qkv_bias, False), Linear(self.o, None, False),
@@ -98,7 +97,7 @@ class LlamaForCausalLM(nn.Module):
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lm_head: Linear | None = None
         self._lm_head_small: Int8Linear | None = None  # a quantized model's int8 head, for a row or two (freeze)
-        self.dense_above = QUANTIZED_MAX_ROWS  # logits of more rows than this come from the dense head (freeze)
+        self.dense_above = QUANTIZED_MAX_ROWS  # steps of more tokens run on the dense copies and head (freeze)
         self.kernels = None  # the C++ CPU kernels module (kestrel.kernels), or None: PyTorch ops alone
         self._layer_specs: tuple | None = None  # the layers as decoder_layers() takes them (see layer_specs)
 
@@ -121,7 +120,7 @@ class LlamaForCausalLM(nn.Module):
         """
         packable = can_prepack(self.embed)
         pack = quantization == "none" and packable
-        self.dense_above = quantized_max_rows(self.embed.dtype)  # the logits of more rows come from the dense head
+        self.dense_above = quantized_max_rows(self.embed.dtype)
         self._layer_specs = None
         names = ("qkv", "o", "gate_up", "down")
         for i, layer in enumerate(self.layers):
@@ -139,7 +138,6 @@ class LlamaForCausalLM(nn.Module):
             if dense_copies and quantization != "none":
                 dt = self.embed.dtype
                 layer.dense = tuple(Linear(f.dequantize(dt), f.bias, packable) for f in fast)
-                layer.dense_above = self.dense_above
             for name in names:
                 if pack or quantization != "none" or name in ready:
                     getattr(layer, name).data = torch.empty(0, dtype=self.embed.dtype)
@@ -147,8 +145,8 @@ class LlamaForCausalLM(nn.Module):
         self._lm_head_small = None
         if quantization == "none":
             self._lm_head = Linear(head, None, pack)
-        elif can_prepack(head) or dense_copies:
-            self._lm_head = Linear(head, None, can_prepack(head))
+        elif packable or dense_copies:  # the head has the embedding's dtype
+            self._lm_head = Linear(head, None, packable)
             self._lm_head_small = Int8Linear.from_float(head)
         else:
             self._lm_head = Int8Linear.from_float(head)
@@ -187,8 +185,9 @@ class LlamaForCausalLM(nn.Module):
         half = d // 2
         hidden = F.embedding(input_ids, self.embed)
         norm_shape = (cfg.hidden_size,)
+        dense = self.dense_step(num_tokens)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
-            qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears(num_tokens)
+            qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears(dense)
             x = F.rms_norm(hidden, norm_shape, layer.input_norm, eps)
             qkv = adapt(i, "qkv", x, qkv_proj(x))
             qk = qkv[:, : (nh + nkv) * d].view(num_tokens, nh + nkv, d)
@@ -236,8 +235,8 @@ class LlamaForCausalLM(nn.Module):
         cos_table, sin_table = self.rope_tables()
         hidden = F.embedding(input_ids, self.embed)
         # the quantized weights as the C++ loop takes them, unless this step runs on dense copies
-        dense_step = self.layers[0].dense is not None and num_tokens > self.layers[0].dense_above
-        specs = None if dense_step else self.layer_specs()
+        dense = self.dense_step(num_tokens)
+        specs = None if dense else self.layer_specs()
         # the table serves every token (no row left to SDPA, no cascade decode): the layers in one C++ call
         if specs is not None and meta.token_rows is not None and not meta.multi and not meta.decode_shared_len:
             norms, kinds, groups, tensors = specs
@@ -249,7 +248,7 @@ class LlamaForCausalLM(nn.Module):
         adapt = lora.apply if lora is not None else _no_adapter
         delta = None
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
-            qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears(num_tokens)
+            qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears(dense)
             x = ops.add_rms_norm(hidden, delta, layer.input_norm, eps)
             qkv = adapt(i, "qkv", x, qkv_proj(x).contiguous())
             ops.rope_store(qkv, positions, cos_table, sin_table, k_cache, v_cache, meta.slot_mapping, nh, nkv)
@@ -259,6 +258,10 @@ class LlamaForCausalLM(nn.Module):
             act = ops.silu_mul(adapt(i, "gate_up", x, gate_up_proj(x)))
             delta = adapt(i, "down", act, down_proj(act))
         return ops.add_rms_norm(hidden, delta, self.norm, eps)
+
+    def dense_step(self, num_tokens: int) -> bool:
+        """Whether a step of `num_tokens` tokens runs on the layers' dense copies (a quantized model has them)."""
+        return self.layers[0].dense is not None and num_tokens > self.dense_above
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given hidden rows."""

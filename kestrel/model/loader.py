@@ -85,7 +85,7 @@ def dense_copy_bytes(model_dir: str, dtype: torch.dtype = torch.bfloat16) -> int
     c = ModelConfig.from_dir(model_dir)
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     per_layer = (q + 2 * kv) * c.hidden_size + c.hidden_size * q + 3 * c.intermediate_size * c.hidden_size
-    return torch.empty(0, dtype=dtype).element_size() * per_layer * c.num_layers
+    return dtype.itemsize * per_layer * c.num_layers
 
 
 def resolve_batch_weights(requested: str, quantization: str, model_dir: str, dtype: torch.dtype) -> tuple[bool, str]:
