@@ -8,7 +8,8 @@ Figures (embedded SmolLM2-135M-Instruct, its GGUF file for llama.cpp, its conver
 - prefill tok/s: llama-bench pp512 and pp200; Kestrel one 512-token prompt;
 - decode tok/s at contexts of 512, 2k and 8k tokens (Kestrel, with and without its C++ kernels);
 - share of a batch-1 decode step spent outside the matmul kernels (profiler's matmul time against the step's
-  wall time measured without it), and outside the model's forward call (scheduling, tensor building, sampling);
+  wall time measured without it), outside the matmuls and attention (whose q.k and p.v are the model's other
+  matmuls), and outside the model's forward call (scheduling, tensor building, sampling);
 - serving, `kestrel bench` against each server, N requests at --concurrency streams: random 200 -> 64 and
   shared-prefix 4 x 512 + 32 -> 64, output tok/s.
 Writes benchmarks/results/speed.json and speed.png. Peers are run when their builds are present
@@ -34,6 +35,8 @@ KESTREL_CONFIGS = {  # label -> Engine keyword arguments
     "kestrel unquantized": {"quantization": "none"},
     "kestrel float32 unquantized": {"dtype": "float32", "quantization": "none"},
 }
+# attention's own matmuls (q.k and p.v) and softmax: the C++ kernel, or SDPA's CPU kernel on PyTorch ops alone
+ATTENTION_OPS = ("kestrel::paged_attention", "aten::_scaled_dot_product_flash_attention_for_cpu")
 MATMUL_OPS = ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "mkldnn::_linear_pointwise",
               "aten::addmm", "aten::mm", "aten::linear", "aten::matmul")
 
@@ -64,10 +67,12 @@ wall, forward = (time.perf_counter() - t) / 100, (e.stats.forward_time - forward
 from torch.profiler import profile, ProfilerActivity
 with profile(activities=[ProfilerActivity.CPU]) as prof:
     for _ in range(50): e.step()
-mm = sum(a.self_cpu_time_total for a in prof.key_averages() if a.key in {matmul_ops!r}) / 1e6 / 50
+self_ms = dict((a.key, a.self_cpu_time_total / 1e3 / 50) for a in prof.key_averages())
+mm, attention = (sum(self_ms.get(k, 0.0) for k in ops) for ops in ({matmul_ops!r}, {attention_ops!r}))
 print("RESULT" + json.dumps(dict(describe=e.describe(), decode_tok_s=decode, prefill512_tok_s=prefill,
-    decode_at_context=at_context, step_ms=wall * 1e3, matmul_ms=mm * 1e3, forward_ms=forward * 1e3,
-    outside_matmul_share=1 - mm / wall, host_share=1 - forward / wall)))
+    decode_at_context=at_context, step_ms=wall * 1e3, matmul_ms=mm, attention_ms=attention,
+    forward_ms=forward * 1e3, outside_matmul_share=1 - mm / (wall * 1e3),
+    outside_model_share=1 - (mm + attention) / (wall * 1e3), host_share=1 - forward / wall)))
 """
 
 
@@ -75,7 +80,8 @@ def kestrel_engine(args) -> dict:
     rows = {}
     for label, kwargs in KESTREL_CONFIGS.items():
         contexts = [512, 2048, 8000] if "float32" not in label else []
-        code = ENGINE.format(root=ROOT, kwargs=kwargs, contexts=contexts, matmul_ops=MATMUL_OPS)
+        code = ENGINE.format(root=ROOT, kwargs=kwargs, contexts=contexts, matmul_ops=MATMUL_OPS,
+                             attention_ops=ATTENTION_OPS)
         print(f"== {label}", flush=True)
         rows[label] = run_for_result(sys.executable, code, dict(os.environ, HF_HUB_OFFLINE="1"))
         print(f"   {rows[label]}", flush=True)
@@ -224,7 +230,8 @@ def main() -> None:
             print(f"  {n:48s} {v:8.1f}")
     for n, r in k.items():
         if r:
-            print(f"{n}: outside matmuls {r['outside_matmul_share']:.0%}, outside the forward "
+            print(f"{n}: outside matmuls {r['outside_matmul_share']:.1%}, outside matmuls and attention "
+                  f"{r['outside_model_share']:.1%}, outside the forward "
                   f"{r['host_share']:.0%} of a {r['step_ms']:.2f} ms step; decode at "
                   + ", ".join(f"{c}: {v:.1f}" for c, v in r.get("decode_at_context", {}).items()))
     for n, v in ratios.items():

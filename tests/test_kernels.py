@@ -61,13 +61,36 @@ def test_rope_store(ops, dtype):
     rotated = torch.cat((-qk[..., d // 2:], qk[..., :d // 2]), dim=-1)
     ref = qk * cos[positions].unsqueeze(1) + rotated * sin[positions].unsqueeze(1)
     v = qkv[:, (nh + nkv) * d:].view(tokens, nkv, d).clone()
-    ops.rope_store(qkv, positions, cos, sin, k_cache, v_cache, slots, nh, nkv)
-    _close(qkv[:, :(nh + nkv) * d].view(tokens, nh + nkv, d), ref, dtype)
-    assert torch.equal(k_cache[slots], qkv[:, nh * d:(nh + nkv) * d].view(tokens, nkv, d))
+    q = ops.rope_store(qkv, positions, cos, sin, k_cache, v_cache, slots, nh, nkv)
+    assert q.data_ptr() == qkv.data_ptr() and q.shape == (tokens, nh, d)  # rotated in place
+    _close(q, ref[:, :nh], dtype)
+    _close(k_cache[slots], ref[:, nh:], dtype)
     assert torch.equal(v_cache[slots], v)
     untouched = torch.ones(12, dtype=torch.bool)
     untouched[slots] = False
     assert not k_cache[untouched].any() and not v_cache[untouched].any()
+
+
+def test_rope_store_reads_a_bf16_qkv_into_float32_caches_as_if_widened(ops):
+    """A quantized matmul's bf16 qkv with float32 caches: the rotated q comes back as a new float32 tensor and the
+    caches hold exactly what widening qkv to float32 first and rotating in place gives."""
+    torch.manual_seed(4)
+    nh, nkv, d, tokens = 6, 2, 64, 3
+    qkv = torch.randn(tokens, (nh + 2 * nkv) * d).bfloat16()
+    positions, slots = torch.tensor([5, 0, 17]), torch.tensor([2, 8, 5])
+    angles = torch.outer(torch.arange(32.0), 1.0 / 100 ** (torch.arange(0, d, 2) / d))
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    caches = [torch.zeros(10, nkv, d) for _ in range(4)]
+    widened, original = qkv.float(), qkv.clone()
+    want_q = ops.rope_store(widened, positions, cos, sin, caches[0], caches[1], slots, nh, nkv)
+    got_q = ops.rope_store(qkv, positions, cos, sin, caches[2], caches[3], slots, nh, nkv)
+    assert got_q.dtype == torch.float32 and got_q.shape == (tokens, nh, d)
+    assert torch.equal(qkv, original)  # the bf16 qkv itself is left as it was
+    assert torch.equal(got_q, want_q)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    assert caches[2][slots].abs().sum() > 0
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ops.rope_store(qkv, positions, cos.bfloat16(), sin, caches[2], caches[3], slots, nh, nkv)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -168,10 +191,9 @@ def test_decoder_layers_in_one_call_equal_the_layer_by_layer_ops(tiny_llama_dir,
               for _ in model.layers]
     hidden = torch.randn(3, cfg.hidden_size, generator=g).to(dt)
     cos, sin = model.rope_tables()
-    norms, kinds, groups, tensors = model.layer_specs()
     one = [(k.clone(), v.clone()) for k, v in caches]
-    got = ops.decoder_layers(hidden.clone(), norms, model.norm, kinds, groups, tensors, [k for k, _ in one],
-                             [v for _, v in one], positions, cos, sin, slots, table, rows, lens, nh, nkv, eps, None, None)
+    got = ops.decoder_layers(model.decoder_stack(one), hidden.clone(), positions, cos, sin, slots, table, rows, lens,
+                             nh, nkv, eps, None, None)
     h, delta = hidden.clone(), None
     for layer, (k, v) in zip(model.layers, caches):
         qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears()

@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -232,6 +233,7 @@ inline bool bf16_edges(at::ScalarType t, at::ScalarType a, at::ScalarType b) {
 // out_dtype: the output's dtype (hidden's, or bf16 for a float32 hidden); delta may be bf16 for a float32 hidden
 at::Tensor add_rms_norm_to(at::Tensor hidden, c10::optional<at::Tensor> delta, at::Tensor weight, double eps,
                            at::ScalarType out_dtype) {
+  RECORD_FUNCTION("kestrel::add_rms_norm", std::vector<c10::IValue>());
   check_cpu(hidden, "hidden");
   TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be a contiguous [tokens, dim] tensor");
   const auto t = hidden.scalar_type();
@@ -291,6 +293,7 @@ void silu_mul_impl(const I* gate_up, O* out, int64_t rows, int64_t inter) {
 }
 
 at::Tensor silu_mul_to(at::Tensor gate_up, at::ScalarType model_dtype, at::ScalarType out_dtype) {
+  RECORD_FUNCTION("kestrel::silu_mul", std::vector<c10::IValue>());
   check_cpu(gate_up, "gate_up");
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
               "gate_up must be a contiguous [tokens, 2 * intermediate] tensor");
@@ -315,53 +318,72 @@ at::Tensor silu_mul_to(at::Tensor gate_up, at::ScalarType model_dtype, at::Scala
 
 at::Tensor silu_mul(at::Tensor gate_up) { return silu_mul_to(gate_up, gate_up.scalar_type(), gate_up.scalar_type()); }
 
-// ---- RoPE on q and k in place, and K/V into the pool -------------------------------------------------
-// qkv: [T, (nh + 2 nkv) * D]; rotate-half RoPE on the first nh + nkv heads with cos/sin rows at each
-// token's position (x * cos + rotate_half(x) * sin, each product rounded to the dtype as in the reference);
-// then the token's k (rotated) and v heads are copied to its pool slot.
-template <typename T>
-void rope_store_impl(T* qkv, const int64_t* positions, const T* cos, const T* sin, T* k_cache, T* v_cache,
-                     const int64_t* slots, int64_t tokens, int64_t nh, int64_t nkv, int64_t d) {
+// ---- RoPE on q and k, and K/V into the pool -----------------------------------------------------------
+// qkv: [T, (nh + 2 nkv) * D] in the caches' dtype T, or bf16 (a quantized matmul's output) for float32 caches.
+// Rotate-half RoPE on the first nh + nkv heads with cos/sin rows at each token's position (x * cos +
+// rotate_half(x) * sin, each product rounded to T as in the reference); the rotated q heads go to q_out (qkv
+// itself, in place, when it is in T), the rotated k and the v heads to the token's pool slot. Reading bf16 gives
+// exactly what widening qkv first would (widening is exact), without the copy.
+constexpr int64_t MAX_ROPE_HEAD = 512;  // a stack buffer for one head
+
+template <typename T, typename I>
+void rope_store_impl(const I* qkv, T* q_out, int64_t q_stride, const int64_t* positions, const T* cos, const T* sin,
+                     T* k_cache, T* v_cache, const int64_t* slots, int64_t tokens, int64_t nh, int64_t nkv, int64_t d) {
   const int64_t width = (nh + 2 * nkv) * d, half = d / 2;
   at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(d);
+    float x[MAX_ROPE_HEAD];
     for (int64_t t = begin; t < end; ++t) {
-      T* row = qkv + t * width;
+      const I* row = qkv + t * width;
       const T* c = cos + positions[t] * d;
       const T* s = sin + positions[t] * d;
+      T* k_slot = k_cache + slots[t] * nkv * d;
       for (int64_t h = 0; h < nh + nkv; ++h) {
-        T* v = row + h * d;
-        for (int64_t i = 0; i < d; ++i) x[i] = to_f(v[i]);
+        for (int64_t i = 0; i < d; ++i) x[i] = to_f(row[h * d + i]);
+        T* dst = h < nh ? q_out + t * q_stride + h * d : k_slot + (h - nh) * d;
         for (int64_t i = 0; i < d; ++i) {
           float rot = i < half ? -x[i + half] : x[i - half];
           float a = to_f(from_f<T>(x[i] * to_f(c[i])));
           float b = to_f(from_f<T>(rot * to_f(s[i])));
-          v[i] = from_f<T>(a + b);
+          dst[i] = from_f<T>(a + b);
         }
       }
-      const int64_t slot = slots[t];
-      std::copy(row + nh * d, row + (nh + nkv) * d, k_cache + slot * nkv * d);
-      std::copy(row + (nh + nkv) * d, row + width, v_cache + slot * nkv * d);
+      T* v_slot = v_cache + slots[t] * nkv * d;
+      for (int64_t i = 0; i < nkv * d; ++i) v_slot[i] = from_f<T>(to_f(row[(nh + nkv) * d + i]));
     }
   });
 }
 
-void rope_store(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
-                at::Tensor v_cache, at::Tensor slots, int64_t nh, int64_t nkv) {
+// Returns the rotated q heads as [T, nh, D]: a view into qkv (rotated in place) when qkv is in the caches' dtype,
+// a new tensor in that dtype when qkv is bf16 and the caches float32. qkv's k and v parts are left as they were.
+at::Tensor rope_store(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
+                      at::Tensor v_cache, at::Tensor slots, int64_t nh, int64_t nkv) {
+  RECORD_FUNCTION("kestrel::rope_store", std::vector<c10::IValue>());
+  const auto dtype = k_cache.scalar_type();
   for (auto* t : {&qkv, &cos, &sin, &k_cache, &v_cache}) {
     check_cpu(*t, "tensors");
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == qkv.scalar_type(),
-                "qkv, cos, sin and the caches must be contiguous and of one dtype");
+    TORCH_CHECK(t->is_contiguous() && (t->scalar_type() == dtype || (t == &qkv && bf16_edges(dtype, dtype, qkv.scalar_type()))),
+                "qkv, cos, sin and the caches must be contiguous and of one dtype (qkv may be bf16 for float32 caches)");
   }
   TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "positions and slots: int64");
-  int64_t d = k_cache.size(2);
+  const int64_t d = k_cache.size(2), tokens = qkv.size(0);
   TORCH_CHECK(qkv.size(1) == (nh + 2 * nkv) * d && k_cache.size(1) == nkv && cos.size(1) == d, "shapes disagree");
+  TORCH_CHECK(d <= MAX_ROPE_HEAD, "head size at most ", MAX_ROPE_HEAD);
   auto pos = positions.contiguous(), sl = slots.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "rope_store", [&] {
-    rope_store_impl<scalar_t>(qkv.data_ptr<scalar_t>(), pos.data_ptr<int64_t>(), cos.data_ptr<scalar_t>(),
-                              sin.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                              sl.data_ptr<int64_t>(), qkv.size(0), nh, nkv, d);
+  if (qkv.scalar_type() != dtype) {  // bf16 qkv, float32 caches
+    at::Tensor q = at::empty({tokens, nh, d}, k_cache.options());
+    rope_store_impl<float, c10::BFloat16>(qkv.data_ptr<c10::BFloat16>(), q.data_ptr<float>(), nh * d,
+                                          pos.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+                                          k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), sl.data_ptr<int64_t>(),
+                                          tokens, nh, nkv, d);
+    return q;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "rope_store", [&] {
+    rope_store_impl<scalar_t, scalar_t>(qkv.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(), qkv.size(1),
+                                        pos.data_ptr<int64_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
+                                        k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                                        sl.data_ptr<int64_t>(), tokens, nh, nkv, d);
   });
+  return qkv.view({tokens, nh + 2 * nkv, d}).narrow(1, 0, nh);
 }
 
 // ---- attention through the req-to-token table ----------------------------------------------------------
@@ -526,6 +548,7 @@ void attention_impl(const T* q, int64_t q_stride, O* out, const T* k_cache, cons
 // bf16 for a float32 q).
 at::Tensor paged_attention_to(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor table, at::Tensor rows,
                               at::Tensor lens, double scale, at::ScalarType out_dtype) {
+  RECORD_FUNCTION("kestrel::paged_attention", std::vector<c10::IValue>());
   check_cpu(q, "q");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [T, heads, D] with dense heads");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == q.scalar_type() &&
@@ -613,6 +636,7 @@ void lora_impl(T* y, int64_t y_stride, const T* x, int64_t x_stride, const int64
 }
 
 void lora_apply(at::Tensor y, at::Tensor x, at::Tensor token_adapter, at::Tensor table, int64_t layer, int64_t site) {
+  RECORD_FUNCTION("kestrel::lora_apply", std::vector<c10::IValue>());
   check_cpu(y, "y");
   TORCH_CHECK(x.is_contiguous() && y.stride(1) == 1 && x.scalar_type() == y.scalar_type(),
               "x must be contiguous and y have dense rows, in one dtype");
@@ -655,28 +679,47 @@ at::Tensor apply_linear(const LinearSpec& l, const at::Tensor& x) {
   return y;
 }
 
-// hidden: the embeddings [T, H], updated in place as the residual stream; returns the final norm's output.
-// Per layer: norms [input, post], linears [qkv, o, gate_up, down] (kinds/groups/tensors flattened in that order).
-// Attention: every token through the table (decode rows and short causal rows; the caller checks).
-at::Tensor decoder_layers(at::Tensor hidden, std::vector<at::Tensor> norms, at::Tensor final_norm,
-                          std::vector<int64_t> kinds, std::vector<int64_t> groups,
-                          std::vector<std::vector<at::Tensor>> weights, std::vector<at::Tensor> k_caches,
-                          std::vector<at::Tensor> v_caches, at::Tensor positions, at::Tensor cos, at::Tensor sin,
-                          at::Tensor slots, at::Tensor table, at::Tensor rows, at::Tensor lens, int64_t nh,
-                          int64_t nkv, double eps, c10::optional<at::Tensor> lora_tokens,
-                          c10::optional<at::Tensor> lora_table) {
-  const int64_t layers = static_cast<int64_t>(k_caches.size());
-  TORCH_CHECK(norms.size() == 2 * layers && kinds.size() == 4 * layers && groups.size() == 4 * layers &&
-                  weights.size() == 4 * layers && v_caches.size() == layers, "per-layer lists disagree in length");
-  const int64_t tokens = hidden.size(0), d = k_caches[0].size(2);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+// A model's decoder layers as decoder_layers() runs them, built once: converting ~500 tensors from Python
+// lists on every step cost ~50 us. Per layer: norms [input, post], linears [qkv, o, gate_up, down]
+// (kinds/groups/tensors flattened in that order), and the layer's K and V pool caches.
+struct DecoderStack {
+  std::vector<at::Tensor> norms;
+  at::Tensor final_norm;
   std::vector<LinearSpec> linears;
-  linears.reserve(4 * layers);
-  for (int64_t i = 0; i < 4 * layers; ++i) {
-    const size_t need = kinds[i] == 0 ? 1 : 2;
-    TORCH_CHECK(weights[i].size() == need || weights[i].size() == need + 1, "linear ", i, ": wrong tensor count");
-    linears.push_back({kinds[i], groups[i], weights[i], weights[i].size() == need + 1});
+  std::vector<at::Tensor> k_caches, v_caches;
+
+  DecoderStack(std::vector<at::Tensor> norms_, at::Tensor final_norm_, std::vector<int64_t> kinds,
+               std::vector<int64_t> groups, std::vector<std::vector<at::Tensor>> weights,
+               std::vector<at::Tensor> k_caches_, std::vector<at::Tensor> v_caches_)
+      : norms(std::move(norms_)), final_norm(std::move(final_norm_)), k_caches(std::move(k_caches_)),
+        v_caches(std::move(v_caches_)) {
+    const size_t layers = k_caches.size();
+    TORCH_CHECK(layers > 0 && norms.size() == 2 * layers && kinds.size() == 4 * layers &&
+                    groups.size() == 4 * layers && weights.size() == 4 * layers && v_caches.size() == layers,
+                "per-layer lists disagree in length");
+    linears.reserve(4 * layers);
+    for (size_t i = 0; i < 4 * layers; ++i) {
+      const size_t need = kinds[i] == 0 ? 1 : 2;
+      TORCH_CHECK(weights[i].size() == need || weights[i].size() == need + 1, "linear ", i, ": wrong tensor count");
+      linears.push_back({kinds[i], groups[i], weights[i], weights[i].size() == need + 1});
+    }
   }
+};
+
+// hidden: the embeddings [T, H], updated in place as the residual stream; returns the final norm's output.
+// Attention: every token through the table (decode rows and short causal rows; the caller checks).
+at::Tensor decoder_layers(const DecoderStack& stack, at::Tensor hidden, at::Tensor positions, at::Tensor cos,
+                          at::Tensor sin, at::Tensor slots, at::Tensor table, at::Tensor rows, at::Tensor lens,
+                          int64_t nh, int64_t nkv, double eps, c10::optional<at::Tensor> lora_tokens,
+                          c10::optional<at::Tensor> lora_table) {
+  RECORD_FUNCTION("kestrel::decoder_layers", std::vector<c10::IValue>());
+  const auto& norms = stack.norms;
+  const auto& linears = stack.linears;
+  const auto& k_caches = stack.k_caches;
+  const auto& v_caches = stack.v_caches;
+  const int64_t layers = static_cast<int64_t>(k_caches.size());
+  const int64_t d = k_caches[0].size(2);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   const bool lora = lora_tokens.has_value() && lora_table.has_value();
   const auto model = hidden.scalar_type();
   // the dtype a linear wants its input in (the LoRA updates work in the model's dtype, on both sides)
@@ -695,21 +738,21 @@ at::Tensor decoder_layers(at::Tensor hidden, std::vector<at::Tensor> norms, at::
   c10::optional<at::Tensor> delta;
   for (int64_t i = 0; i < layers; ++i) {
     at::Tensor x = add_rms_norm_to(hidden, delta, norms[2 * i], eps, input_dtype(i, 0));
-    at::Tensor qkv = linear(i, 0, x).to(model);  // RoPE rotates q and k in place, in the model's dtype
-    rope_store(qkv, positions, cos, sin, k_caches[i], v_caches[i], slots, nh, nkv);
-    at::Tensor q = qkv.view({tokens, nh + 2 * nkv, d}).narrow(1, 0, nh);
+    // q rotated in the model's dtype (reading a quantized matmul's bf16 output directly), k and v into the pool
+    at::Tensor q = rope_store(linear(i, 0, x), positions, cos, sin, k_caches[i], v_caches[i], slots, nh, nkv);
     at::Tensor attn = paged_attention_to(q, k_caches[i], v_caches[i], table, rows, lens, scale, input_dtype(i, 1));
     x = add_rms_norm_to(hidden, linear(i, 1, attn), norms[2 * i + 1], eps, input_dtype(i, 2));
     at::Tensor act = silu_mul_to(linear(i, 2, x), model, input_dtype(i, 3));
     delta = linear(i, 3, act);
   }
-  return add_rms_norm(hidden, delta, final_norm, eps);
+  return add_rms_norm(hidden, delta, stack.final_norm, eps);
 }
 
 // ---- greedy picks --------------------------------------------------------------------------------------
 // The index of each row's largest value, the first one on ties, NaN above everything (as torch.argmax): one
 // vectorized pass for the maximum, one for its first position.
 at::Tensor argmax_rows(at::Tensor logits) {
+  RECORD_FUNCTION("kestrel::argmax_rows", std::vector<c10::IValue>());
   check_cpu(logits, "logits");
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.stride(1) == 1,
               "logits must be float32 [rows, vocab] with dense rows");
@@ -756,7 +799,12 @@ at::Tensor argmax_rows(at::Tensor logits) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "hidden += delta (in place, if given); return RMSNorm(hidden) * weight");
   m.def("silu_mul", &silu_mul, "SiLU(gate) * up for a fused [T, 2I] gate_up");
-  m.def("rope_store", &rope_store, "RoPE on q and k in place in the fused qkv, and K/V into their pool slots");
+  m.def("rope_store", &rope_store, "RoPE on the fused qkv's q (returned) and k, k and v into their pool slots");
+  py::class_<DecoderStack>(m, "DecoderStack", "a model's decoder layers as decoder_layers() runs them")
+      .def(py::init<std::vector<at::Tensor>, at::Tensor, std::vector<int64_t>, std::vector<int64_t>,
+                    std::vector<std::vector<at::Tensor>>, std::vector<at::Tensor>, std::vector<at::Tensor>>(),
+           py::arg("norms"), py::arg("final_norm"), py::arg("kinds"), py::arg("groups"), py::arg("weights"),
+           py::arg("k_caches"), py::arg("v_caches"));
   m.def("decoder_layers", &decoder_layers, "all decoder layers for a step whose attention the table serves");
   m.def("lora_apply", &lora_apply, "y += each token's adapter's low-rank update (B A x) at one layer's site, in place");
   m.def("argmax_rows", &argmax_rows, "each row's argmax (first on ties, NaN first), as torch.argmax(dim=-1)");

@@ -100,6 +100,7 @@ class LlamaForCausalLM(nn.Module):
         self.dense_above = QUANTIZED_MAX_ROWS  # steps of more tokens run on the dense copies and head (freeze)
         self.kernels = None  # the C++ CPU kernels module (kestrel.kernels), or None: PyTorch ops alone
         self._layer_specs: tuple | None = None  # the layers as decoder_layers() takes them (see layer_specs)
+        self._stack: tuple | None = None  # (the KV caches, the kernels' DecoderStack over them): decoder_stack()
 
     @torch.no_grad()
     def freeze(self, quantization: str = "none", prebuilt: dict[int, dict] | None = None,
@@ -121,7 +122,7 @@ class LlamaForCausalLM(nn.Module):
         packable = can_prepack(self.embed)
         pack = quantization == "none" and packable
         self.dense_above = quantized_max_rows(self.embed.dtype)
-        self._layer_specs = None
+        self._layer_specs = self._stack = None
         names = ("qkv", "o", "gate_up", "down")
         for i, layer in enumerate(self.layers):
             ready = (prebuilt or {}).get(i, {})
@@ -225,6 +226,14 @@ class LlamaForCausalLM(nn.Module):
             self._layer_specs = (norms, kinds, groups, tensors)
         return self._layer_specs or None
 
+    def decoder_stack(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]):
+        """The kernels' DecoderStack of the layers (layer_specs) over these KV caches, built once for them."""
+        if self._stack is None or self._stack[0] is not kv_caches:
+            norms, kinds, groups, tensors = self.layer_specs()
+            self._stack = (kv_caches, self.kernels.DecoderStack(norms, self.norm, kinds, groups, tensors,
+                                                                [k for k, _ in kv_caches], [v for _, v in kv_caches]))
+        return self._stack[1]
+
     def _forward_kernels(self, input_ids, positions, meta, kv_caches, lora=None) -> torch.Tensor:
         """forward() with the small ops fused in C++: residual add + RMSNorm, RoPE + K/V store, SiLU * up, and
         attention reading K/V in place. The same math as forward(), rounded the same way, in ~8 ops a layer.
@@ -239,20 +248,17 @@ class LlamaForCausalLM(nn.Module):
         specs = None if dense else self.layer_specs()
         # the table serves every token (no row left to SDPA, no cascade decode): the layers in one C++ call
         if specs is not None and meta.token_rows is not None and not meta.multi and not meta.decode_shared_len:
-            norms, kinds, groups, tensors = specs
             lora_tokens, lora_addresses = (lora.token_adapter, lora.addresses) if lora is not None else (None, None)
-            return ops.decoder_layers(hidden, norms, self.norm, kinds, groups, tensors, [k for k, _ in kv_caches],
-                                      [v for _, v in kv_caches], positions, cos_table, sin_table, meta.slot_mapping,
-                                      meta.table, meta.token_rows, meta.token_lens, nh, nkv, eps, lora_tokens,
-                                      lora_addresses)
+            return ops.decoder_layers(self.decoder_stack(kv_caches), hidden, positions, cos_table, sin_table,
+                                      meta.slot_mapping, meta.table, meta.token_rows, meta.token_lens, nh, nkv, eps,
+                                      lora_tokens, lora_addresses)
         adapt = lora.apply if lora is not None else _no_adapter
         delta = None
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             qkv_proj, o_proj, gate_up_proj, down_proj = layer.linears(dense)
             x = ops.add_rms_norm(hidden, delta, layer.input_norm, eps)
             qkv = adapt(i, "qkv", x, qkv_proj(x).contiguous())
-            ops.rope_store(qkv, positions, cos_table, sin_table, k_cache, v_cache, meta.slot_mapping, nh, nkv)
-            q = qkv.view(num_tokens, nh + 2 * nkv, d)[:, :nh]
+            q = ops.rope_store(qkv, positions, cos_table, sin_table, k_cache, v_cache, meta.slot_mapping, nh, nkv)
             attn = kernel_attention(q, k_cache, v_cache, meta, ops)
             x = ops.add_rms_norm(hidden, adapt(i, "o", attn, o_proj(attn)), layer.post_norm, eps)
             act = ops.silu_mul(adapt(i, "gate_up", x, gate_up_proj(x)))
