@@ -127,9 +127,10 @@ def test_auto_quantization(embedded_dir):
 def test_dense_copies_for_many_token_steps_hold_the_quantized_values(chat_prompt_ids):
     """batch_weights: a bf16 model's steps of more than four tokens run on bf16 copies dequantized from the int4
     weights where the CPU has native bf16 (else quantized weights throughout, and asking for copies is an error)."""
+    from kestrel.engine.hardware import cpu_bf16_units
     from kestrel.model.linear import can_prepack
 
-    if not can_prepack(torch.empty(0, dtype=torch.bfloat16)):  # an AVX2-only CPU: no fast bf16 matmul
+    if not (cpu_bf16_units() and can_prepack(torch.empty(0, dtype=torch.bfloat16))):  # no fast bf16 matmul here
         with pytest.raises(ValueError, match="native bf16"):
             Engine(dtype="bfloat16", batch_weights="dense", device="cpu")
         assert all(layer.dense is None for layer in Engine(dtype="bfloat16", device="cpu").model.layers)

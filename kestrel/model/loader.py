@@ -91,13 +91,16 @@ def dense_copy_bytes(model_dir: str, dtype: torch.dtype = torch.bfloat16) -> int
 def resolve_batch_weights(requested: str, quantization: str, model_dir: str, dtype: torch.dtype) -> tuple[bool, str]:
     """Whether a quantized model keeps dense copies (in the model's dtype) for steps of many tokens, and why. Dense
     matmuls are fast in float32 on every CPU, in bf16 only where the CPU has native bf16."""
+    from kestrel.engine.hardware import cpu_bf16_units
     from kestrel.model.linear import can_prepack
 
     if quantization == "none":
         return False, ""
     if requested == "quantized":
         return False, "quantized weights at every batch size, as requested"
-    fast = dtype == torch.float32 or (dtype == torch.bfloat16 and can_prepack(torch.empty(0, dtype=dtype)))
+    # oneDNN packs bf16 weights on any CPU, but its bf16 matmuls are fast only with native bf16 units
+    fast = dtype == torch.float32 or (dtype == torch.bfloat16 and bool(cpu_bf16_units())
+                                      and can_prepack(torch.empty(0, dtype=dtype)))
     if not fast:
         if requested == "dense":
             raise ValueError("batch_weights='dense' with bfloat16 needs oneDNN's bf16 matmul (a CPU with native bf16); "
