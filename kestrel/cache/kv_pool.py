@@ -67,6 +67,9 @@ class ReqToTokenTable:
 
     def __init__(self, num_rows: int, max_context: int, device: torch.device, scratch_rows: int = 0):
         self.table = torch.zeros(num_rows + scratch_rows, max_context, dtype=torch.int64, device=device)
+        # the same memory as a NumPy array on CPU: a few slots written through it cost a microsecond, where
+        # building index tensors and a torch index_put costs ~20 (a decode step writes one slot per sequence)
+        self._host = self.table.numpy() if self.table.device.type == "cpu" else None
         self._free_rows = list(range(num_rows - 1, -1, -1))
         # rows after the requests' ones, never handed out: a step writes there what each token of a tree-masked
         # row sees, so the attention kernel (which reads a prefix of a row per token) serves tree rows too
@@ -81,6 +84,20 @@ class ReqToTokenTable:
 
     def free(self, row: int) -> None:
         self._free_rows.append(row)
+
+    def write_cells(self, rows: list[int], columns: list[int], slots: list[int]) -> None:
+        """table[rows[i], columns[i]] = slots[i] for each i."""
+        if self._host is not None:
+            self._host[rows, columns] = slots
+        else:
+            self.table[torch.tensor(rows), torch.tensor(columns)] = torch.tensor(slots, dtype=torch.int64).to(
+                self.table.device)
+
+    def read_cells(self, rows: list[int], columns: list[int]) -> torch.Tensor:
+        """[table[rows[i], columns[i]] for each i], an int64 tensor on the table's device."""
+        if self._host is not None:
+            return torch.from_numpy(self._host[rows, columns])
+        return self.table[torch.tensor(rows, device=self.table.device), torch.tensor(columns, device=self.table.device)]
 
     def write(self, row: int, start: int, slots) -> None:
         if len(slots):

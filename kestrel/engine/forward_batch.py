@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from kestrel.cache.kv_pool import ReqToTokenTable
 from kestrel.engine.request import Sequence
 
 
@@ -57,10 +58,10 @@ class StepPlan:
     drafts: list[tuple[Sequence, int]] = field(default_factory=list)
 
 
-def build(decode: list[Sequence], prefill: list[tuple[Sequence, int]], table: torch.Tensor,
+def build(decode: list[Sequence], prefill: list[tuple[Sequence, int]], req_to_token: ReqToTokenTable,
           device: torch.device) -> StepPlan:
     """The step for these decode sequences and (sequence, chunk length) prefill chunks, whose slots the
-    scheduler has already written into `table` (the req-to-token table). A decode sequence with a lookahead
+    scheduler has already written into the req-to-token table. A decode sequence with a lookahead
     draft becomes a multi-token row (its pending token and the draft, under the draft's tree mask), placed
     between the one-token rows and the prefill chunks."""
     ids: list[int] = []
@@ -117,24 +118,27 @@ def build(decode: list[Sequence], prefill: list[tuple[Sequence, int]], table: to
     for seq, first in zip(drafted, draft_at):  # every token of a lookahead row needs its logits
         drafts.append((seq, len(logit_at)))
         logit_at.extend(range(first, first + seq.draft.num_tokens))
+    table = req_to_token.table
     rows_t = torch.tensor(rows, dtype=torch.int64, device=table.device)
     pos_t = torch.tensor(positions, dtype=torch.int64, device=table.device)
-    if len(ids) == len(rows):  # one token a row (decode steps): no repeat to build
+    if len(ids) == len(rows):  # one token a row (decode steps): no repeat to build, each slot at its position
         token_rows = rows_t
+        slot_mapping = req_to_token.read_cells(rows, positions)
     else:
         counts = torch.tensor([q_starts[i + 1] - q_starts[i] for i in range(len(rows))], device=table.device)
         token_rows = torch.repeat_interleave(rows_t, counts)
-    # a lookahead row's tokens take the table columns after its pending token, in row order
-    columns = pos_t
-    if drafted:
-        columns = pos_t.clone()
-        for seq, first in zip(drafted, draft_at):
-            n = seq.draft.num_tokens
-            columns[first:first + n] = torch.arange(seq.num_computed, seq.num_computed + n)
+        # a lookahead row's tokens take the table columns after its pending token, in row order
+        columns = pos_t
+        if drafted:
+            columns = pos_t.clone()
+            for seq, first in zip(drafted, draft_at):
+                n = seq.draft.num_tokens
+                columns[first:first + n] = torch.arange(seq.num_computed, seq.num_computed + n)
+        slot_mapping = table[token_rows, columns]
     batch = ForwardBatch(
         input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
         positions=pos_t.to(device),
-        slot_mapping=table[token_rows, columns].to(device),
+        slot_mapping=slot_mapping.to(device),
         kv_rows=rows_t.to(device),
         kv_lens=kv_lens,
         q_starts=q_starts,

@@ -90,9 +90,9 @@ class ModelRunner:
         for r in range(end):
             first = fb.kv_lens[r] - q_lens[r] + 1
             lens.extend(range(first, first + q_lens[r]))
-        counts = torch.tensor(q_lens)
         meta.table = self.table.table
-        meta.token_rows = torch.repeat_interleave(fb.kv_rows[:end], counts) if end > nd else fb.kv_rows[:nd]
+        rows = fb.kv_rows[:end]
+        meta.token_rows = torch.repeat_interleave(rows, torch.tensor(q_lens)) if end > nd else rows
         meta.token_lens = torch.tensor(lens, dtype=torch.int64)
         next_scratch = self.table.scratch_start
         for r, tree in trees:

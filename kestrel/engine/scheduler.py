@@ -201,10 +201,8 @@ class Scheduler:
             self.lookahead_host_time = time.perf_counter() - start  # the engine adds verification's and learns
         # 5. hand out slots
         if decode:
-            slots = torch.tensor(self.pool.alloc(len(decode)), dtype=torch.int64)
-            rows = torch.tensor([s.row for s in decode])
-            cols = torch.tensor([s.num_computed for s in decode])
-            self.table.table[rows, cols] = slots.to(self.table.table.device)
+            self.table.write_cells([s.row for s in decode], [s.num_computed for s in decode],
+                                   self.pool.alloc(len(decode)))
             for seq in decode:
                 seq.num_slots = seq.num_computed + 1
         for seq in drafted:  # the draft's tokens take the columns after the pending token
@@ -286,7 +284,7 @@ class Scheduler:
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         """The ForwardBatch the runner executes for this (part of a) step, and what its logits are for."""
-        return build(batch.decode, batch.prefill, self.table.table, self.device)
+        return build(batch.decode, batch.prefill, self.table, self.device)
 
     def _room_for_another(self) -> bool:
         return len(self.running) < self.config.max_running_requests and self.table.num_free > 0
