@@ -3,12 +3,13 @@ prefill/decode disaggregation, each against its baseline in one run.
 
     .venv/bin/python benchmarks/bench_cluster.py [--quick] [--part llumnix,cache,distserve]
 
-- llumnix: long and short requests arriving in bursts near capacity; round-robin vs least-load vs llumnix
-  (least-load + migration): P99 TTFT, P99 TPOT, mean e2e, preemptions, migrations and their downtime.
+- llumnix: long and short requests arriving in bursts, over a sweep of rates up to capacity; round-robin vs
+  least-load vs llumnix (least-load + migration): P50/P99 TTFT (all requests, and the short ones alone), P50/P99
+  TPOT, mean e2e, preemptions, migrations and their downtime.
 - cache: the shared-prefix workload; round-robin vs cache-aware: prefix hit rate and throughput.
 - distserve: goodput (requests/s meeting both SLOs) colocated vs disaggregated at the split `kestrel plan
   disaggregation` picks, over a sweep of rates, with the simulator's prediction beside each measurement.
-Writes benchmarks/results/cluster.json and cluster.png.
+Writes benchmarks/results/cluster.json and cluster.png (latency percentiles against rate per policy).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import sys
 import tempfile
 
 import httpx
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import cpu_name, save_results, serve_process, stop_process  # noqa: E402
@@ -58,36 +60,56 @@ def bursty(num: int, seed: int = 0) -> list[BenchRequest]:
     return out
 
 
-def run(requests, rate: float, slo=(SLO_TTFT, SLO_TPOT)) -> tuple[dict, dict]:
+def run(requests, rate: float, slo=(SLO_TTFT, SLO_TPOT)) -> tuple[dict, dict, list]:
+    """The load's summary, the change in the servers' migration/preemption/prefix-cache counters, and the
+    per-request results."""
     before = metrics()
     results, duration = asyncio.run(run_load(f"http://127.0.0.1:{PORT}", "default", requests, rate, None, None))
     after = metrics()
     summary = summarize(results, duration, *slo)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if "migration" in k or "preemptions" in k
              or "prefix_cache" in k}
-    return summary, delta
+    return summary, delta, results
+
+
+POLICIES = [("round-robin", ["--router", "round-robin"]), ("least-load", ["--router", "least-load"]),
+            ("llumnix", ["--router", "llumnix"])]
 
 
 def part_llumnix(quick: bool) -> dict:
+    """Per policy and rate: latency percentiles (all requests, and the short ones alone: a long prompt's P99
+    TTFT is mostly its own prefill, which no dispatch changes, while a short one's is mostly waiting behind
+    others), preemptions, migrations and their downtime."""
     # a KV pool that the long requests fill (Llumnix's setting: memory, not compute, decides who waits)
-    n, rate = (30, 1.5) if quick else (80, 2.0)
+    n, rates = (30, [1.0, 1.5]) if quick else (80, [1.0, 1.5, 2.0, 2.5])
     # steps bounded by chunked prefill, so a migration's destination reaches a step boundary soon
     pool = ["--max-total-tokens", "3500", "--chunked-prefill-size", "256"]
     out = {}
-    for label, flags in [("round-robin", ["--router", "round-robin"]), ("least-load", ["--router", "least-load"]),
-                         ("llumnix", ["--router", "llumnix"])]:
+    for label, flags in POLICIES:
         proc = serve(["--instances", "2", *pool, *flags])
         try:
-            summary, delta = run(bursty(n), rate)
+            for i, rate in enumerate(rates):
+                # new prompts (same lengths) at each rate: a replay would hit the prefix cache
+                summary, delta, results = run(bursty(n, seed=10 + i), rate)
+                short = [r.ttft for r in results if r.ok and r.ttft is not None and r.prompt_tokens < 600]
+                done = delta.get("kestrel:migrations_total{outcome=\"done\"}", 0)
+                row = dict(p50_ttft_ms=summary["ttft"].get("p50_ms"), p99_ttft_ms=summary["ttft"].get("p99_ms"),
+                           short_p99_ttft_ms=1000 * float(np.percentile(short, 99)) if short else None,
+                           p50_tpot_ms=summary["tpot"].get("p50_ms"), p99_tpot_ms=summary["tpot"].get("p99_ms"),
+                           mean_e2e_ms=summary["e2e_latency"].get("mean_ms"),
+                           preemptions=delta.get("kestrel:num_preemptions_total", 0), migrations=done,
+                           mean_downtime_ms=1000 * delta.get("kestrel:migration_downtime_seconds_sum", 0) / done
+                           if done else None, failed=summary["failed"])
+                out.setdefault(label, {})[rate] = row
+                print(label, rate, json.dumps(row), flush=True)
         finally:
             stop_process(proc)
-        done = delta.get("kestrel:migrations_total{outcome=\"done\"}", 0)
-        out[label] = dict(p99_ttft_ms=summary["ttft"].get("p99_ms"), p99_tpot_ms=summary["tpot"].get("p99_ms"),
-                          mean_e2e_ms=summary["e2e_latency"].get("mean_ms"),
-                          preemptions=delta.get("kestrel:num_preemptions_total", 0), migrations=done,
-                          mean_downtime_ms=1000 * delta.get("kestrel:migration_downtime_seconds_sum", 0) / done
-                          if done else None, p50_tpot_ms=summary["tpot"].get("p50_ms"), failed=summary["failed"])
-        print(label, json.dumps(out[label]), flush=True)
+    baseline = out.get("round-robin", {})
+    out["ratios"] = {f"{label} at {rate}: round-robin's / its {key}": baseline[rate][key] / row[key]
+                     for label in ("least-load", "llumnix") for rate, row in out.get(label, {}).items()
+                     for key in ("p99_ttft_ms", "short_p99_ttft_ms") if row.get(key) and baseline[rate].get(key)}
+    for name, value in out["ratios"].items():
+        print(f"  {name}: {value:.2f}x", flush=True)
     return out
 
 
@@ -97,7 +119,7 @@ def part_cache(quick: bool) -> dict:
     for label in ("round-robin", "cache-aware"):
         proc = serve(["--instances", "2", "--router", label])
         try:
-            summary, delta = run(work, float("inf"))
+            summary, delta, _ = run(work, float("inf"))
         finally:
             stop_process(proc)
         queries = delta.get("kestrel:prefix_cache_queries_total", 0)
@@ -130,7 +152,7 @@ def part_distserve(quick: bool) -> dict:
             for i, rate in enumerate(rates):
                 # new prompts (same lengths) at each rate: a replay would hit the prefix cache
                 fresh = bursty(len(requests), seed=100 + i)
-                summary, _ = run(fresh, rate, (DIS_TTFT, DIS_TPOT))
+                summary, _, _ = run(fresh, rate, (DIS_TTFT, DIS_TPOT))
                 predicted = attainment(sim(rate), DIS_TTFT, DIS_TPOT)
                 measured = summary["goodput"] / max(1e-9, summary["request_throughput"])
                 out["rates"].setdefault(label, {})[rate] = dict(measured_attainment=measured,
@@ -147,23 +169,31 @@ def part_distserve(quick: bool) -> dict:
 
 
 def plot(results: dict, path: str) -> None:
+    """Latency percentiles against rate for each dispatch policy, and SLO attainment against rate (measured and
+    predicted) for each deployment."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    if "llumnix" in results:
-        names = list(results["llumnix"])
-        axes[0].bar(names, [results["llumnix"][n]["p99_ttft_ms"] or 0 for n in names])
-        axes[0].set_ylabel("P99 TTFT (ms)")
-        axes[0].set_title("dispatch and migration")
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    panels = [("p50_ttft_ms", "P50 TTFT (ms)"), ("p99_ttft_ms", "P99 TTFT (ms)"), ("p99_tpot_ms", "P99 TPOT (ms)")]
+    for ax, (key, name) in zip(axes, panels):
+        for label, by_rate in results.get("llumnix", {}).items():
+            if label == "ratios":
+                continue
+            rates = sorted(by_rate)
+            ax.plot(rates, [by_rate[r][key] or 0 for r in rates], "o-", label=label)
+        ax.set_xlabel("requests/s")
+        ax.set_ylabel(name)
+        ax.set_title(f"{name} by dispatch policy")
+        ax.legend(fontsize=7)
     if "distserve" in results:
         for label, by_rate in results["distserve"]["rates"].items():
             rates = sorted(by_rate)
-            axes[1].plot(rates, [by_rate[r]["measured_attainment"] for r in rates], "o-", label=f"{label} measured")
-            axes[1].plot(rates, [by_rate[r]["predicted_attainment"] for r in rates], "x--", label=f"{label} predicted")
-        axes[1].set_xlabel("requests/s")
-        axes[1].set_ylabel("SLO attainment")
-        axes[1].legend(fontsize=7)
+            axes[3].plot(rates, [by_rate[r]["measured_attainment"] for r in rates], "o-", label=f"{label} measured")
+            axes[3].plot(rates, [by_rate[r]["predicted_attainment"] for r in rates], "x--", label=f"{label} predicted")
+        axes[3].set_xlabel("requests/s")
+        axes[3].set_ylabel("SLO attainment")
+        axes[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
 

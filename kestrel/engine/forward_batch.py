@@ -121,8 +121,7 @@ def build(decode: list[Sequence], prefill: list[tuple[Sequence, int]], req_to_to
     table = req_to_token.table
     rows_t = torch.tensor(rows, dtype=torch.int64, device=table.device)
     pos_t = torch.tensor(positions, dtype=torch.int64, device=table.device)
-    if len(ids) == len(rows):  # one token a row (decode steps): no repeat to build, each slot at its position
-        token_rows = rows_t
+    if len(ids) == len(rows):  # one token a row (decode steps): each token's slot is at its row and position
         slot_mapping = req_to_token.read_cells(rows, positions)
     else:
         counts = torch.tensor([q_starts[i + 1] - q_starts[i] for i in range(len(rows))], device=table.device)
