@@ -50,11 +50,13 @@ def metrics() -> dict[str, float]:
 
 
 def bursty(num: int, seed: int = 0) -> list[BenchRequest]:
-    """One long request (1200-token prompt, 200 tokens out) in five; the rest short (100 -> 40)."""
+    """One request in five long (1200-token prompt, 200 tokens out), at random places; the rest short (100 -> 40).
+    (Every fifth one long, as before, hands round-robin over two instances a perfect balance.)"""
     rng = random.Random(seed)
+    longs = set(rng.sample(range(num), num // 5))
     out = []
     for i in range(num):
-        long = i % 5 == 0
+        long = i in longs
         out.append(BenchRequest([{"role": "user", "content": _words(rng, int((1200 if long else 100) / 1.3))}],
                                 200 if long else 40))
     return out

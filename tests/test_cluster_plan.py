@@ -31,6 +31,9 @@ def test_least_load_counts_queued_demand_priority_headroom_and_what_it_sent():
     # b holds less KV but has 800 tokens queued: a is freer
     assert d.choose([A, B], loads(dict(kv_used=300, running=2), dict(kv_used=100, running=2, waiting=2,
                                                                     waiting_tokens=800)), [1]) is A
+    # b's one request is a long prompt mid-way through its chunked prefill: the rest of it counts as b's load
+    assert d.choose([A, B], loads(dict(kv_used=300, running=3), dict(kv_used=256, running=1,
+                                                                    prefill_tokens=944)), [1]) is A
     # a high-priority request on b keeps headroom around it
     assert d.choose([A, B], loads(dict(kv_used=300, running=1), dict(kv_used=200, running=1, high_priority=1)),
                     [1]) is A
@@ -42,6 +45,22 @@ def test_least_load_counts_queued_demand_priority_headroom_and_what_it_sent():
     assert ls[first.name].sent_requests == 1  # a report from before the request arrived still counts it
     ls[first.name].update(dict(kv_used=400, running=2, kv_size=1000, received=1, received_tokens=300))
     assert ls[first.name].sent_requests == 0 and ls[first.name].sent_tokens == 0
+
+
+def test_an_instance_reports_the_prompt_left_to_prefill_as_demand(tiny_llama_dir):
+    """A long prompt in its chunked prefill holds only the chunks computed so far: the rest is reported apart, with
+    the queued requests' tokens, so least-load does not take the instance for idle."""
+    from kestrel.cluster.instance import router_demand
+
+    e = Engine(tiny_llama_dir, dtype="float32", max_total_tokens=600, num_threads=1, chunked_prefill_size=32,
+               max_running_requests=1)
+    e.add_request(list(range(10, 110)), SamplingParams(max_tokens=4))
+    e.add_request(list(range(200, 240)), SamplingParams(max_tokens=4), priority=-1)
+    e.step()  # the first 32 of 100 prompt tokens; the second request waits (one running at a time)
+    assert router_demand(e.scheduler) == dict(waiting_tokens=40, prefill_tokens=68, high_priority=1)
+    while e.scheduler.running and e.scheduler.running[0].pending > 1:
+        e.step()
+    assert router_demand(e.scheduler)["prefill_tokens"] == 0  # decoding: one pending token is no prefill
 
 
 def test_cache_aware_follows_the_longest_prefix_unless_unbalanced():

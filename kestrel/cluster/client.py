@@ -34,7 +34,8 @@ MAX_STAGES = 6  # copy stages before the stop-and-copy, whatever is left
 START_TIMEOUT = 600.0
 CREDIT_DUE = object()  # in an instance's command queue: its sender adds what other instances' clients received
 SUMMED = ("running", "waiting", "kv_used", "kv_size", "kv_free", "kv_evictable", "kv_cached", "retractions",
-          "clients_tracked", "paused", "paused_tokens", "swap_bytes", "waiting_tokens", "high_priority")
+          "clients_tracked", "paused", "paused_tokens", "swap_bytes", "waiting_tokens", "prefill_tokens",
+          "high_priority")
 
 
 @dataclass

@@ -62,10 +62,11 @@ class Load:
 
     @property
     def virtual_usage(self) -> float:
-        """Llumnix's virtual usage: KV held, plus the demand of queued requests, plus headroom kept free for
-        high-priority requests, so balancing it also makes room where important work runs."""
+        """Llumnix's virtual usage: KV held, plus the demand of queued requests and of prompts still in their
+        chunked prefill, plus headroom kept free for high-priority requests, so balancing it also makes room where
+        important work runs."""
         r = self.report
-        return (r.get("kv_used", 0) + r.get("waiting_tokens", 0) + self.sent_tokens
+        return (r.get("kv_used", 0) + r.get("waiting_tokens", 0) + r.get("prefill_tokens", 0) + self.sent_tokens
                 + PRIORITY_HEADROOM * self.size * r.get("high_priority", 0))
 
     @property

@@ -26,6 +26,15 @@ log = logging.getLogger("kestrel.cluster")
 ROLES = ("both", "prefill", "decode")
 
 
+def router_demand(s) -> dict:
+    """What the router's least-load dispatch counts beyond a scheduler's KV in use: the tokens of queued requests,
+    the prompt that running requests in a chunked prefill have still to compute (vLLM, Llumnix's engine, holds a
+    prompt's KV from admission, so its usage counts both), and the high-priority requests."""
+    return dict(waiting_tokens=sum(q.total_len - q.num_computed for q in s.waiting),
+                prefill_tokens=sum(q.pending for q in s.running if q.pending > 1),
+                high_priority=sum(q.priority < 0 for q in itertools.chain(s.waiting, s.running)))
+
+
 class CallError(Exception):
     """An engine call the engine refused; kind is "not_found" or "invalid" (as the server's CallFailed)."""
 
@@ -84,10 +93,8 @@ class Instance:
     def _deliver(self, deltas, finished) -> None:
         with self._lock:
             received = dict(received=self._received, received_tokens=self._received_tokens)
-        s = self.engine.scheduler  # what the router's least-load dispatch counts beyond the engine's own load
-        demand = dict(waiting_tokens=sum(q.total_len - q.num_computed for q in s.waiting),
-                      high_priority=sum(q.priority < 0 for q in itertools.chain(s.waiting, s.running)))
-        load = dict(self._load(self.engine), loras=self._lora_counts.changes(self.engine), **received, **demand)
+        load = dict(self._load(self.engine), loras=self._lora_counts.changes(self.engine), **received,
+                    **router_demand(self.engine.scheduler))
         self._emit(("deltas", deltas, load))
 
     def _reject(self, rid: str, error: BaseException) -> None:
