@@ -239,7 +239,7 @@ class LlamaForCausalLM(nn.Module):
         attention reading K/V in place. The same math as forward(), rounded the same way, in ~8 ops a layer.
         When the table serves every token's attention (decode steps), all layers run in one C++ call."""
         cfg, ops = self.cfg, self.kernels
-        nh, nkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        nh, nkv, eps = cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps
         num_tokens = input_ids.shape[0]
         cos_table, sin_table = self.rope_tables()
         hidden = F.embedding(input_ids, self.embed)
