@@ -165,8 +165,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps({"cost_model": dataclasses.asdict(cost), "options": [
             dict(dataclasses.asdict(o), per_instance=o.per_instance, label=o.label) for o in options]}, indent=1))
         return 0
-    print(f"cost model: {cost.step * 1e3:.2f} ms + {cost.per_token * 1e3:.3f} ms/token + "
-          f"{cost.per_context * 1e6:.3f} us/context token; KV pool {cost.kv_tokens} tokens")
+    print(f"cost model: {cost.describe()}")
     print(f"{len(workload.lengths)} requests; SLOs: TTFT <= {args.slo_ttft:g} s, TPOT <= {args.slo_tpot:g} s, "
           f"for {args.attainment:.0%} of requests")
     print(f"{'deployment':<22} {'goodput req/s':>14} {'per instance':>13}")

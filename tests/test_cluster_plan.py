@@ -139,6 +139,26 @@ def test_cost_model_fit_recovers_its_coefficients():
     assert m.per_context == pytest.approx(1e-6, rel=1e-4)
 
 
+def test_cost_model_fits_each_side_of_the_kernel_switch(tmp_path):
+    """Steps of up to 24 tokens on int4 kernels and larger ones on dense copies cost differently per token: one
+    fit a side recovers both, where one line through all of them misprices the small steps the most."""
+    def truth(t, c):
+        return 0.006 + 0.0015 * t + 2e-6 * c if t <= 24 else 0.02 + 0.0009 * t + 1e-6 * c
+
+    samples = [(t, c, truth(t, c)) for t in (1, 4, 16, 32, 64, 256, 1024) for c in (64, 1024, 4000)]
+    m = CostModel.fit(samples, kv_tokens=4096, split=24)
+    assert m.large is not None and m.split == 24
+    for t, c in [(1, 100), (8, 3000), (24, 500), (25, 500), (300, 2000), (2000, 8000)]:
+        assert m.seconds(t, c) == pytest.approx(truth(t, c), rel=1e-6)
+    one = CostModel.fit(samples, kv_tokens=4096)
+    assert one.large is None and abs(one.seconds(1, 100) / truth(1, 100) - 1) > 0.2
+    assert "steps of up to 24 tokens" in m.describe() and "larger steps" in m.describe()
+    m.save(tmp_path / "cost.json")
+    assert CostModel.load(tmp_path / "cost.json") == m
+    # one side with a single step size cannot be fitted alone: one fit for all
+    assert CostModel.fit([x for x in samples if x[0] in (1, 64, 256)], kv_tokens=4096, split=24).large is None
+
+
 def test_plan_prefers_disaggregation_where_prefill_stalls_decode(tmp_path):
     # long prompts and a tight TPOT: on colocated instances every prefill stalls the decodes beside it
     # (DistServe's interference); on a decode instance nothing does, so 1 + 1 beats 2 colocated

@@ -1,7 +1,8 @@
 """`kestrel plan disaggregation`: choose the prefill:decode split by simulation (DistServe's placement search).
 
-A cost model of one instance's step time, `step + per_token * tokens + per_context * context tokens`, is fitted
-by least squares to step times measured on the real engine (or read from a saved profile). The model-free
+A cost model of one instance's step time, `step + per_token * tokens + per_context * context tokens` (fitted
+separately for the steps above the size where the engine switches to dense weight copies), is fitted by least
+squares to step times measured on the real engine (or read from a saved profile). The model-free
 simulator (kestrel/engine/simulator.py: the real scheduler, pool and radix cache) then replays the workload's
 request lengths at Poisson arrival rates on each deployment: n colocated instances, or p prefill instances
 handing each request after its first token to d decode instances. Goodput is the highest rate at which at
@@ -25,27 +26,51 @@ from kestrel.engine.simulator import Simulator
 RATE_STEPS = 12  # bisection steps of the goodput search
 
 
+def _least_squares(samples: list[tuple[int, int, float]]) -> list[float]:
+    """[step, per token, per context token] over (tokens, context tokens, seconds), kept non-negative."""
+    a = np.array([[1.0, t, c] for t, c, _ in samples])
+    y = np.array([s for _, _, s in samples])
+    return [float(x) for x in np.maximum(np.linalg.lstsq(a, y, rcond=None)[0], 0.0)]
+
+
 @dataclass
 class CostModel:
-    """Seconds one step of an instance takes."""
+    """Seconds one step of an instance takes: `step + per_token * tokens + per_context * context`, with its own
+    coefficients (`large`) for steps of more than `split` tokens where the engine switches kernels there (a
+    quantized model runs larger steps on dense copies: a different cost per token, not one line through both)."""
 
     step: float
     per_token: float
     per_context: float
     kv_tokens: int  # the instance's KV pool
     transfer_per_token: float = 0.0  # seconds to move one token's K/V from a prefill to a decode instance
+    split: int = 0  # 0: one set of coefficients for every step
+    large: Optional[list[float]] = None  # [step, per_token, per_context] of steps of more than `split` tokens
 
     @classmethod
-    def fit(cls, samples: list[tuple[int, int, float]], kv_tokens: int, transfer_per_token: float = 0.0):
-        """Least squares over (tokens, context tokens, seconds), coefficients kept non-negative."""
-        a = np.array([[1.0, t, c] for t, c, _ in samples])
-        y = np.array([s for _, _, s in samples])
-        coef = np.linalg.lstsq(a, y, rcond=None)[0]
-        coef = np.maximum(coef, 0.0)
-        return cls(float(coef[0]), float(coef[1]), float(coef[2]), kv_tokens, transfer_per_token)
+    def fit(cls, samples: list[tuple[int, int, float]], kv_tokens: int, transfer_per_token: float = 0.0,
+            split: int = 0):
+        """Least squares over (tokens, context tokens, seconds), coefficients kept non-negative; with a split,
+        one fit on each side of it (when each side has at least two step sizes, else one fit for all)."""
+        small = [x for x in samples if x[0] <= split]
+        large = [x for x in samples if x[0] > split]
+        if split and len({t for t, _, _ in small}) >= 2 and len({t for t, _, _ in large}) >= 2:
+            return cls(*_least_squares(small), kv_tokens, transfer_per_token, split, _least_squares(large))
+        return cls(*_least_squares(samples), kv_tokens, transfer_per_token)
 
     def seconds(self, tokens: int, context: int) -> float:
-        return self.step + self.per_token * tokens + self.per_context * context
+        step, per_token, per_context = (self.large if self.large is not None and tokens > self.split
+                                        else (self.step, self.per_token, self.per_context))
+        return step + per_token * tokens + per_context * context
+
+    def describe(self) -> str:
+        def line(step: float, per_token: float, per_context: float) -> str:
+            return f"{step * 1e3:.2f} ms + {per_token * 1e3:.3f} ms/token + {per_context * 1e6:.3f} us/context token"
+
+        text = line(self.step, self.per_token, self.per_context)
+        if self.large is not None:
+            text = f"steps of up to {self.split} tokens {text}; larger steps {line(*self.large)}"
+        return f"{text}; KV pool {self.kv_tokens} tokens"
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -97,6 +122,8 @@ def measure(config: EngineConfig, progress: bool = True) -> CostModel:
             engine.get_output(r, pop=True)
         bar.update()
     bar.close()
+    model = engine.model  # a quantized model with dense copies switches kernels above dense_above tokens
+    split = model.dense_above if model.layers[0].dense is not None else 0
     # moving K/V between instances: the handoff's copy out and in, per token
     kv = engine.pool.caches
     slots = list(range(1, min(1024, engine.pool.size)))
@@ -107,7 +134,7 @@ def measure(config: EngineConfig, progress: bool = True) -> CostModel:
             k.index_copy_(0, idx, k.index_select(0, idx))
             v.index_copy_(0, idx, v.index_select(0, idx))
     per_token = (time.perf_counter() - start) / 3 / len(slots)
-    return CostModel.fit(samples, engine.pool.size, per_token)
+    return CostModel.fit(samples, engine.pool.size, per_token, split)
 
 
 @dataclass
@@ -154,7 +181,8 @@ def _prompt(i: int, n: int) -> list[int]:
 
 def _simulator(cost: CostModel, config: EngineConfig, context: int, hand_off: bool = False) -> Simulator:
     cfg = dataclasses.replace(config, max_total_tokens=cost.kv_tokens)
-    return Simulator(cfg, context, cost.step, cost.per_token, context_cost=cost.per_context, hand_off=hand_off)
+    return Simulator(cfg, context, cost.step, cost.per_token, context_cost=cost.per_context, hand_off=hand_off,
+                     cost=cost.seconds)
 
 
 def colocated(cost: CostModel, config: EngineConfig, requests: list, instances: int) -> list[tuple[float, float]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -40,6 +40,9 @@ class Simulator:
     output_token: int = 7  # what every "sample" produces
     context_cost: float = 0.0  # seconds per context token attended to (decode attention reads the whole context)
     hand_off: bool = False  # a prefill instance: a request leaves once it has its first token (`handed_off`)
+    # seconds of a step of (tokens, context tokens) when the three costs above are not the whole story
+    # (kestrel.cluster.plan.CostModel.seconds); step_cost still prices an idle step
+    cost: Optional[Callable[[int, int], float]] = None
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -106,7 +109,10 @@ class Simulator:
         batch = self.scheduler.schedule()
         context = sum(seq.num_computed + 1 for seq in batch.decode) + sum(
             seq.num_computed + chunk for seq, chunk in batch.prefill)
-        self.now += self.step_cost + self.token_cost * batch.num_tokens + self.context_cost * context
+        if self.cost is not None and not batch.empty:
+            self.now += self.cost(batch.num_tokens, context)
+        else:
+            self.now += self.step_cost + self.token_cost * batch.num_tokens + self.context_cost * context
         if batch.empty:
             return batch
         sampling = self.scheduler.advance(batch)
