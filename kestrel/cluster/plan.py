@@ -122,8 +122,6 @@ def measure(config: EngineConfig, progress: bool = True) -> CostModel:
             engine.get_output(r, pop=True)
         bar.update()
     bar.close()
-    model = engine.model  # a quantized model with dense copies switches kernels above dense_above tokens
-    split = model.dense_above if model.layers[0].dense is not None else 0
     # moving K/V between instances: the handoff's copy out and in, per token
     kv = engine.pool.caches
     slots = list(range(1, min(1024, engine.pool.size)))
@@ -134,7 +132,8 @@ def measure(config: EngineConfig, progress: bool = True) -> CostModel:
             k.index_copy_(0, idx, k.index_select(0, idx))
             v.index_copy_(0, idx, v.index_select(0, idx))
     per_token = (time.perf_counter() - start) / 3 / len(slots)
-    return CostModel.fit(samples, engine.pool.size, per_token, split)
+    # a quantized model with dense copies switches kernels above dense_split tokens: one fit a side
+    return CostModel.fit(samples, engine.pool.size, per_token, engine.model.dense_split)
 
 
 @dataclass

@@ -361,8 +361,10 @@ at::Tensor rope_store(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::
   const auto dtype = k_cache.scalar_type();
   for (auto* t : {&qkv, &cos, &sin, &k_cache, &v_cache}) {
     check_cpu(*t, "tensors");
-    TORCH_CHECK(t->is_contiguous() && (t->scalar_type() == dtype || (t == &qkv && bf16_edges(dtype, dtype, qkv.scalar_type()))),
-                "qkv, cos, sin and the caches must be contiguous and of one dtype (qkv may be bf16 for float32 caches)");
+    const bool bf16_qkv = t == &qkv && bf16_edges(dtype, dtype, qkv.scalar_type());  // float32 caches
+    TORCH_CHECK(t->is_contiguous() && (t->scalar_type() == dtype || bf16_qkv),
+                "qkv, cos, sin and the caches must be contiguous and of one dtype "
+                "(qkv may be bf16 for float32 caches)");
   }
   TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "positions and slots: int64");
   const int64_t d = k_cache.size(2), tokens = qkv.size(0);

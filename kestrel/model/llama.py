@@ -265,9 +265,14 @@ class LlamaForCausalLM(nn.Module):
             delta = adapt(i, "down", act, down_proj(act))
         return ops.add_rms_norm(hidden, delta, self.norm, eps)
 
+    @property
+    def dense_split(self) -> int:
+        """Steps of more tokens than this run on the layers' dense copies (a quantized model's); 0: it has none."""
+        return self.dense_above if self.layers[0].dense is not None else 0
+
     def dense_step(self, num_tokens: int) -> bool:
-        """Whether a step of `num_tokens` tokens runs on the layers' dense copies (a quantized model has them)."""
-        return self.layers[0].dense is not None and num_tokens > self.dense_above
+        """Whether a step of `num_tokens` tokens runs on the layers' dense copies."""
+        return 0 < self.dense_split < num_tokens
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given hidden rows."""
