@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from scipy.stats import chisquare
 
 from kestrel import Engine, SamplingParams
+from kestrel.engine.request import Sequence
+from kestrel.engine.sampler import Sampler
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +118,49 @@ def test_abort_frees_memory(engine, chat_prompt_ids):
     assert not engine.has_unfinished()
     assert engine.pool.num_free + engine.cache.evictable_size == engine.pool.size
     assert engine.get_output(rid, pop=True).finish_reason == "abort"
+
+
+# ---- the sampler alone, on fixed logits ---------------------------------------------------------
+def _rows(*params):
+    return [Sequence(f"r{i}", 0, [1], p) for i, p in enumerate(params)]
+
+
+def test_temperature_sampling_without_a_sort_draws_from_the_softmax():
+    """A row with neither top-k nor top-p maps its uniform through the CDF in token-id order (no sort of the
+    vocabulary); its draws must still follow softmax(logits / T), and min_p must still cut the tail."""
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.0, 0.0, -3.0]])
+    sampler = Sampler(torch.device("cpu"), seed=3)
+    n = 6000
+    for params, expected in [
+            (SamplingParams(temperature=0.7), torch.softmax(logits[0] / 0.7, -1)),
+            (SamplingParams(temperature=1.0, min_p=0.3), torch.softmax(logits[0], -1))]:
+        batch = _rows(*[params] * n)
+        tokens, _ = sampler(logits.expand(n, -1).contiguous(), batch)
+        counts = torch.bincount(torch.tensor(tokens), minlength=logits.shape[1]).double()
+        if params.min_p:
+            keep = expected >= params.min_p * expected.max()
+            assert counts[~keep].sum() == 0  # below min_p of the top token: never drawn
+            expected = torch.where(keep, expected, 0.0)
+            expected /= expected.sum()
+            counts, expected = counts[keep], expected[keep]
+        assert chisquare(counts.numpy(), (expected.double() / expected.double().sum() * counts.sum()).numpy()).pvalue > 1e-3
+
+
+def test_a_seeded_row_draws_alike_beside_rows_that_sort():
+    """Whether a row walks its CDF in id order or in rank order depends on its own parameters, never on the
+    others in the batch: a seeded plain row gives the same tokens alone and beside top-p and greedy rows."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 500) * 3
+    sampler = Sampler(torch.device("cpu"))
+
+    def draw(params, rows):
+        seqs = _rows(*params)
+        return [sampler(logits[rows], seqs)[0] for _ in range(20)], seqs
+
+    seeded = SamplingParams(temperature=1.0, seed=11)
+    alone, _ = draw([seeded], [0])
+    crowded, _ = draw([SamplingParams(temperature=0.8, top_p=0.9), seeded, SamplingParams(temperature=0)],
+                      [1, 0, 2])
+    assert [t[0] for t in alone] == [t[1] for t in crowded]
+    assert all(t[2] == int(logits[2].argmax()) for t in crowded)
+    assert len({t[0] for t in alone}) > 3  # it really samples
