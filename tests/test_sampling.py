@@ -164,3 +164,32 @@ def test_a_seeded_row_draws_alike_beside_rows_that_sort():
     assert [t[0] for t in alone] == [t[1] for t in crowded]
     assert all(t[2] == int(logits[2].argmax()) for t in crowded)
     assert len({t[0] for t in alone}) > 3  # it really samples
+
+
+@pytest.mark.parametrize("case", ["nucleus within the first ranks", "nucleus wider than them"])
+def test_top_p_draws_from_the_nucleus_whether_or_not_it_sorts_the_vocabulary(case):
+    """A top-p row draws from the first CANDIDATES ranks (no sort) when they hold its nucleus, else from the
+    sorted vocabulary: either way only nucleus tokens, with their renormalized probabilities."""
+    from kestrel.engine.sampler import CANDIDATES
+
+    torch.manual_seed(1)
+    vocab = 4 * CANDIDATES
+    if case == "nucleus within the first ranks":
+        logits = torch.full((vocab,), -4.0)
+        logits[torch.randperm(vocab)[:12]] = torch.linspace(1.0, 3.0, 12)
+        top_p = 0.8
+    else:  # nearly flat: the nucleus holds about half the vocabulary
+        logits, top_p = torch.randn(vocab) * 0.05, 0.5
+    probs = torch.softmax(logits, -1)
+    ranked, order = probs.sort(descending=True)
+    nucleus = order[(ranked.cumsum(0) - ranked) <= top_p]
+    assert (len(nucleus) < CANDIDATES) == (case == "nucleus within the first ranks")
+    n = 20 * len(nucleus) + 4000
+    params = SamplingParams(temperature=1.0, top_p=top_p)
+    tokens, _ = Sampler(torch.device("cpu"), seed=5)(logits.expand(n, -1).contiguous(), _rows(*[params] * n))
+    counts = torch.bincount(torch.tensor(tokens), minlength=vocab).double()
+    inside = torch.zeros(vocab, dtype=torch.bool)
+    inside[nucleus] = True
+    assert counts[~inside].sum() == 0
+    expected = probs.double()[inside]
+    assert chisquare(counts[inside].numpy(), (expected / expected.sum() * n).numpy()).pvalue > 1e-3

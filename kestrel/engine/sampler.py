@@ -9,6 +9,9 @@ from kestrel.decoding.grammar import apply_bitmask, new_bitmask
 from kestrel.engine.request import Sequence, TokenLogprob
 
 
+CANDIDATES = 256  # ranks a top-k / top-p row draws from without sorting the vocabulary, when they hold its nucleus
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0, eos_token_ids: Seq[int] = (), kernels=None):
         self.device = device
@@ -54,9 +57,10 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
         """One uniform per row mapped through its distribution's CDF. A row with top-k or top-p walks the
-        tokens in descending order (a sort of the vocabulary); any other row walks them in id order, which
-        draws from the same distribution without the sort (the sort was ~3.6 ms a row on one core). Which walk
-        a row takes depends on its own parameters only, so a seeded row's tokens never depend on its batch."""
+        tokens in descending order (_draw_in_rank_order); any other row walks them in id order, which draws
+        from the same distribution without ranking them (a sort of the vocabulary cost ~3.6 ms a row on one
+        core). Which walk a row takes depends on its own parameters only, so a seeded row's tokens never depend
+        on its batch."""
         params = [s.params for s in seqs]
         dev = logits.device
         u = self._uniforms(seqs).to(dev)  # one per row, greedy rows included: the stream does not depend on paths
@@ -82,21 +86,49 @@ class Sampler:
         return self._invert(probs, u).view(-1)
 
     def _draw_in_rank_order(self, logits: torch.Tensor, u: torch.Tensor, params: list) -> torch.Tensor:
-        rows, vocab = logits.shape
-        dev = logits.device
-        sorted_logits, sorted_ids = self._scaled(logits, params).sort(dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
+        """Top-k / top-p / min-p over the tokens in descending order. The first CANDIDATES ranks (a top-k, much
+        cheaper than sorting the vocabulary) hold every token a row can draw when its top_k is within them or
+        their mass exceeds its top_p (the next rank is then cut); only the other rows sort the whole vocabulary.
+        The choice depends on the row's own logits and parameters, so a seeded row's tokens never depend on its
+        batch."""
+        scaled = self._scaled(logits, params)
+        vocab = scaled.shape[1]
+        tokens = torch.empty(len(params), dtype=torch.int64, device=logits.device)
+        if vocab > CANDIDATES:
+            values, ids = scaled.topk(CANDIDATES, dim=-1)
+            probs = torch.exp(values - torch.logsumexp(scaled, dim=-1, keepdim=True))
+            mass = probs.sum(dim=-1).tolist()
+            head = [i for i, p in enumerate(params) if 0 < p.top_k <= CANDIDATES or mass[i] > p.top_p < 1.0]
+        else:
+            head = []
+        rest = sorted(set(range(len(params))) - set(head))
+        if head:
+            index = torch.tensor(head, device=logits.device)
+            tokens[index] = self._truncate_and_draw(probs[index], ids[index], u[index], [params[i] for i in head])
+        if rest:
+            index = torch.tensor(rest, device=logits.device)
+            sorted_logits, sorted_ids = scaled[index].sort(dim=-1, descending=True)
+            tokens[index] = self._truncate_and_draw(torch.softmax(sorted_logits, dim=-1), sorted_ids, u[index],
+                                                    [params[i] for i in rest])
+        return tokens
+
+    def _truncate_and_draw(self, probs: torch.Tensor, ids: torch.Tensor, u: torch.Tensor, params: list
+                           ) -> torch.Tensor:
+        """probs: each row's largest probabilities in descending order (of the whole vocabulary's softmax), ids:
+        their tokens. Drops what top-k, top-p and min-p cut and draws from the rest."""
+        rows, width = probs.shape
+        dev = probs.device
         drop = torch.zeros_like(probs, dtype=torch.bool)
         if any(p.top_k > 0 for p in params):
-            k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
-            drop |= torch.arange(vocab, device=dev).unsqueeze(0) >= k.unsqueeze(1)
+            k = torch.tensor([p.top_k if p.top_k > 0 else width for p in params], device=dev)
+            drop |= torch.arange(width, device=dev).unsqueeze(0) >= k.unsqueeze(1)
         if any(p.top_p < 1.0 for p in params):
             top_p = torch.tensor([p.top_p for p in params], device=dev)
             drop |= (probs.cumsum(dim=-1) - probs) > top_p.unsqueeze(1)  # the top token always stays
         if any(p.min_p > 0.0 for p in params):
             min_p = torch.tensor([p.min_p for p in params], device=dev)
             drop |= probs < (min_p * probs[:, 0]).unsqueeze(1)
-        return sorted_ids.gather(1, self._invert(probs.masked_fill(drop, 0.0), u)).view(-1)
+        return ids.gather(1, self._invert(probs.masked_fill(drop, 0.0), u)).view(-1)
 
     @staticmethod
     def _invert(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
