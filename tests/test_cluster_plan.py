@@ -12,6 +12,7 @@ import pytest
 from kestrel import Engine, SamplingParams
 from kestrel.cluster.dispatch import Dispatcher, Load, migration_pair
 from kestrel.cluster.plan import CostModel, Workload, colocated, disaggregated, goodput, plan
+from kestrel.engine.simulator import step_shape
 from kestrel.config import EngineConfig
 from kestrel.engine.handoff import HandoffRefused
 
@@ -132,37 +133,56 @@ def test_handoff_refusals_free_everything(engines, monkeypatch):
     assert accounted(a) and accounted(b)
 
 
+def _shapes():
+    """Step shapes as kestrel.cluster.plan.measure times them: prefills of t tokens, decodes of b rows at context c."""
+    prefills = [step_shape(t, [], [(0, t, True)]) for t in (4, 16, 64, 256, 1024)]
+    decodes = [step_shape(b, [c] * b, []) for b in (1, 4, 16, 32, 48) for c in (64, 1024)]
+    return prefills + decodes
+
+
+def test_step_shape_counts_logits_rows_and_causal_attention_pairs():
+    # two decode rows at contexts 10 and 20; a chunk of 4 after 6 computed tokens ending its prompt; a middle chunk
+    assert step_shape(2 + 4 + 3, [10, 20], [(6, 4, True), (0, 3, False)]) == (9, 3, 30 + 4 * 6 + 10 + 6)
+
+
 def test_cost_model_fit_recovers_its_coefficients():
-    samples = [(t, c, 0.01 + 0.002 * t + 1e-6 * c) for t in (1, 8, 64, 512) for c in (64, 1024, 8000)]
-    m = CostModel.fit(samples, kv_tokens=4096)
-    assert m.step == pytest.approx(0.01, rel=1e-6) and m.per_token == pytest.approx(0.002, rel=1e-6)
-    assert m.per_context == pytest.approx(1e-6, rel=1e-4)
+    def truth(t, r, p):
+        return 0.01 + 0.002 * t + 0.0007 * r + 3e-8 * p
+
+    m = CostModel.fit([(*x, truth(*x)) for x in _shapes()], kv_tokens=4096)
+    for got, want in zip((m.step, m.per_token, m.per_row, m.per_pair), (0.01, 0.002, 0.0007, 3e-8)):
+        assert got == pytest.approx(want, rel=1e-4)
 
 
 def test_cost_model_fits_each_side_of_the_kernel_switch(tmp_path):
     """Steps of up to 24 tokens on int4 kernels and larger ones on dense copies cost differently per token: one
-    fit a side recovers both, where one line through all of them misprices the small steps the most."""
-    def truth(t, c):
-        return 0.006 + 0.0015 * t + 2e-6 * c if t <= 24 else 0.02 + 0.0009 * t + 1e-6 * c
+    fit a side recovers both, where one plane through all of them misprices some steps by over 20%."""
+    def truth(t, r, p):
+        return 0.006 + 0.0015 * t + 0.0004 * r + 2e-8 * p if t <= 24 else 0.02 + 0.0009 * t + 0.001 * r + 1e-8 * p
 
-    samples = [(t, c, truth(t, c)) for t in (1, 4, 16, 32, 64, 256, 1024) for c in (64, 1024, 4000)]
+    samples = [(*x, truth(*x)) for x in _shapes()]
     m = CostModel.fit(samples, kv_tokens=4096, split=24)
     assert m.large is not None and m.split == 24
-    for t, c in [(1, 100), (8, 3000), (24, 500), (25, 500), (300, 2000), (2000, 8000)]:
-        assert m.seconds(t, c) == pytest.approx(truth(t, c), rel=1e-6)
+    for shape in [(1, 1, 100), (8, 8, 3000), (24, 1, 500), (25, 25, 500), (300, 1, 50000), (2000, 1, 10 ** 6)]:
+        assert m.seconds(*shape) == pytest.approx(truth(*shape), rel=1e-4)
     one = CostModel.fit(samples, kv_tokens=4096)
-    assert one.large is None and abs(one.seconds(1, 100) / truth(1, 100) - 1) > 0.2
+    assert one.large is None and max(abs(one.seconds(*x[:3]) / x[3] - 1) for x in samples) > 0.2
     assert "steps of up to 24 tokens" in m.describe() and "larger steps" in m.describe()
     m.save(tmp_path / "cost.json")
     assert CostModel.load(tmp_path / "cost.json") == m
-    # one side with a single step size cannot be fitted alone: one fit for all
-    assert CostModel.fit([x for x in samples if x[0] in (1, 64, 256)], kv_tokens=4096, split=24).large is None
+    # one side with too few step shapes cannot be fitted alone: one fit for all
+    few = [x for x in samples if x[0] in (1, 4, 64, 256)]
+    assert CostModel.fit(few, kv_tokens=4096, split=24).large is None
+    # a profile saved before the per-row and per-pair terms says what to do
+    (tmp_path / "old.json").write_text(json.dumps(dict(step=0.01, per_token=0.001, per_context=1e-6, kv_tokens=99)))
+    with pytest.raises(ValueError, match="--save-profile"):
+        CostModel.load(tmp_path / "old.json")
 
 
 def test_plan_prefers_disaggregation_where_prefill_stalls_decode(tmp_path):
     # long prompts and a tight TPOT: on colocated instances every prefill stalls the decodes beside it
     # (DistServe's interference); on a decode instance nothing does, so 1 + 1 beats 2 colocated
-    cost = CostModel(step=0.005, per_token=0.0004, per_context=0.0, kv_tokens=40000)
+    cost = CostModel(step=0.005, per_token=0.0004, per_row=0.0, per_pair=0.0, kv_tokens=40000)
     work = Workload([(1500, 100)] * 80)
     config = EngineConfig(chunked_prefill_size=2048)
     co = goodput(lambda r: colocated(cost, config, work.arrivals(r), 2), 3.0, 0.008)

@@ -1,8 +1,9 @@
 """`kestrel plan disaggregation`: choose the prefill:decode split by simulation (DistServe's placement search).
 
-A cost model of one instance's step time, `step + per_token * tokens + per_context * context tokens` (fitted
-separately for the steps above the size where the engine switches to dense weight copies), is fitted by least
-squares to step times measured on the real engine (or read from a saved profile). The model-free
+A cost model of one instance's step time, `step + per_token * tokens + per_row * logits rows + per_pair *
+attention pairs` (fitted separately for the steps above the size where the engine switches to dense weight
+copies), is fitted by non-negative least squares to step times measured on the real engine (or read from a saved
+profile). The model-free
 simulator (kestrel/engine/simulator.py: the real scheduler, pool and radix cache) then replays the workload's
 request lengths at Poisson arrival rates on each deployment: n colocated instances, or p prefill instances
 handing each request after its first token to d decode instances. Goodput is the highest rate at which at
@@ -21,53 +22,65 @@ from typing import Callable, Optional
 import numpy as np
 
 from kestrel.config import EngineConfig
-from kestrel.engine.simulator import Simulator
+from kestrel.engine.simulator import Simulator, step_shape
 
 RATE_STEPS = 12  # bisection steps of the goodput search
 
 
-def _least_squares(samples: list[tuple[int, int, float]]) -> list[float]:
-    """[step, per token, per context token] over (tokens, context tokens, seconds), kept non-negative."""
-    a = np.array([[1.0, t, c] for t, c, _ in samples])
-    y = np.array([s for _, _, s in samples])
-    return [float(x) for x in np.maximum(np.linalg.lstsq(a, y, rcond=None)[0], 0.0)]
+FEATURES = 4  # a step's cost: fixed + per token + per row that needs logits + per attention pair
+
+
+def _nonnegative_fit(samples: list[tuple[int, int, int, float]]) -> list[float]:
+    """[step, per token, per logits row, per attention pair] over (tokens, rows, pairs, seconds), by non-negative
+    least squares on relative errors (a 20 ms decode step counts as much as a 2 s prefill)."""
+    from scipy.optimize import nnls
+
+    a = np.array([[1.0, t, r, p] for t, r, p, _ in samples])
+    y = np.array([s for *_, s in samples])
+    scale = a.max(axis=0)  # columns of 1 .. 1e6: comparable for the solver
+    coef, _ = nnls(a / scale / y[:, None], np.ones(len(y)))
+    return [float(x) for x in coef / scale]
 
 
 @dataclass
 class CostModel:
-    """Seconds one step of an instance takes: `step + per_token * tokens + per_context * context`, with its own
-    coefficients (`large`) for steps of more than `split` tokens where the engine switches kernels there (a
-    quantized model runs larger steps on dense copies: a different cost per token, not one line through both)."""
+    """Seconds one step of an instance takes: `step + per_token * tokens + per_row * rows needing logits +
+    per_pair * attention pairs` (the lm head and sampling run per logits row, and a prefill chunk's attention
+    grows with its square), with its own coefficients (`large`) for steps of more than `split` tokens where the
+    engine switches kernels there (a quantized model runs larger steps on dense copies: a different cost per
+    token, not one line through both)."""
 
     step: float
     per_token: float
-    per_context: float
+    per_row: float
+    per_pair: float
     kv_tokens: int  # the instance's KV pool
     transfer_per_token: float = 0.0  # seconds to move one token's K/V from a prefill to a decode instance
     split: int = 0  # 0: one set of coefficients for every step
-    large: Optional[list[float]] = None  # [step, per_token, per_context] of steps of more than `split` tokens
+    large: Optional[list[float]] = None  # [step, per_token, per_row, per_pair] of steps of more than `split` tokens
 
     @classmethod
-    def fit(cls, samples: list[tuple[int, int, float]], kv_tokens: int, transfer_per_token: float = 0.0,
+    def fit(cls, samples: list[tuple[int, int, int, float]], kv_tokens: int, transfer_per_token: float = 0.0,
             split: int = 0):
-        """Least squares over (tokens, context tokens, seconds), coefficients kept non-negative; with a split,
-        one fit on each side of it (when each side has at least two step sizes, else one fit for all)."""
+        """Fit over (tokens, rows, pairs, seconds) samples; with a split, one fit on each side of it (when each
+        side has at least three step shapes, else one fit for all)."""
         small = [x for x in samples if x[0] <= split]
         large = [x for x in samples if x[0] > split]
-        if split and len({t for t, _, _ in small}) >= 2 and len({t for t, _, _ in large}) >= 2:
-            return cls(*_least_squares(small), kv_tokens, transfer_per_token, split, _least_squares(large))
-        return cls(*_least_squares(samples), kv_tokens, transfer_per_token)
+        if split and len({x[:2] for x in small}) >= 3 and len({x[:2] for x in large}) >= 3:
+            return cls(*_nonnegative_fit(small), kv_tokens, transfer_per_token, split, _nonnegative_fit(large))
+        return cls(*_nonnegative_fit(samples), kv_tokens, transfer_per_token)
 
-    def seconds(self, tokens: int, context: int) -> float:
-        step, per_token, per_context = (self.large if self.large is not None and tokens > self.split
-                                        else (self.step, self.per_token, self.per_context))
-        return step + per_token * tokens + per_context * context
+    def seconds(self, tokens: int, rows: int, pairs: int) -> float:
+        step, per_token, per_row, per_pair = (self.large if self.large is not None and tokens > self.split
+                                              else (self.step, self.per_token, self.per_row, self.per_pair))
+        return step + per_token * tokens + per_row * rows + per_pair * pairs
 
     def describe(self) -> str:
-        def line(step: float, per_token: float, per_context: float) -> str:
-            return f"{step * 1e3:.2f} ms + {per_token * 1e3:.3f} ms/token + {per_context * 1e6:.3f} us/context token"
+        def line(step: float, per_token: float, per_row: float, per_pair: float) -> str:
+            return (f"{step * 1e3:.2f} ms + {per_token * 1e3:.3f} ms/token + {per_row * 1e3:.3f} ms/logits row + "
+                    f"{per_pair * 1e9:.1f} ns/attention pair")
 
-        text = line(self.step, self.per_token, self.per_context)
+        text = line(self.step, self.per_token, self.per_row, self.per_pair)
         if self.large is not None:
             text = f"steps of up to {self.split} tokens {text}; larger steps {line(*self.large)}"
         return f"{text}; KV pool {self.kv_tokens} tokens"
@@ -79,7 +92,11 @@ class CostModel:
     @classmethod
     def load(cls, path: str) -> "CostModel":
         with open(path) as f:
-            return cls(**json.load(f))
+            data = json.load(f)
+        if "per_pair" not in data:
+            raise ValueError(f"{path}: a profile from an older Kestrel (its cost model has no per-row and "
+                             "per-attention-pair terms); measure again with --save-profile")
+        return cls(**data)
 
 
 def measure(config: EngineConfig, progress: bool = True) -> CostModel:
@@ -95,17 +112,17 @@ def measure(config: EngineConfig, progress: bool = True) -> CostModel:
     rng = random.Random(0)
     prompt = lambda n: [rng.randrange(100, engine.vocab_size - 100) for _ in range(n)]  # noqa: E731
     limit = min(1024, engine.config.chunked_prefill_size, engine.pool.size // 4)
-    prefills = [t for t in (16, 64, 128, 256, 512, 1024) if t <= limit]
-    decodes = [(b, c) for b in (1, 4, 16, 32) for c in (64, 256, 1024)
+    prefills = [t for t in (4, 16, 64, 128, 256, 512, 1024) if t <= limit]
+    decodes = [(b, c) for b in (1, 4, 16, 32, 48) for c in (64, 256, 1024)
                if b * c <= 8192 and b * (c + 8) < engine.pool.size and c + 8 < engine.context_length]
-    samples: list[tuple[int, int, float]] = []
+    samples: list[tuple[int, int, int, float]] = []
     bar = tqdm(total=len(prefills) + len(decodes), desc="profiling steps", unit="shape", disable=not progress)
     for t in prefills:
         for _ in range(3):
             rid = engine.add_request(prompt(t), SamplingParams(max_tokens=1))
             start = time.perf_counter()
             engine.step()
-            samples.append((t, t, time.perf_counter() - start))
+            samples.append((*step_shape(t, [], [(0, t, True)]), time.perf_counter() - start))
             engine.abort(rid)
             engine.get_output(rid, pop=True)
         bar.update()
@@ -116,7 +133,7 @@ def measure(config: EngineConfig, progress: bool = True) -> CostModel:
         for _ in range(4):
             start = time.perf_counter()
             engine.step()
-            samples.append((b, b * (c + 2), time.perf_counter() - start))
+            samples.append((*step_shape(b, [c + 2] * b, []), time.perf_counter() - start))
         for r in rids:
             engine.abort(r)
             engine.get_output(r, pop=True)
@@ -180,8 +197,7 @@ def _prompt(i: int, n: int) -> list[int]:
 
 def _simulator(cost: CostModel, config: EngineConfig, context: int, hand_off: bool = False) -> Simulator:
     cfg = dataclasses.replace(config, max_total_tokens=cost.kv_tokens)
-    return Simulator(cfg, context, cost.step, cost.per_token, context_cost=cost.per_context, hand_off=hand_off,
-                     cost=cost.seconds)
+    return Simulator(cfg, context, cost.step, cost.per_token, hand_off=hand_off, cost=cost.seconds)
 
 
 def colocated(cost: CostModel, config: EngineConfig, requests: list, instances: int) -> list[tuple[float, float]]:

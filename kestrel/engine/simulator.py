@@ -1,7 +1,7 @@
 """The real scheduler, KV pool, radix cache and policy driven by a model-free runner.
 
-Each step costs `step_cost + token_cost * tokens + context_cost * (context tokens the step's rows attend to)`
-simulated seconds and every sequence that reaches the end of its pending tokens "samples" a fixed token.
+Each step costs `step_cost + token_cost * tokens + context_cost * (attention pairs of the step, step_shape)`
+simulated seconds (or what a given cost function says of the step's shape) and every sequence that reaches the end of its pending tokens "samples" a fixed token.
 Scheduling decisions are exactly the engine's, so policies can be studied and tested deterministically without
 weights (and fast).
 """
@@ -23,6 +23,16 @@ from kestrel.engine.sampling_params import SamplingParams
 from kestrel.engine.scheduler import ScheduledBatch, Scheduler
 
 
+def step_shape(tokens: int, decode_contexts: list[int], prefills: list[tuple[int, int, bool]]) -> tuple[int, int, int]:
+    """(tokens, rows that need logits, attention pairs) of a step, what its cost depends on: decode rows attend to
+    their contexts and need logits each; a prefill chunk of `chunk` tokens after `done` computed ones attends
+    causally (chunk * done + chunk * (chunk + 1) / 2 pairs) and needs logits only when it ends its sequence
+    (prefills: (done, chunk, ends))."""
+    rows = len(decode_contexts) + sum(ends for _, _, ends in prefills)
+    pairs = sum(decode_contexts) + sum(chunk * done + chunk * (chunk + 1) // 2 for done, chunk, _ in prefills)
+    return tokens, rows, pairs
+
+
 @dataclass
 class SimulatedRequest:
     seq: Sequence
@@ -38,11 +48,11 @@ class Simulator:
     step_cost: float = 0.01  # seconds per step
     token_cost: float = 0.0005  # seconds per token in the step
     output_token: int = 7  # what every "sample" produces
-    context_cost: float = 0.0  # seconds per context token attended to (decode attention reads the whole context)
+    context_cost: float = 0.0  # seconds per attention pair (a decode row attends to its whole context)
     hand_off: bool = False  # a prefill instance: a request leaves once it has its first token (`handed_off`)
-    # seconds of a step of (tokens, context tokens) when the three costs above are not the whole story
-    # (kestrel.cluster.plan.CostModel.seconds); step_cost still prices an idle step
-    cost: Optional[Callable[[int, int], float]] = None
+    # seconds of a step of step_shape's (tokens, logits rows, attention pairs) when the three costs above are not
+    # the whole story (kestrel.cluster.plan.CostModel.seconds); step_cost still prices an idle step
+    cost: Optional[Callable[[int, int, int], float]] = None
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -107,12 +117,13 @@ class Simulator:
     def step(self) -> ScheduledBatch:
         """One scheduling step; advances the simulated clock by its cost (or by step_cost when idle)."""
         batch = self.scheduler.schedule()
-        context = sum(seq.num_computed + 1 for seq in batch.decode) + sum(
-            seq.num_computed + chunk for seq, chunk in batch.prefill)
+        tokens, rows, pairs = step_shape(batch.num_tokens, [seq.num_computed + 1 for seq in batch.decode],
+                                         [(seq.num_computed, chunk, seq.samples_after(seq.num_computed + chunk))
+                                          for seq, chunk in batch.prefill])
         if self.cost is not None and not batch.empty:
-            self.now += self.cost(batch.num_tokens, context)
+            self.now += self.cost(tokens, rows, pairs)
         else:
-            self.now += self.step_cost + self.token_cost * batch.num_tokens + self.context_cost * context
+            self.now += self.step_cost + self.token_cost * tokens + self.context_cost * pairs
         if batch.empty:
             return batch
         sampling = self.scheduler.advance(batch)
