@@ -160,7 +160,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cost = CostModel.load(args.profile) if args.profile else measure(config)
     if args.save_profile:
         cost.save(args.save_profile)
-    options = plan(cost, config, workload, args.slo_ttft, args.slo_tpot, args.max_instances, args.attainment)
+    options = plan(cost, config, workload, args.slo_ttft, args.slo_tpot, args.max_instances, args.attainment,
+                   router=args.router)
     if args.format == "json":
         print(json.dumps({"cost_model": dataclasses.asdict(cost), "options": [
             dict(dataclasses.asdict(o), per_instance=o.per_instance, label=o.label) for o in options]}, indent=1))
@@ -346,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      "model's step times now, about a minute)")
     dis.add_argument("--save-profile", default=None, help="write the measured cost model here")
     dis.add_argument("--format", default="table", choices=["table", "json"])
+    dis.add_argument("--router", default="least-load", choices=["round-robin", "least-load", "cache-aware"],
+                     help="how the deployment will dispatch new requests (serve's --router)")
     add_engine_args(dis)
     from kestrel.bench.client import add_bench_args
     bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible server under load")

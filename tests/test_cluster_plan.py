@@ -179,6 +179,23 @@ def test_cost_model_fits_each_side_of_the_kernel_switch(tmp_path):
         CostModel.load(tmp_path / "old.json")
 
 
+def test_simulated_deployments_dispatch_as_their_router():
+    """The plan's instances run side by side in simulated time and take new requests where the deployment's
+    router would send them: least-load steers around an instance busy with a long prompt, where round-robin
+    (here sending every long prompt to the same instance) lets them queue."""
+    cost = CostModel(step=0.005, per_token=0.001, per_row=0.0, per_pair=0.0, kv_tokens=40000)
+    requests = Workload([(1000, 20), (20, 20)] * 12).arrivals(2.0)
+    config = EngineConfig(chunked_prefill_size=256)
+    rr = colocated(cost, config, requests, 2, "round-robin")
+    ll = colocated(cost, config, requests, 2, "least-load")
+    assert len(rr) == len(ll) == len(requests)
+    assert max(t for t, _ in ll) < 0.5 * max(t for t, _ in rr)
+    # round-robin alone is as two separate instances each given every other request
+    alone = [colocated(cost, config, requests[k::2], 1, "round-robin") for k in (0, 1)]
+    flat = lambda pairs: [x for pair in sorted(pairs) for x in pair]  # noqa: E731
+    assert flat(rr) == pytest.approx(flat(alone[0] + alone[1]))
+
+
 def test_plan_prefers_disaggregation_where_prefill_stalls_decode(tmp_path):
     # long prompts and a tight TPOT: on colocated instances every prefill stalls the decodes beside it
     # (DistServe's interference); on a decode instance nothing does, so 1 + 1 beats 2 colocated

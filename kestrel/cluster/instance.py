@@ -35,6 +35,14 @@ def router_demand(s) -> dict:
                 high_priority=sum(q.priority < 0 for q in itertools.chain(s.waiting, s.running)))
 
 
+def instance_load(engine) -> dict:
+    """What a router ranks an instance by (kestrel.cluster.dispatch.Load): its requests, the KV they hold and
+    the demand still to come (an Engine's, or the simulator's in kestrel plan)."""
+    from kestrel.server.engine_process import kv_load
+
+    return dict(kv_load(engine), **router_demand(engine.scheduler))
+
+
 class CallError(Exception):
     """An engine call the engine refused; kind is "not_found" or "invalid" (as the server's CallFailed)."""
 

@@ -3,12 +3,12 @@
 A cost model of one instance's step time, `step + per_token * tokens + per_row * logits rows + per_pair *
 attention pairs` (fitted separately for the steps above the size where the engine switches to dense weight
 copies), is fitted by non-negative least squares to step times measured on the real engine (or read from a saved
-profile). The model-free
-simulator (kestrel/engine/simulator.py: the real scheduler, pool and radix cache) then replays the workload's
-request lengths at Poisson arrival rates on each deployment: n colocated instances, or p prefill instances
-handing each request after its first token to d decode instances. Goodput is the highest rate at which at
-least `attainment` of the requests meet both SLOs (TTFT, and TPOT over the rest of the output); the split with
-the most goodput per instance wins.
+profile). The model-free simulator (kestrel/engine/simulator.py: the real scheduler, pool and radix cache) then
+replays the workload's request lengths at Poisson arrival rates on each deployment: n colocated instances, or p
+prefill instances handing each request after its first token to d decode instances, with new requests dispatched
+as the deployment's router (kestrel.cluster.dispatch) would, on the load each simulated instance reports. Goodput
+is the highest rate at which at least `attainment` of the requests meet both SLOs (TTFT, and TPOT over the rest of
+the output); the split with the most goodput per instance wins.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from kestrel.cluster.dispatch import Dispatcher, Load
+from kestrel.cluster.instance import instance_load
 from kestrel.config import EngineConfig
 from kestrel.engine.simulator import Simulator, step_shape
 
@@ -195,39 +197,60 @@ def _prompt(i: int, n: int) -> list[int]:
     return [(i * 7919 + j) % 30000 + 1 for j in range(n)]  # distinct per request: no accidental prefix hits
 
 
-def _simulator(cost: CostModel, config: EngineConfig, context: int, hand_off: bool = False) -> Simulator:
+def _simulator(cost: CostModel, config: EngineConfig, context: int, name: str, hand_off: bool = False) -> Simulator:
     cfg = dataclasses.replace(config, max_total_tokens=cost.kv_tokens)
-    return Simulator(cfg, context, cost.step, cost.per_token, hand_off=hand_off, cost=cost.seconds)
+    return Simulator(cfg, context, cost.step, cost.per_token, hand_off=hand_off, cost=cost.seconds, name=name)
 
 
-def colocated(cost: CostModel, config: EngineConfig, requests: list, instances: int) -> list[tuple[float, float]]:
-    """(TTFT, TPOT) of each request on `instances` colocated instances (round-robin dispatch)."""
+def _dispatched(sims: list[Simulator], requests: list, router: str) -> None:
+    """Replay the requests on the instances in simulated time, each sent on arrival where the router's policy
+    (kestrel.cluster.dispatch, on the load each instance would report then) sends it, then run all to the end."""
+    dispatcher = Dispatcher(router)
+    for i, (t, p, o) in enumerate(requests):
+        # every step that starts before the arrival runs first (the instance furthest behind first), as the
+        # instances run side by side; the request then waits for the step its instance is in to end
+        while True:
+            busy = [s for s in sims if s.has_work() and s.now < t]
+            if not busy:
+                break
+            min(busy, key=lambda s: s.now).step()
+        ids = _prompt(i, p)
+        sim = dispatcher.choose(sims, {s.name: Load(report=instance_load(s)) for s in sims}, ids)
+        if not sim.has_work():
+            sim.now = max(sim.now, t)
+        sim.add(ids, o).arrival = t
+    for sim in sims:
+        while sim.has_work():
+            sim.step()
+
+
+def colocated(cost: CostModel, config: EngineConfig, requests: list, instances: int,
+              router: str = "least-load") -> list[tuple[float, float]]:
+    """(TTFT, TPOT) of each request on `instances` colocated instances behind `router`."""
     context = max(p + o for _, p, o in requests) + 1
+    sims = [_simulator(cost, config, context, f"instance-{k}") for k in range(instances)]
+    _dispatched(sims, requests, router)
+    return [_latencies(req.arrival, req.first_token, req.finish, req.seq.params.max_tokens)
+            for sim in sims for req in sim.requests]
+
+
+def disaggregated(cost: CostModel, config: EngineConfig, requests: list, prefill: int, decode: int,
+                  router: str = "least-load") -> list[tuple[float, float]]:
+    """(TTFT, TPOT) of each request on `prefill` prefill instances behind `router`, handing over to `decode`
+    decode instances."""
+    context = max(p + o for _, p, o in requests) + 1
+    sims = [_simulator(cost, config, context, f"prefill-{k}", hand_off=True) for k in range(prefill)]
+    _dispatched(sims, requests, router)
     out = []
-    for k in range(instances):
-        sim = _simulator(cost, config, context)
-        mine = [(t, _prompt(i, p), o) for i, (t, p, o) in enumerate(requests) if i % instances == k]
-        for req in sim.run(mine):
-            out.append(_latencies(req.arrival, req.first_token, req.finish, req.seq.params.max_tokens))
-    return out
-
-
-def disaggregated(cost: CostModel, config: EngineConfig, requests: list, prefill: int, decode: int
-                  ) -> list[tuple[float, float]]:
-    """(TTFT, TPOT) of each request on `prefill` prefill instances handing over to `decode` decode instances."""
-    context = max(p + o for _, p, o in requests) + 1
     handed: list = []
-    out = []
-    for k in range(prefill):
-        sim = _simulator(cost, config, context, hand_off=True)
-        mine = [(t, _prompt(i, p), o) for i, (t, p, o) in enumerate(requests) if i % prefill == k]
-        for req in sim.run(mine):
+    for sim in sims:
+        for req in sim.requests:
             if req.finish is not None:  # one output token: done at the prefill instance
                 out.append(_latencies(req.arrival, req.first_token, req.finish, 1))
         handed += sim.handed_off
     handed.sort(key=lambda r: r.first_token)
     for k in range(decode):
-        sim = _simulator(cost, config, context)
+        sim = _simulator(cost, config, context, f"decode-{k}")
         mine = [r for i, r in enumerate(handed) if i % decode == k]
         events = [(r.first_token + cost.transfer_per_token * len(r.seq.prompt_ids), r) for r in mine]
         adopted, i = [], 0
@@ -289,8 +312,10 @@ class Option:
 
 
 def plan(cost: CostModel, config: EngineConfig, workload: Workload, slo_ttft: float, slo_tpot: float,
-         max_instances: int = 4, target: float = 0.9, progress: bool = True) -> list[Option]:
-    """Goodput of every deployment of up to `max_instances`: colocated, and each prefill:decode split; best first."""
+         max_instances: int = 4, target: float = 0.9, progress: bool = True, router: str = "least-load"
+         ) -> list[Option]:
+    """Goodput of every deployment of up to `max_instances` (colocated, and each prefill:decode split) with
+    `router` dispatching new requests; best first."""
     from tqdm import tqdm
 
     shapes = [(0, n) for n in range(1, max_instances + 1)]
@@ -298,9 +323,10 @@ def plan(cost: CostModel, config: EngineConfig, workload: Workload, slo_ttft: fl
     options = []
     for p, d in tqdm(shapes, desc="simulating deployments", disable=not progress):
         if p == 0:
-            run = lambda rate, d=d: colocated(cost, config, workload.arrivals(rate), d)  # noqa: E731
+            run = lambda rate, d=d: colocated(cost, config, workload.arrivals(rate), d, router)  # noqa: E731
             options.append(Option(0, d, d, goodput(run, slo_ttft, slo_tpot, target)))
         else:
-            run = lambda rate, p=p, d=d: disaggregated(cost, config, workload.arrivals(rate), p, d)  # noqa: E731
+            run = lambda rate, p=p, d=d: disaggregated(cost, config, workload.arrivals(rate), p, d,  # noqa: E731
+                                                       router)
             options.append(Option(p, d, p + d, goodput(run, slo_ttft, slo_tpot, target)))
     return sorted(options, key=lambda o: (-o.per_instance, o.instances))

@@ -53,6 +53,7 @@ class Simulator:
     # seconds of a step of step_shape's (tokens, logits rows, attention pairs) when the three costs above are not
     # the whole story (kestrel.cluster.plan.CostModel.seconds); step_cost still prices an idle step
     cost: Optional[Callable[[int, int, int], float]] = None
+    name: str = "simulated"  # the instance it stands for, when several run side by side (kestrel.cluster.plan)
 
     def __post_init__(self) -> None:
         cfg = self.config

@@ -87,14 +87,20 @@ class LoraCounts:
         return out
 
 
-def engine_load(engine) -> dict:
-    """What the API process shows in /metrics and uses for admission."""
+def kv_load(engine) -> dict:
+    """Requests and KV memory of anything with a scheduler, pool and cache (an Engine, or the simulator)."""
     s = engine.scheduler
     # "used" = held by requests (incl. locked prefixes); unlocked cached prefixes are free to evict
     used = engine.pool.size - engine.pool.num_free - engine.cache.evictable_size
     return dict(running=len(s.running), waiting=len(s.waiting), kv_used=used, kv_size=engine.pool.size,
                 kv_free=engine.pool.num_free, kv_evictable=engine.cache.evictable_size,
-                kv_cached=engine.cache.total_size, retractions=s.num_retractions,
+                kv_cached=engine.cache.total_size)
+
+
+def engine_load(engine) -> dict:
+    """What the API process shows in /metrics and uses for admission."""
+    s = engine.scheduler
+    return dict(kv_load(engine), retractions=s.num_retractions,
                 clients=s.clients.take_changed(), clients_tracked=len(s.clients.usage),
                 spec_steps=engine.take_spec_histogram(), paused=len(engine.pauses.paused),
                 paused_tokens=engine.cache.pinned_size, swap_bytes=engine.pauses.swapped_bytes,
