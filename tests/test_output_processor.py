@@ -51,3 +51,24 @@ def test_prompt_ending_inside_a_character(processor, tokenizer):
         processor.append(seq, t, None)
     assert not seq.text.startswith(tokenizer.decode(ids[: cut - 1]))  # the prompt is not repeated
     assert seq.text.endswith(tokenizer.decode(ids[cut:]).lstrip("\ufffd"))
+
+
+@pytest.mark.parametrize("reply", ["riepig-11", " ok", "東京"])
+def test_a_prompt_character_the_output_does_not_finish_stays_out_of_the_text(processor, tokenizer, reply):
+    """A token-id prompt may end inside a character that the output never finishes (random ids, or a cut):
+    those bytes are the prompt's, and the output's text is exactly what its own tokens spell (a regex-constrained
+    reply of ASCII letters must not start with a replacement character)."""
+    ids = tokenizer(TEXT).input_ids
+    for cut in [i + 1 for i in range(len(ids)) if tokenizer.decode(ids[:i + 1]).endswith("\ufffd")]:
+        seq = _seq(ids[:cut])
+        for t in tokenizer(reply, add_special_tokens=False).input_ids:
+            processor.append(seq, t, None)
+        assert seq.text == reply, (cut, seq.text)
+        # the same after jump-forward redoes the first token, and on an engine the request migrated to
+        seq2 = _seq(ids[:cut])
+        out = tokenizer(reply, add_special_tokens=False).input_ids
+        processor.append(seq2, out[0], None)
+        processor.replace_last(seq2, out[:1])
+        for t in out[1:]:
+            processor.append(seq2, t, None)
+        assert seq2.text == reply, (cut, seq2.text)

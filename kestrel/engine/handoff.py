@@ -28,7 +28,6 @@ from typing import Optional
 import torch
 
 from kestrel.decoding.grammar import GrammarSpec
-from kestrel.engine.output_processor import DETOK_CONTEXT
 from kestrel.engine.request import Sequence, Status
 
 RESERVATION_TTL = 30.0  # seconds an idle reservation lives before its slots are freed
@@ -193,8 +192,7 @@ class Handoffs:
             seq.grammar = engine.grammars.state(spec)
             for token in seq.output_ids:
                 seq.grammar.accept(token)
-        seq.detok = engine.output._decoder(seq.prompt_ids[-DETOK_CONTEXT:] + seq.output_ids,
-                                           seq.params.skip_special_tokens)
+        seq.detok = engine.output.resume_decoder(seq)
         if engine.lookahead_sizes is not None:
             from kestrel.engine.lookahead import LookaheadState
             seq.lookahead = LookaheadState.for_prompt(engine.lookahead_sizes, seq.all_ids)
