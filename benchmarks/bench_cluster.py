@@ -3,9 +3,9 @@ prefill/decode disaggregation, each against its baseline in one run.
 
     .venv/bin/python benchmarks/bench_cluster.py [--quick] [--part llumnix,cache,distserve]
 
-- llumnix: long and short requests arriving in bursts, over a sweep of rates up to capacity; round-robin vs
-  least-load vs llumnix (least-load + migration): P50/P99 TTFT (all requests, and the short ones alone), P50/P99
-  TPOT, mean e2e, preemptions, migrations and their downtime.
+- llumnix: long and short requests arriving in bursts (gamma arrivals, CV 2), over a sweep of rates up to
+  capacity; round-robin vs least-load vs llumnix (least-load + migration): P50/P99 TTFT (all requests, and the
+  short ones alone), P50/P99 TPOT, mean e2e, preemptions, migrations and their downtime.
 - cache: the shared-prefix workload; round-robin vs cache-aware: prefix hit rate and throughput.
 - distserve: goodput (requests/s meeting both SLOs) colocated vs disaggregated at the split `kestrel plan
   disaggregation` picks, over a sweep of rates, with the simulator's prediction beside each measurement.
@@ -31,6 +31,7 @@ from kestrel.bench.workloads import BenchRequest, _words, shared_prefix_workload
 
 PORT = 30321
 SLO_TTFT, SLO_TPOT = 2.0, 0.15  # Llumnix part (reported as goodput beside its latencies)
+BURSTINESS = 0.25  # Llumnix part: gamma arrivals with a coefficient of variation of 2 (Poisson's is 1)
 DIS_TTFT, DIS_TPOT = 5.0, 0.1  # DistServe part: a long prompt alone takes ~2-3 s to prefill on one core
 
 
@@ -51,7 +52,8 @@ def metrics() -> dict[str, float]:
 
 def bursty(num: int, seed: int = 0) -> list[BenchRequest]:
     """One request in five long (1200-token prompt, 200 tokens out), at random places; the rest short (100 -> 40).
-    (Every fifth one long, as before, hands round-robin over two instances a perfect balance.)"""
+    (Every fifth one long, as before, hands round-robin over two instances a perfect balance.) The bursts are in
+    the arrivals (run's `burstiness`)."""
     rng = random.Random(seed)
     longs = set(rng.sample(range(num), num // 5))
     out = []
@@ -62,11 +64,12 @@ def bursty(num: int, seed: int = 0) -> list[BenchRequest]:
     return out
 
 
-def run(requests, rate: float, slo=(SLO_TTFT, SLO_TPOT)) -> tuple[dict, dict, list]:
+def run(requests, rate: float, slo=(SLO_TTFT, SLO_TPOT), burstiness: float = 1.0) -> tuple[dict, dict, list]:
     """The load's summary, the change in the servers' migration/preemption/prefix-cache counters, and the
     per-request results."""
     before = metrics()
-    results, duration = asyncio.run(run_load(f"http://127.0.0.1:{PORT}", "default", requests, rate, None, None))
+    results, duration = asyncio.run(run_load(f"http://127.0.0.1:{PORT}", "default", requests, rate, None, None,
+                                             burstiness=burstiness))
     after = metrics()
     summary = summarize(results, duration, *slo)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if "migration" in k or "preemptions" in k
@@ -92,7 +95,7 @@ def part_llumnix(quick: bool) -> dict:
         try:
             for i, rate in enumerate(rates):
                 # new prompts (same lengths) at each rate: a replay would hit the prefix cache
-                summary, delta, results = run(bursty(n, seed=10 + i), rate)
+                summary, delta, results = run(bursty(n, seed=10 + i), rate, burstiness=BURSTINESS)
                 short = [r.ttft for r in results if r.ok and r.ttft is not None and r.prompt_tokens < 600]
                 done = delta.get("kestrel:migrations_total{outcome=\"done\"}", 0)
                 row = dict(p50_ttft_ms=summary["ttft"].get("p50_ms"), p99_ttft_ms=summary["ttft"].get("p99_ms"),
@@ -131,12 +134,27 @@ def part_cache(quick: bool) -> dict:
     return out
 
 
+def prompt_tokens(request: BenchRequest) -> int:
+    """The prompt's length as the server will see it (the embedded model's chat template applied)."""
+    from transformers import AutoTokenizer
+
+    from kestrel.model.loader import resolve_model_dir
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = AutoTokenizer.from_pretrained(resolve_model_dir(None))
+    ids = _TOKENIZER.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+_TOKENIZER = None
+
+
 def part_distserve(quick: bool) -> dict:
     from kestrel.cluster.plan import Workload, attainment, colocated, disaggregated, goodput, measure, plan
     from kestrel.config import EngineConfig
 
     requests = bursty(24 if quick else 60, seed=1)
-    lengths = [(1200 if r.max_tokens == 200 else 100, r.max_tokens) for r in requests]
+    lengths = [(prompt_tokens(r), r.max_tokens) for r in requests]
     work = Workload(lengths)
     config = EngineConfig(num_threads=1)
     cost = measure(config)

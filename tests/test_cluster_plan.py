@@ -2,11 +2,14 @@
 between two in-process engines (reservations, refusals, expiry), and `kestrel plan disaggregation`."""
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from kestrel import Engine, SamplingParams
@@ -226,3 +229,19 @@ def test_plan_prefers_disaggregation_where_prefill_stalls_decode(tmp_path):
                           str(tmp_path / "trace.json"), "--slo-ttft", "0", "--slo-tpot", "0.02", "--profile",
                           str(tmp_path / "cost.json")], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--slo-ttft must be > 0" in bad.stderr
+
+
+def test_bursty_arrivals_keep_the_rate_and_raise_the_variation():
+    """Workload.arrivals (and kestrel bench --burstiness): gamma gaps of shape b have the mean 1/rate and a
+    coefficient of variation 1/sqrt(b); b = 1 is the Poisson process, drawn as before."""
+    work = Workload([(10, 10)] * 20000)
+    for b, cv in ((1.0, 1.0), (0.25, 2.0), (4.0, 0.5)):
+        times = np.array([t for t, _, _ in work.arrivals(2.0, burstiness=b)])
+        gaps = np.diff(np.concatenate([[0.0], times]))
+        assert gaps.mean() == pytest.approx(0.5, rel=0.05)
+        assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.08)
+    rng = random.Random(0)
+    assert [t for t, _, _ in work.arrivals(2.0)][:3] == pytest.approx(list(itertools.accumulate(
+        rng.expovariate(2.0) for _ in range(3))))
+    with pytest.raises(ValueError, match="burstiness"):
+        work.arrivals(2.0, burstiness=0)

@@ -131,6 +131,7 @@ def test_bench_against_the_server(server, tmp_path, workload):
     proc = subprocess.run([sys.executable, "-m", "kestrel.cli", "bench", "--base-url", server.url, "--workload", workload,
                            "--num-requests", "6", "--request-rate", "20", "--input-len", "40", "--output-len", "8",
                            "--system-prompt-len", "100", "--num-groups", "2", "--turns", "2", "--slo-ttft", "60",
+                           "--burstiness", "0.5",
                            "--output", str(out), "--plot", str(png)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())

@@ -17,7 +17,7 @@ from typing import Optional
 import httpx
 import numpy as np
 
-from kestrel.bench.workloads import (BenchRequest, assign_models, multi_turn_workload, random_workload,
+from kestrel.bench.workloads import (BenchRequest, assign_models, interarrival, multi_turn_workload, random_workload,
                                      shared_prefix_workload)
 
 
@@ -78,7 +78,8 @@ async def send(http: httpx.AsyncClient, url: str, model: str, req: BenchRequest,
 
 
 async def run_load(url: str, model: str, requests: list[BenchRequest], rate: float, max_concurrency: Optional[int],
-                   api_key: Optional[str], seed: int = 0, progress: bool = True) -> tuple[list[RequestResult], float]:
+                   api_key: Optional[str], seed: int = 0, progress: bool = True, burstiness: float = 1.0
+                   ) -> tuple[list[RequestResult], float]:
     from tqdm import tqdm
 
     rng = random.Random(seed)
@@ -108,7 +109,7 @@ async def run_load(url: str, model: str, requests: list[BenchRequest], rate: flo
         for req in requests:
             tasks.append(asyncio.create_task(one(http, req)))
             if rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(rate))
+                await asyncio.sleep(interarrival(rng, rate, burstiness))
         await asyncio.gather(*tasks)
     bar.close()
     return results, time.perf_counter() - t0
@@ -188,7 +189,9 @@ def add_bench_args(p) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--workload", choices=["random", "shared-prefix", "multi-turn"], default="random")
     p.add_argument("--num-requests", type=int, default=100)
-    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson), or inf")
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson, or see --burstiness), or inf")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="arrivals' gamma shape at --request-rate: 1 Poisson, below 1 burstier, above 1 steadier")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--input-len", type=int, default=128, help="random/multi-turn: tokens per prompt or turn")
     p.add_argument("--output-len", type=int, default=64)
@@ -216,7 +219,7 @@ def run_bench(args) -> dict:
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     results, duration = asyncio.run(run_load(url, args.model, requests, args.request_rate, args.max_concurrency,
-                                             args.api_key, args.seed))
+                                             args.api_key, args.seed, burstiness=args.burstiness))
     summary = summarize(results, duration, args.slo_ttft, args.slo_tpot)
     summary["config"] = {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}
     if args.output:

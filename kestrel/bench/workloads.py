@@ -24,6 +24,17 @@ class BenchRequest:
     model: Optional[str] = None  # the model (e.g. a LoRA adapter) this request names, if not the run's default
 
 
+def interarrival(rng: random.Random, rate: float, burstiness: float = 1.0) -> float:
+    """Seconds to the next request at `rate` per second: gamma-distributed gaps of shape `burstiness` (vLLM's
+    benchmark flag: 1 is Poisson; below 1 requests come in bursts with long quiet spells between, at the same
+    mean rate; above 1 more evenly)."""
+    if burstiness <= 0:
+        raise ValueError(f"burstiness must be > 0, got {burstiness}")
+    if burstiness == 1.0:
+        return rng.expovariate(rate)  # the same distribution; keeps the gaps earlier runs drew from a seed
+    return rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+
+
 def _words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(max(1, n)))
 

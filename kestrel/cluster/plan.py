@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from kestrel.bench.workloads import interarrival
 from kestrel.cluster.dispatch import Dispatcher, Load
 from kestrel.cluster.instance import instance_load
 from kestrel.config import EngineConfig
@@ -183,12 +184,13 @@ class Workload:
         span = max(arrivals) - min(arrivals) if len(arrivals) == len(rows) and len(rows) > 1 else 0.0
         return cls(lengths, (len(rows) - 1) / span if span > 0 else None)
 
-    def arrivals(self, rate: float, seed: int = 0) -> list[tuple[float, int, int]]:
-        """The requests at Poisson arrivals of `rate` per second: (time, prompt tokens, output tokens)."""
+    def arrivals(self, rate: float, seed: int = 0, burstiness: float = 1.0) -> list[tuple[float, int, int]]:
+        """The requests at `rate` per second (Poisson arrivals, or gamma gaps of shape `burstiness` as in
+        `kestrel bench --burstiness`): (time, prompt tokens, output tokens)."""
         rng = random.Random(seed)
         t, out = 0.0, []
         for p, o in self.lengths:
-            t += rng.expovariate(rate)
+            t += interarrival(rng, rate, burstiness)
             out.append((t, p, o))
         return out
 
