@@ -189,9 +189,9 @@ class Workload:
         `kestrel bench --burstiness`): (time, prompt tokens, output tokens)."""
         rng = random.Random(seed)
         t, out = 0.0, []
-        for p, o in self.lengths:
-            t += interarrival(rng, rate, burstiness)
+        for p, o in self.lengths:  # the first at 0, then the gaps: as kestrel bench sends them from the same seed
             out.append((t, p, o))
+            t += interarrival(rng, rate, burstiness)
         return out
 
 
