@@ -9,13 +9,15 @@ prefill/decode disaggregation, each against its baseline in one run.
 - cache: the shared-prefix workload; round-robin vs cache-aware: prefix hit rate and throughput.
 - distserve: goodput (requests/s meeting both SLOs) colocated vs disaggregated at the split `kestrel plan
   disaggregation` picks, each at 0.5, 1 and 1.5 times the goodput the plan predicts for it, with the simulator's
-  predicted attainment beside each measurement.
+  predicted attainment beside each measurement: from a cost model fitted to the colocated deployment's own steps
+  under a calibration load (--profile-from), and from an idle engine's (the default).
 Writes benchmarks/results/cluster.json and cluster.png (latency percentiles against rate per policy).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -151,44 +153,61 @@ _TOKENIZER = None
 
 
 def part_distserve(quick: bool) -> dict:
-    from kestrel.cluster.plan import Workload, attainment, colocated, disaggregated, goodput, measure, plan
+    """Goodput colocated vs disaggregated, each at shares of the goodput `kestrel plan` predicts for it. The plan's
+    cost model is fitted twice: to an idle engine's steps measured here (`measure`), and to the steps the
+    colocated deployment took under a calibration load (its /step_profile, as `kestrel plan --profile-from`),
+    which price in what the deployment does between steps and the CPU its API process and clients take."""
+    from kestrel.cluster.plan import (CostModel, Workload, attainment, colocated, disaggregated, fetch_step_profile,
+                                      measure, plan)
     from kestrel.config import EngineConfig
 
     requests = bursty(24 if quick else 60, seed=1)
     lengths = [(prompt_tokens(r), r.max_tokens) for r in requests]
     work = Workload(lengths)
     config = EngineConfig(num_threads=1)
-    cost = measure(config)
-    options = plan(cost, config, work, DIS_TTFT, DIS_TPOT, max_instances=2)
-    split = next(o for o in options if o.prefill > 0)
-    pair = next(o for o in options if o.prefill == 0 and o.instances == 2)
-    print("plan:", [(o.label, round(o.goodput, 3)) for o in options], flush=True)
-    # each deployment at shares of its own predicted goodput: attainment should fall through the target (0.9)
-    # near 1x, which is where a prediction's error matters (fixed rates sat far below a fast CPU's capacity)
-    shares = [0.5, 1.0, 1.5] if not quick else [0.5, 1.5]
-    out = {"plan": [dict(label=o.label, goodput=o.goodput) for o in options], "rates": {}}
-    for label, flags, sim, best in [
-            ("colocated", ["--instances", "2"], lambda r: colocated(cost, config, work.arrivals(r), 2), pair.goodput),
-            (split.label, ["--prefill-instances", str(split.prefill), "--decode-instances", str(split.decode)],
-             lambda r: disaggregated(cost, config, work.arrivals(r), split.prefill, split.decode), split.goodput)]:
-        proc = serve(flags)
-        try:
+    idle = measure(config)
+    idle_options = plan(idle, config, work, DIS_TTFT, DIS_TPOT, max_instances=2)
+    print("plan (idle engine's profile):", [(o.label, round(o.goodput, 3)) for o in idle_options], flush=True)
+    out = {"plan_idle_profile": [dict(label=o.label, goodput=o.goodput) for o in idle_options], "rates": {}}
+    proc = serve(["--instances", "2"])
+    try:
+        # calibration: the workload at the rate the idle profile says two colocated instances sustain
+        calibration = next(o for o in idle_options if o.prefill == 0 and o.instances == 2).goodput
+        run(bursty(len(requests), seed=50), calibration, (DIS_TTFT, DIS_TPOT))
+        live = CostModel.from_profile(fetch_step_profile(f"http://127.0.0.1:{PORT}"), idle.transfer_per_token)
+        options = plan(live, config, work, DIS_TTFT, DIS_TPOT, max_instances=2)
+        print("cost model, idle engine:", idle.describe(), "\ncost model, deployment:", live.describe(), flush=True)
+        print("plan (deployment's profile):", [(o.label, round(o.goodput, 3)) for o in options], flush=True)
+        out["plan"] = [dict(label=o.label, goodput=o.goodput) for o in options]
+        out["cost_models"] = {"idle": dataclasses.asdict(idle), "deployment": dataclasses.asdict(live)}
+        split = next(o for o in options if o.prefill > 0)
+        pair = next(o for o in options if o.prefill == 0 and o.instances == 2)
+        # each deployment at shares of its own predicted goodput: attainment should fall through the target (0.9)
+        # near 1x, which is where a prediction's error matters
+        shares = [0.5, 1.0, 1.5] if not quick else [0.5, 1.5]
+        deployments = [("colocated", None, lambda c, r: colocated(c, config, work.arrivals(r), 2), pair.goodput),
+                       (split.label, ["--prefill-instances", str(split.prefill), "--decode-instances", str(split.decode)],
+                        lambda c, r: disaggregated(c, config, work.arrivals(r), split.prefill, split.decode),
+                        split.goodput)]
+        for label, flags, sim, best in deployments:
+            if flags is not None:  # the colocated deployment is the one already running
+                stop_process(proc)
+                proc = serve(flags)
             for i, share in enumerate(shares):
                 rate = share * best
                 # new prompts (same lengths) at each rate: a replay would hit the prefix cache
-                fresh = bursty(len(requests), seed=100 + i)
-                summary, _, _ = run(fresh, rate, (DIS_TTFT, DIS_TPOT))
-                predicted = attainment(sim(rate), DIS_TTFT, DIS_TPOT)
-                measured = summary["goodput"] / max(1e-9, summary["request_throughput"])
-                out["rates"].setdefault(label, {})[rate] = dict(share_of_predicted_goodput=share,
-                                                               measured_attainment=measured,
-                                                               predicted_attainment=predicted,
-                                                               goodput=summary["goodput"])
-                print(label, round(rate, 3), json.dumps(out["rates"][label][rate]), flush=True)
-        finally:
-            stop_process(proc)
+                summary, _, _ = run(bursty(len(requests), seed=100 + i), rate, (DIS_TTFT, DIS_TPOT))
+                row = dict(share_of_predicted_goodput=share,
+                           measured_attainment=summary["goodput"] / max(1e-9, summary["request_throughput"]),
+                           predicted_attainment=attainment(sim(live, rate), DIS_TTFT, DIS_TPOT),
+                           predicted_attainment_idle_profile=attainment(sim(idle, rate), DIS_TTFT, DIS_TPOT),
+                           goodput=summary["goodput"])
+                out["rates"].setdefault(label, {})[rate] = row
+                print(label, round(rate, 3), json.dumps(row), flush=True)
+    finally:
+        stop_process(proc)
     out["predicted_goodput"] = {"colocated": pair.goodput, split.label: split.goodput}
-    cost.save(os.path.join(tempfile.gettempdir(), "kestrel-cost.json"))
+    live.save(os.path.join(tempfile.gettempdir(), "kestrel-cost.json"))
     return out
 
 

@@ -148,7 +148,7 @@ def cluster_config_from_args(args: argparse.Namespace):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kestrel.cluster.plan import CostModel, Workload, measure, plan
+    from kestrel.cluster.plan import CostModel, Workload, fetch_step_profile, measure, plan
 
     for name in ("slo_ttft", "slo_tpot"):
         if getattr(args, name) <= 0:
@@ -157,7 +157,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ValueError("--max-instances must be between 1 and 16")
     workload = Workload.load(args.workload)
     config = engine_config_from_args(args)
-    cost = CostModel.load(args.profile) if args.profile else measure(config)
+    if args.profile_from:
+        cost = CostModel.from_profile(fetch_step_profile(args.profile_from, args.api_key))
+    else:
+        cost = CostModel.load(args.profile) if args.profile else measure(config)
     if args.save_profile:
         cost.save(args.save_profile)
     options = plan(cost, config, workload, args.slo_ttft, args.slo_tpot, args.max_instances, args.attainment,
@@ -346,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     dis.add_argument("--profile", default=None, help="a cost model saved by --save-profile (default: measure the "
                                                      "model's step times now, about a minute)")
     dis.add_argument("--save-profile", default=None, help="write the measured cost model here")
+    dis.add_argument("--profile-from", default=None, metavar="URL",
+                     help="fit the cost model to the steps a running server (or deployment) took under its load "
+                          "(its /step_profile), instead of measuring an idle engine here")
+    dis.add_argument("--api-key", default=None, help="--profile-from: the server's API key")
     dis.add_argument("--format", default="table", choices=["table", "json"])
     dis.add_argument("--router", default="least-load", choices=["round-robin", "least-load", "cache-aware"],
                      help="how the deployment will dispatch new requests (serve's --router)")

@@ -169,6 +169,10 @@ def test_round_robin_spreads_and_least_load_follows_queued_demand(cluster):
                                for i in range(4)])
     asyncio.run(main())
     assert {h.name for h in seen if h is not None} == {"instance-0", "instance-1"}
+    # each instance logged its steps (GET /step_profile, kestrel plan --profile-from)
+    profiles = asyncio.run(cluster.call_each("step_profile"))
+    assert sorted(name for name, _ in profiles) == ["instance-0", "instance-1"]
+    assert all(p["samples"] and all(s[3] > 0 for s in p["samples"]) for _, p in profiles)
 
 
 def test_fairness_counters_cover_the_whole_deployment(cluster):

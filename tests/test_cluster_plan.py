@@ -15,7 +15,7 @@ import pytest
 from kestrel import Engine, SamplingParams
 from kestrel.cluster.dispatch import Dispatcher, Load, migration_pair
 from kestrel.cluster.plan import CostModel, Workload, colocated, disaggregated, goodput, plan
-from kestrel.engine.simulator import step_shape
+from kestrel.engine.step_log import step_shape
 from kestrel.config import EngineConfig
 from kestrel.engine.handoff import HandoffRefused
 
@@ -244,3 +244,25 @@ def test_bursty_arrivals_keep_the_rate_and_raise_the_variation():
         [0.0] + [rng.expovariate(2.0) for _ in range(2)])))
     with pytest.raises(ValueError, match="burstiness"):
         work.arrivals(2.0, burstiness=0)
+
+
+def test_an_engine_logs_the_shape_and_time_of_each_step(tiny_llama_dir):
+    """The step log (GET /step_profile): a 10-token prompt's prefill step, then its decode steps, each with its
+    logits rows and attention pairs; the cost model fits such a profile, and refuses one of too few shapes."""
+    engine = Engine(tiny_llama_dir, dtype="float32", disable_radix_cache=True)
+    engine.generate([list(range(100, 110))], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    profile = engine.step_profile()
+    assert [tuple(s[:3]) for s in profile["samples"]] == [(10, 1, 55), (1, 1, 11), (1, 1, 12), (1, 1, 13)]
+    assert all(s[3] > 0 for s in profile["samples"]) and profile["kv_tokens"] == engine.pool.size
+    with pytest.raises(ValueError, match="too few shapes"):
+        CostModel.from_profile({"instances": [dict(profile, instance="engine")]})
+    # steps priced by a known model are fitted back to it, whichever instance they ran on
+    truth = CostModel(step=0.004, per_token=0.0006, per_row=0.0003, per_pair=2e-8, kv_tokens=1)
+    shapes = [step_shape(t, [], [(0, t, True)]) for t in (4, 16, 64, 256)] + [
+        step_shape(b, [c] * b, []) for b in (1, 8, 32) for c in (64, 512)]
+    timed = [[*x, truth.seconds(*x)] for x in shapes]
+    fitted = CostModel.from_profile({"instances": [dict(samples=timed[::2], kv_tokens=900, dense_split=0),
+                                                   dict(samples=timed[1::2], kv_tokens=800, dense_split=0)]})
+    assert fitted.kv_tokens == 800
+    for x in shapes:
+        assert fitted.seconds(*x) == pytest.approx(truth.seconds(*x), rel=1e-3)

@@ -142,6 +142,34 @@ def test_bench_against_the_server(server, tmp_path, workload):
     assert "output tok/s" in proc.stdout
 
 
+def test_plan_fits_its_cost_model_to_the_servers_own_steps(server, tmp_path):
+    """GET /step_profile gives the steps the engine took under the load it had; kestrel plan --profile-from fits
+    its cost model to them."""
+    import json
+    import subprocess
+    import sys
+    from kestrel.cluster.plan import CostModel
+    from kestrel.engine.step_log import step_shape
+    for n in (1, 3):  # a few more step shapes: one and several decode rows
+        c = httpx.post(server.url + "/v1/completions", json={"model": "default", "prompt": ["Hi there"] * n,
+                                                              "max_tokens": 8}, timeout=120)
+        assert c.status_code == 200
+    profile = httpx.get(server.url + "/step_profile").json()
+    [engine] = profile["instances"]
+    assert engine["instance"] == "engine" and engine["kv_tokens"] == 16384 and len(engine["samples"]) > 10
+    assert all(t >= 1 and 0 <= r <= t and p >= t and s > 0 for t, r, p, s in engine["samples"])
+    cost = CostModel.from_profile(profile)
+    assert 0 < cost.seconds(*step_shape(1, [100], [])) < cost.seconds(*step_shape(512, [], [(0, 512, True)]))
+    (tmp_path / "trace.json").write_text(json.dumps([{"prompt_tokens": 300, "output_tokens": 20}] * 10))
+    out = subprocess.run([sys.executable, "-m", "kestrel.cli", "plan", "disaggregation", "--workload",
+                          str(tmp_path / "trace.json"), "--slo-ttft", "5", "--slo-tpot", "0.5", "--profile-from",
+                          server.url, "--max-instances", "2", "--format", "json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["cost_model"]["kv_tokens"] == 16384 and len(result["options"]) == 3
+
+
 def test_generate_logprobs_of_a_given_continuation(server):
     prefix = httpx.post(server.url + "/tokenize", json={"prompt": "The capital of France is"}).json()["tokens"]
     cont = httpx.post(server.url + "/tokenize", json={"prompt": " Paris"}).json()["tokens"]

@@ -557,7 +557,15 @@ class ClusterClient(EngineFront):
             self._submits.pop(rid, None)
 
     async def call(self, method: str, **kwargs):
-        """Run an engine management call on every instance; raises CallFailed if one refuses it."""
+        """Run an engine management call on every instance; raises CallFailed if one refuses it. Counts are
+        summed; anything else is the same on every instance (adapters loaded), so the first answer stands."""
+        results = [r for _, r in await self.call_each(method, **kwargs)]
+        if all(isinstance(r, int) and not isinstance(r, bool) for r in results):
+            return sum(results)
+        return results[0]
+
+    async def call_each(self, method: str, **kwargs) -> list[tuple[str, object]]:
+        """(instance name, answer) of an engine management call run on every live instance."""
         import ray
 
         alive = [h for h in self.handles if h.alive]
@@ -571,9 +579,7 @@ class ClusterClient(EngineFront):
             if refused is not None:
                 raise CallFailed(str(refused), refused.kind) from None
             raise EngineDead(f"an instance failed during {method}: {_cause(e)}") from None
-        if all(isinstance(r, int) and not isinstance(r, bool) for r in results):
-            return sum(results)
-        return results[0]
+        return [(h.name, r) for h, r in zip(alive, results)]
 
     @property
     def restarts(self) -> int:

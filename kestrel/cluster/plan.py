@@ -25,7 +25,8 @@ from kestrel.bench.workloads import interarrival
 from kestrel.cluster.dispatch import Dispatcher, Load
 from kestrel.cluster.instance import instance_load
 from kestrel.config import EngineConfig
-from kestrel.engine.simulator import Simulator, step_shape
+from kestrel.engine.simulator import Simulator
+from kestrel.engine.step_log import step_shape
 
 RATE_STEPS = 12  # bisection steps of the goodput search
 
@@ -72,6 +73,18 @@ class CostModel:
         if split and len({x[:2] for x in small}) >= 3 and len({x[:2] for x in large}) >= 3:
             return cls(*_nonnegative_fit(small), kv_tokens, transfer_per_token, split, _nonnegative_fit(large))
         return cls(*_nonnegative_fit(samples), kv_tokens, transfer_per_token)
+
+    @classmethod
+    def from_profile(cls, profile: dict, transfer_per_token: float = 0.0) -> "CostModel":
+        """Fit to a running server's steps (its `GET /step_profile`: each instance's recent steps, timed start to
+        start, so what the deployment does between steps and the machine's other load are priced in)."""
+        instances = profile.get("instances") or []
+        samples = [tuple(x) for i in instances for x in i["samples"]]
+        if len({tuple(x[:2]) for x in samples}) < FEATURES:
+            raise ValueError(f"the server's step profile holds {len(samples)} steps of too few shapes to fit a cost "
+                             "model; send it some load first (kestrel bench)")
+        return cls.fit(samples, min(i["kv_tokens"] for i in instances), transfer_per_token,
+                       instances[0].get("dense_split", 0))
 
     def seconds(self, tokens: int, rows: int, pairs: int) -> float:
         step, per_token, per_row, per_pair = (self.large if self.large is not None and tokens > self.split
@@ -154,6 +167,16 @@ def measure(config: EngineConfig, progress: bool = True) -> CostModel:
     per_token = (time.perf_counter() - start) / 3 / len(slots)
     # a quantized model with dense copies switches kernels above dense_split tokens: one fit a side
     return CostModel.fit(samples, engine.pool.size, per_token, engine.model.dense_split)
+
+
+def fetch_step_profile(url: str, api_key: Optional[str] = None) -> dict:
+    """A running server's GET /step_profile."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.get(url.rstrip("/").removesuffix("/v1") + "/step_profile", headers=headers, timeout=60)
+    r.raise_for_status()
+    return r.json()
 
 
 @dataclass

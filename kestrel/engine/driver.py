@@ -63,7 +63,8 @@ class Call:
     kwargs: dict
 
 
-CALLABLE = ("load_lora", "unload_lora", "flush_cache", "kv_accounting", "client_counters",  # what a Call may run
+# what a Call may run
+CALLABLE = ("load_lora", "unload_lora", "flush_cache", "kv_accounting", "client_counters", "step_profile",
             # moving requests between engines (kestrel/engine/handoff.py)
             "handoffs.export_kv", "handoffs.suspend", "handoffs.commit", "handoffs.resume", "handoffs.reserve",
             "handoffs.write", "handoffs.adopt", "handoffs.cancel", "handoffs.candidates")

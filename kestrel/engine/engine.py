@@ -25,6 +25,7 @@ from kestrel.engine.runner import ModelRunner
 from kestrel.engine.sampler import Sampler
 from kestrel.engine.sampling_params import SamplingParams
 from kestrel.engine.scheduler import ScheduledBatch, Scheduler
+from kestrel.engine.step_log import StepLog, batch_shape
 from kestrel.engine.allocator import tune_allocator
 from kestrel.engine.clients import ANONYMOUS
 from kestrel.engine.hardware import place
@@ -134,6 +135,7 @@ class Engine:
         self.handoffs = Handoffs(self)  # requests moving to or from other engines
         self._ids = itertools.count()
         self.stats = EngineStats()
+        self.step_log = StepLog()
         for name, path in cfg.lora_modules.items():
             self.load_lora(name, path)
 
@@ -321,15 +323,25 @@ class Engine:
         found; only their requests fail (finish_reason "error", KV freed) and the rest of the batch goes on.
         An exception from here means the engine's own state is broken (see `fail_all`)."""
         t0 = time.perf_counter()
+        self.step_log.begin(t0)
         batch = self.scheduler.schedule()
         failed = self._fail_unservable()
         if batch.empty:
             return failed
         touched = {s.request_id for s in batch.sequences} | failed
+        shape = batch_shape(batch)
         self._run(batch)
         self.stats.steps += 1
-        self.stats.step_time += time.perf_counter() - t0
+        now = time.perf_counter()
+        self.stats.step_time += now - t0
+        self.step_log.ran(shape, t0, now, self.has_unfinished())
         return touched
+
+    def step_profile(self) -> dict:
+        """The recent steps' (tokens, logits rows, attention pairs, seconds) and what a cost model fitted to them
+        needs to know of this engine (kestrel.cluster.plan.CostModel.from_profile)."""
+        return dict(samples=[list(s) for s in self.step_log.samples], kv_tokens=self.pool.size,
+                    dense_split=self.model.dense_split)
 
     def _run(self, batch: ScheduledBatch) -> None:
         batch = batch.unfinished()  # a request may have failed in another part of the batch

@@ -21,16 +21,7 @@ from kestrel.engine.policy import make_policy
 from kestrel.engine.request import Sequence
 from kestrel.engine.sampling_params import SamplingParams
 from kestrel.engine.scheduler import ScheduledBatch, Scheduler
-
-
-def step_shape(tokens: int, decode_contexts: list[int], prefills: list[tuple[int, int, bool]]) -> tuple[int, int, int]:
-    """(tokens, rows that need logits, attention pairs) of a step, what its cost depends on: decode rows attend to
-    their contexts and need logits each; a prefill chunk of `chunk` tokens after `done` computed ones attends
-    causally (chunk * done + chunk * (chunk + 1) / 2 pairs) and needs logits only when it ends its sequence
-    (prefills: (done, chunk, ends))."""
-    rows = len(decode_contexts) + sum(ends for _, _, ends in prefills)
-    pairs = sum(decode_contexts) + sum(chunk * done + chunk * (chunk + 1) // 2 for done, chunk, _ in prefills)
-    return tokens, rows, pairs
+from kestrel.engine.step_log import batch_shape
 
 
 @dataclass
@@ -118,9 +109,7 @@ class Simulator:
     def step(self) -> ScheduledBatch:
         """One scheduling step; advances the simulated clock by its cost (or by step_cost when idle)."""
         batch = self.scheduler.schedule()
-        tokens, rows, pairs = step_shape(batch.num_tokens, [seq.num_computed + 1 for seq in batch.decode],
-                                         [(seq.num_computed, chunk, seq.samples_after(seq.num_computed + chunk))
-                                          for seq, chunk in batch.prefill])
+        tokens, rows, pairs = batch_shape(batch)
         if self.cost is not None and not batch.empty:
             self.now += self.cost(tokens, rows, pairs)
         else:

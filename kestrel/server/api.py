@@ -163,6 +163,13 @@ def build_app(server: Server, arena=None) -> FastAPI:
         await engine_call(server.client.unload_lora(req.lora_name))
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
+    @app.get("/step_profile")
+    async def step_profile():
+        """Each engine instance's recent steps, (tokens, logits rows, attention pairs, seconds), with its KV pool
+        size and kernel switch: what `kestrel plan disaggregation --profile-from URL` fits its cost model to."""
+        answers = await engine_call(server.client.call_each("step_profile"))
+        return {"instances": [dict(profile, instance=name) for name, profile in answers]}
+
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(generate_latest(server.metrics.registry).decode(),

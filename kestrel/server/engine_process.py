@@ -177,6 +177,10 @@ class EngineFront:
     async def call(self, method: str, **kwargs):
         raise NotImplementedError
 
+    async def call_each(self, method: str, **kwargs) -> list[tuple[str, object]]:
+        """(instance name, answer) of an engine management call on each engine: here the one."""
+        return [("engine", await self.call(method, **kwargs))]
+
     async def load_lora(self, name: str, path: str) -> dict:
         info = await self.call("load_lora", name=name, path=path)
         self.loras[name] = path
