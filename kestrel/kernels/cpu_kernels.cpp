@@ -73,9 +73,14 @@ inline vec loadv(const float* p) {
   return v;
 }
 inline vec loadv(const c10::BFloat16* p) {  // bf16 is the upper half of a float
+#if W == 16
+  // one widening load (vpmovzxwd ymm -> zmm); the vector-extension form compiles to two halves and an insert
+  return (vec)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#else
   vech h;
   std::memcpy(&h, p, sizeof h);
   return (vec)(__builtin_convertvector(h, vecu) << 16);
+#endif
 }
 #if W == 16
 inline vec splat(float x) { return (vec){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
