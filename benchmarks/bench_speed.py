@@ -25,8 +25,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import (RESULTS, cpu_name, run_for_result, save_results, serve_process,  # noqa: E402
-                               stop_process)
+from benchmarks.common import (RESULTS, cpu_name, exit_status, run_for_result, save_results,  # noqa: E402
+                               serve_process, stop_process)
 
 KESTREL_CONFIGS = {  # label -> Engine keyword arguments
     "kestrel default": {},
@@ -96,7 +96,7 @@ def llama_bench(bin_dir: str, gguf: str, threads: int) -> dict | None:
     out = subprocess.run([exe, "-m", gguf, "-t", str(threads), "-p", "200,512", "-n", "128", "-o", "json"],
                          capture_output=True, text=True, env=env)
     if out.returncode:
-        print("llama-bench failed:", out.stderr[-2000:])
+        print(f"llama-bench failed ({exit_status(out.returncode)}):", out.stderr[-2000:])
         return None
     res = {}
     for r in json.loads(out.stdout):

@@ -63,6 +63,18 @@ def run_for_result(python: str, code: str, env: Optional[dict] = None, stdin: Op
     return None
 
 
+def exit_status(code: int) -> str:
+    """A return code as a person reads it: a negative one is the signal that killed the program (a peer built with
+    -march=native can die of SIGILL where the VM advertises instructions it does not run, e.g. AMX)."""
+    if code >= 0:
+        return str(code)
+    import signal
+    try:
+        return f"{code} ({signal.Signals(-code).name})"
+    except ValueError:
+        return str(code)
+
+
 def serve_process(cmd: list[str], port: int, env: dict, timeout: float = 600) -> subprocess.Popen:
     """Start a server (its own process group) and wait until its /health answers 200."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -70,7 +82,7 @@ def serve_process(cmd: list[str], port: int, env: dict, timeout: float = 600) ->
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}")
+            raise RuntimeError(f"{cmd[0]} exited with {exit_status(proc.returncode)}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
