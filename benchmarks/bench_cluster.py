@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -137,19 +138,16 @@ def part_cache(quick: bool) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    from kestrel.model.loader import load_tokenizer, resolve_model_dir
+    return load_tokenizer(resolve_model_dir(None))
+
+
 def prompt_tokens(request: BenchRequest) -> int:
     """The prompt's length as the server will see it (the embedded model's chat template applied)."""
-    from transformers import AutoTokenizer
-
-    from kestrel.model.loader import resolve_model_dir
-    global _TOKENIZER
-    if _TOKENIZER is None:
-        _TOKENIZER = AutoTokenizer.from_pretrained(resolve_model_dir(None))
-    ids = _TOKENIZER.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True)
-    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-_TOKENIZER = None
+    from kestrel.model.loader import chat_template_ids
+    return len(chat_template_ids(_tokenizer(), request.messages))
 
 
 def part_distserve(quick: bool) -> dict:

@@ -354,8 +354,10 @@ def main(argv: list[str] | None = None) -> int:
                           "(its /step_profile), instead of measuring an idle engine here")
     dis.add_argument("--api-key", default=None, help="--profile-from: the server's API key")
     dis.add_argument("--format", default="table", choices=["table", "json"])
-    dis.add_argument("--router", default="least-load", choices=["round-robin", "least-load", "cache-aware"],
-                     help="how the deployment will dispatch new requests (serve's --router)")
+    from kestrel.cluster.dispatch import ROUTERS
+    dis.add_argument("--router", default="least-load", choices=ROUTERS,
+                     help="how the deployment will dispatch new requests (serve's --router; llumnix dispatches as "
+                          "least-load)")
     add_engine_args(dis)
     from kestrel.bench.client import add_bench_args
     bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible server under load")

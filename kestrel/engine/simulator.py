@@ -90,22 +90,6 @@ class Simulator:
         req.arrival = arrival
         return req
 
-    def run(self, arrivals: list[tuple[float, list[int], int]]) -> list[SimulatedRequest]:
-        """Replay (arrival time, prompt, max_tokens) requests to the end; returns them in arrival order."""
-        pending = sorted(arrivals, key=lambda a: a[0])
-        out, i = [], 0
-        while i < len(pending) or self.has_work():
-            while i < len(pending) and pending[i][0] <= self.now:
-                req = self.add(pending[i][1], pending[i][2])
-                req.arrival = pending[i][0]
-                out.append(req)
-                i += 1
-            if self.has_work():
-                self.step()
-            elif i < len(pending):
-                self.now = pending[i][0]
-        return out
-
     def step(self) -> ScheduledBatch:
         """One scheduling step; advances the simulated clock by its cost (or by step_cost when idle)."""
         batch = self.scheduler.schedule()
