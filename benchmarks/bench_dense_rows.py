@@ -23,7 +23,7 @@ sys.path.insert(0, {root!r})
 from kestrel import Engine, SamplingParams
 e = Engine(dtype={dtype!r}, quantization="int4", batch_weights={weights!r})
 if {weights!r} == "dense":  # the dense copies at every row count, to see where they start to pay
-    e.model.dense_above = 0
+    e.model.dense_step = lambda num_tokens: True
 times = {{}}
 for n in {rows!r}:
     e.cache.evict(e.cache.evictable_size)

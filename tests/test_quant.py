@@ -44,6 +44,56 @@ def test_int4_dequantize_equals_the_kernels_own_float32_path(embedded_dir):
         assert torch.equal(lin.dequantize(torch.bfloat16), lin.kernel_dequantize().to(torch.bfloat16))
 
 
+def tiles_here() -> bool:
+    """Whether this CPU runs the int4 AMX tile kernel (AMX-BF16)."""
+    from kestrel import kernels
+
+    ops = kernels.load()
+    return ops is not None and ops.int4_tiles_available()
+
+
+def test_int4_on_amx_tiles_matches_its_dequantized_weights(embedded_dir):
+    """The tile layout holds the same codes and weights as PyTorch's packing (random and GGUF Q4_1 weights), and the
+    tile kernel computes x W^T to one bf16 rounding at every row count, agreeing with PyTorch's int4 kernel on all but
+    a few elements (summation order). On CPUs without AMX the kernel says so and engines keep PyTorch's."""
+    from kestrel import kernels
+    from kestrel.model.gguf_blocks import load_int4_layers
+    from kestrel.model.loader import gguf_origin
+
+    ops = kernels.load()
+    if not tiles_here():
+        with pytest.raises(RuntimeError, match="AMX"):
+            ops.int4_tiles_mm(torch.randn(2, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 4, 64, dtype=torch.uint8),
+                              torch.zeros(1, 2, 2, 16, dtype=torch.bfloat16))
+        engine = Engine(quantization="int4", device="cpu")
+        assert "AMX tiles" not in engine.describe() and engine.model.layers[0].fast[0].tiles is None
+        return
+    torch.manual_seed(0)
+    layers = load_int4_layers(gguf_origin(embedded_dir)["gguf_file"], cache_dir=embedded_dir)
+    pairs = [(Int4Linear.from_float(w, b), Int4Linear.from_float(w, b))
+             for w, b in ((torch.randn(96, 128), torch.randn(96)), (torch.randn(160, 1536) * 0.02, None))]
+    pairs.append((layers[3]["gate_up"], load_int4_layers(gguf_origin(embedded_dir)["gguf_file"],
+                                                         cache_dir=embedded_dir)[3]["gate_up"]))
+    for torch_kernel, tiled in pairs:
+        tiled.to_tiles(ops)
+        assert tiled.packed is None and tiled.tiles is not None
+        assert torch.equal(tiled.codes(), torch_kernel.codes())
+        assert torch.equal(tiled.dequantize(), torch_kernel.dequantize())
+        w = tiled.dequantize()
+        bias = 0 if tiled.bias is None else tiled.bias.float()
+        for rows in (1, 3, 16, 17, 40, 100):
+            x = torch.randn(rows, w.shape[1], dtype=torch.bfloat16)
+            y = tiled(x)
+            ref = x.float() @ w.t() + bias
+            assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+            assert torch.allclose(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+            assert (y == torch_kernel(x)).float().mean() > 0.99
+    with pytest.raises(RuntimeError, match="inputs"):
+        ops.int4_tiles_mm(torch.randn(2, 64, dtype=torch.bfloat16), *pairs[0][1].tiles)
+    with pytest.raises(RuntimeError, match="bf16"):
+        ops.int4_tiles_mm(torch.randn(2, 128), *pairs[0][1].tiles)
+
+
 def test_int4_needs_rows_in_sixteens():
     with pytest.raises(ValueError, match="divisible by 16"):
         Int4Linear.from_float(torch.randn(24, 64))
@@ -142,11 +192,12 @@ def test_dense_copies_for_many_token_steps_hold_the_quantized_values(chat_prompt
 def test_float32_dense_copies_for_many_token_steps(chat_prompt_ids):
     """float32 matmuls are fast on every CPU: a float32 model on int4 weights keeps float32 copies for steps of many
     tokens (prefill, large batches) wherever it runs."""
-    from kestrel.model.llama import QUANTIZED_MAX_ROWS_F32
+    from kestrel.model.llama import QUANTIZED_MAX_ROWS_F32, TILES_MAX_ROWS
 
     hybrid = Engine(dtype="float32", quantization="int4", device="cpu")
-    assert f"dense float32 copies for steps of more than {QUANTIZED_MAX_ROWS_F32} tokens" in hybrid.describe()
-    assert hybrid.model.dense_above == QUANTIZED_MAX_ROWS_F32
+    rows = TILES_MAX_ROWS if tiles_here() else QUANTIZED_MAX_ROWS_F32
+    assert f"dense float32 copies for steps of more than {rows} tokens" in hybrid.describe()
+    assert hybrid.model.dense_above == rows
     assert_dense_copies_hold_the_quantized_values(hybrid, chat_prompt_ids, torch.float32)
     assert all(layer.dense is None for layer in Engine(dtype="float32", quantization="int4", device="cpu",
                                                         batch_weights="quantized").model.layers)

@@ -31,6 +31,7 @@ from kestrel.engine.clients import ANONYMOUS
 from kestrel.engine.hardware import place
 from kestrel import kernels
 from kestrel.lora.manager import LoraManager, describe
+from kestrel.model.model_config import ModelConfig
 from kestrel.model.loader import (chat_template_ids, load_model, load_tokenizer, resolve_batch_weights,
                                   resolve_model_dir, resolve_quantization)
 
@@ -91,11 +92,16 @@ class Engine:
         self.model_dir = resolve_model_dir(cfg.model, cfg.cache_dir)
         self.quantization, self.quantization_reason = resolve_quantization(
             cfg.quantization, self.model_dir, cfg.dtype, self.device)
+        ops, self.kernels_reason = kernels.resolve(cfg.kernels, self.device, self.dtype,
+                                                   ModelConfig.from_dir(self.model_dir).head_dim)
+        # int4 on AMX tiles, where this CPU has them: fast up to dozens of rows, so dense copies start later
+        tiles = self.quantization == "int4" and ops is not None and ops.int4_tiles_available()
         self.dense_copies, self.batch_weights_reason = resolve_batch_weights(
-            cfg.batch_weights, self.quantization, self.model_dir, self.dtype)
+            cfg.batch_weights, self.quantization, self.model_dir, self.dtype, tiles)
         self.model = load_model(self.model_dir, self.dtype, self.device, self.quantization, self.dense_copies)
-        self.model.kernels, self.kernels_reason = kernels.resolve(cfg.kernels, self.device, self.dtype,
-                                                                  self.model.cfg.head_dim)
+        self.model.kernels = ops
+        if tiles and self.model.use_int4_tiles(ops):
+            self.kernels_reason += ", int4 on AMX tiles"
         self.tokenizer = load_tokenizer(self.model_dir)
         mc = self.model.cfg
         self.context_length = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings)

@@ -1,4 +1,4 @@
-"""Kestrel's C++ CPU kernels (cpu_kernels.cpp), compiled on this machine for this CPU on first use.
+"""Kestrel's C++ CPU kernels (cpu_kernels.cpp, int4_tiles.cpp), compiled on this machine for this CPU on first use.
 
 The set-up builds them (`python -m kestrel.kernels`); an engine loads the build from the cache. Where no
 compiler is available the engine runs the same model on PyTorch ops alone (slower, same results), and says so.
@@ -16,7 +16,9 @@ from typing import Optional
 import torch
 
 log = logging.getLogger("kestrel.kernels")
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cpp")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = [os.path.join(_HERE, name) for name in ("cpu_kernels.cpp", "int4_tiles.cpp")]
+HEADERS = [os.path.join(_HERE, "int4_tiles.h")]
 # -march: this CPU's (KESTREL_KERNELS_MARCH=haswell builds the AVX2-only code, to test it on an AVX-512 machine)
 MARCH = os.environ.get("KESTREL_KERNELS_MARCH", "native")
 FLAGS = ["-O3", f"-march={MARCH}", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]  # errno-free exp vectorizes
@@ -36,8 +38,10 @@ def _cpu_key() -> str:
 
 
 def build_dir() -> str:
-    with open(SOURCE, "rb") as f:
-        src = f.read()
+    src = b""
+    for name in SOURCES + HEADERS:
+        with open(name, "rb") as f:
+            src += f.read()
     key = hashlib.sha256(src + torch.__version__.encode() + " ".join(FLAGS).encode() + _cpu_key().encode())
     root = os.environ.get("KESTREL_KERNELS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kestrel", "kernels"))
     return os.path.join(root, key.hexdigest()[:16])
@@ -70,7 +74,7 @@ def load(verbose: bool = False) -> Optional[ModuleType]:
             _put_ninja_on_path()
             path = build_dir()
             os.makedirs(path, exist_ok=True)
-            module = load_extension(name="kestrel_cpu_kernels", sources=[SOURCE], extra_cflags=FLAGS,
+            module = load_extension(name="kestrel_cpu_kernels", sources=SOURCES, extra_cflags=FLAGS,
                                     extra_ldflags=["-fopenmp"], build_directory=path, verbose=verbose)
         except Exception as e:  # no compiler, no ninja, a build error: run on PyTorch ops instead
             _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"

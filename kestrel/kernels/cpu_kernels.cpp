@@ -6,6 +6,7 @@
 // exactly as the PyTorch ops they replace; attention asks for its fused multiply-adds explicitly. Every kernel accumulates in float32, whatever the
 // storage dtype (float32 or bfloat16), and rounds once on output.
 #include <torch/extension.h>
+#include "int4_tiles.h"
 #include <immintrin.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -667,7 +668,7 @@ void lora_apply(at::Tensor y, at::Tensor x, at::Tensor token_adapter, at::Tensor
 
 // ---- the decoder layers in one call ----------------------------------------------------------------------
 // A linear as the Python side describes it: kind 0 dense (weight[, bias]), 1 int8 (q, scale[, bias]),
-// 2 int4 (packed, scales_zeros[, bias]) with its group size. The quantized kernels take and return bf16
+// 2 int4 (packed, scales_zeros[, bias]) with its group size, 3 int4 on AMX tiles (codes, scales_zeros[, bias]). The quantized kernels take and return bf16
 // activations; with a float32 model the kernels around them read and write bf16 directly, which gives exactly what
 // converting would (widening is exact, narrowing rounds to nearest even either way) without a copy per matmul.
 struct LinearSpec {
@@ -680,8 +681,9 @@ struct LinearSpec {
 at::Tensor apply_linear(const LinearSpec& l, const at::Tensor& x) {
   if (l.kind == 0) return at::linear(x, l.t[0], l.has_bias ? c10::optional<at::Tensor>(l.t[1]) : c10::nullopt);
   at::Tensor xb = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
-  at::Tensor y = l.kind == 1 ? at::_weight_int8pack_mm(xb, l.t[0], l.t[1])
-                             : at::_weight_int4pack_mm_for_cpu(xb, l.t[0], l.group, l.t[1]);
+  at::Tensor y = l.kind == 1   ? at::_weight_int8pack_mm(xb, l.t[0], l.t[1])
+                 : l.kind == 2 ? at::_weight_int4pack_mm_for_cpu(xb, l.t[0], l.group, l.t[1])
+                               : kestrel::int4_tiles_mm(xb, l.t[0], l.t[1]);
   if (l.has_bias) y = y + l.t[2];
   return y;
 }
@@ -814,6 +816,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("k_caches"), py::arg("v_caches"));
   m.def("decoder_layers", &decoder_layers, "all decoder layers for a step whose attention the table serves");
   m.def("lora_apply", &lora_apply, "y += each token's adapter's low-rank update (B A x) at one layer's site, in place");
+  m.def("int4_tiles_available", &kestrel::int4_tiles_available, "whether int4_tiles_mm runs here (AMX-BF16)");
+  m.def("int4_tiles_mm", &kestrel::int4_tiles_mm, "x W^T for int4 W in the tile layout (Int4Linear.to_tiles), bf16");
   m.def("argmax_rows", &argmax_rows, "each row's argmax (first on ties, NaN first), as torch.argmax(dim=-1)");
   m.def("paged_attention", &paged_attention, "attention of each query token over its table row's first lens slots");
 }

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from kestrel.model.attention import AttentionMetadata, kernel_attention, paged_attention
 from kestrel.model.linear import Linear, can_prepack
 from kestrel.model.model_config import ModelConfig
-from kestrel.model.quant import Int8Linear, quantize
+from kestrel.model.quant import Int4Linear, Int8Linear, quantize
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -49,10 +49,17 @@ QUANTIZED_MAX_ROWS = 4
 # without native bf16 (benchmarks/bench_dense_rows.py; decode steps at context 300, ms): int4 46.0/66.2/86.6/169.9
 # at 16/24/32/64 rows against dense float32 56.3/68.3/79.9/134.8; a 512-token prefill runs 2x faster dense.
 QUANTIZED_MAX_ROWS_F32 = 24
+# ... and with int4 on the AMX tile kernel (kestrel/kernels/int4_tiles.cpp), which expands each weight once per step
+# for all rows. Measured on a 2-core AMX Xeon (benchmarks/bench_dense_rows.py, decode steps at context 300, ms): tiles
+# 7.4/12.6/16.7/23.7/36.9/52.7/67.2 at 1/4/8/16/32/48/64 rows against dense bf16 17.4/20.2/22.5/27.3/41.5/54.1/65.0
+TILES_MAX_ROWS = 48
 
 
-def quantized_max_rows(dtype: torch.dtype) -> int:
-    """Steps of up to this many tokens run on a quantized model's quantized weights, longer ones on its dense copies."""
+def quantized_max_rows(dtype: torch.dtype, tiles: bool = False) -> int:
+    """Steps of up to this many tokens run on a quantized model's quantized weights, longer ones on its dense copies
+    (`tiles`: its int4 linears run on the AMX tile kernel)."""
+    if tiles:
+        return TILES_MAX_ROWS
     return QUANTIZED_MAX_ROWS_F32 if dtype == torch.float32 else QUANTIZED_MAX_ROWS
 
 
@@ -97,7 +104,8 @@ class LlamaForCausalLM(nn.Module):
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lm_head: Linear | None = None
         self._lm_head_small: Int8Linear | None = None  # a quantized model's int8 head, for a row or two (freeze)
-        self.dense_above = QUANTIZED_MAX_ROWS  # steps of more tokens run on the dense copies and head (freeze)
+        self.dense_above = QUANTIZED_MAX_ROWS  # steps of more tokens run on the dense copies (freeze, use_int4_tiles)
+        self.head_small_rows = QUANTIZED_MAX_ROWS  # logits of up to this many rows come from the int8 head (freeze)
         self.kernels = None  # the C++ CPU kernels module (kestrel.kernels), or None: PyTorch ops alone
         self._layer_specs: tuple | None = None  # the layers as decoder_layers() takes them (see layer_specs)
         self._stack: tuple | None = None  # (the KV caches, the kernels' DecoderStack over them): decoder_stack()
@@ -121,7 +129,7 @@ class LlamaForCausalLM(nn.Module):
         """
         packable = can_prepack(self.embed)
         pack = quantization == "none" and packable
-        self.dense_above = quantized_max_rows(self.embed.dtype)
+        self.dense_above = self.head_small_rows = quantized_max_rows(self.embed.dtype)
         self._layer_specs = self._stack = None
         names = ("qkv", "o", "gate_up", "down")
         for i, layer in enumerate(self.layers):
@@ -153,6 +161,18 @@ class LlamaForCausalLM(nn.Module):
             self._lm_head = Int8Linear.from_float(head)
         if quantization != "none" and self.lm_head is not None:
             self.lm_head.data = torch.empty(0, dtype=self.embed.dtype)
+
+    def use_int4_tiles(self, kernels) -> bool:
+        """Run the int4 linears on the AMX tile kernel, where `kernels` (the C++ module) has it on this CPU, and the
+        steps of up to TILES_MAX_ROWS tokens on them; whether it does. After freeze()."""
+        lins = [f for layer in self.layers for f in layer.fast if isinstance(f, Int4Linear)]
+        if kernels is None or not lins or not kernels.int4_tiles_available():
+            return False
+        for f in lins:
+            f.to_tiles(kernels)
+        self.dense_above = TILES_MAX_ROWS
+        self._layer_specs = self._stack = None
+        return True
 
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for every position, computed in float32 as HF does, then cast to the model dtype."""
@@ -206,7 +226,7 @@ class LlamaForCausalLM(nn.Module):
 
     def layer_specs(self) -> tuple | None:
         """The layers' weights flattened for the C++ decoder_layers(): norms, linear kinds (0 dense, 1 int8,
-        2 int4), int4 group sizes, tensors. None when a linear is one it cannot call (oneDNN-packed bf16)."""
+        2 int4, 3 int4 on AMX tiles), int4 group sizes, tensors. None when a linear is one it cannot call (oneDNN-packed bf16)."""
         if self._layer_specs is None:
             norms, kinds, groups, tensors = [], [], [], []
             for layer in self.layers:
@@ -219,6 +239,8 @@ class LlamaForCausalLM(nn.Module):
                         kinds.append(0); groups.append(0); tensors.append([lin.weight])
                     elif lin.kind == "int8":
                         kinds.append(1); groups.append(0); tensors.append([lin.q, lin.scale])
+                    elif lin.tiles is not None:
+                        kinds.append(3); groups.append(lin.group); tensors.append(list(lin.tiles))
                     else:
                         kinds.append(2); groups.append(lin.group); tensors.append([lin.packed, lin.scales_zeros])
                     if lin.bias is not None:
@@ -276,7 +298,7 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given hidden rows."""
-        if self._lm_head_small is not None and hidden.shape[0] <= self.dense_above:
+        if self._lm_head_small is not None and hidden.shape[0] <= self.head_small_rows:
             return self._lm_head_small(hidden).float()
         if self._lm_head is not None:
             return self._lm_head(hidden).float()

@@ -88,9 +88,11 @@ def dense_copy_bytes(model_dir: str, dtype: torch.dtype = torch.bfloat16) -> int
     return dtype.itemsize * per_layer * c.num_layers
 
 
-def resolve_batch_weights(requested: str, quantization: str, model_dir: str, dtype: torch.dtype) -> tuple[bool, str]:
+def resolve_batch_weights(requested: str, quantization: str, model_dir: str, dtype: torch.dtype,
+                          tiles: bool = False) -> tuple[bool, str]:
     """Whether a quantized model keeps dense copies (in the model's dtype) for steps of many tokens, and why. Dense
-    matmuls are fast in float32 on every CPU, in bf16 only where the CPU has native bf16."""
+    matmuls are fast in float32 on every CPU, in bf16 only where the CPU has native bf16. `tiles`: the int4 linears
+    run on the AMX tile kernel (fast up to more rows)."""
     from kestrel.engine.hardware import cpu_bf16_units
     from kestrel.model.linear import can_prepack
 
@@ -113,7 +115,7 @@ def resolve_batch_weights(requested: str, quantization: str, model_dir: str, dty
                       f"quarter of RAM)"
     from kestrel.model.llama import quantized_max_rows
     name = "bf16" if dtype == torch.bfloat16 else "float32"
-    return True, (f"dense {name} copies for steps of more than {quantized_max_rows(dtype)} tokens "
+    return True, (f"dense {name} copies for steps of more than {quantized_max_rows(dtype, tiles)} tokens "
                   f"(+{size / 2**20:.0f} MiB)")
 
 

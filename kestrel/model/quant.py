@@ -8,6 +8,9 @@ and hands back its dtype. Measured on 2 cores (AMD Zen 4), batch 1, SmolLM2-135M
 int8 1.8x faster than dense bf16; at 256 rows (prefill) they are 1.4-2.5x slower than the best dense path
 (benchmarks/bench_quant.py).
 
+On CPUs with AMX-BF16 the int4 linears move to Kestrel's own tile kernel (kestrel/kernels/int4_tiles.cpp,
+Int4Linear.to_tiles), which expands each weight once per call for all rows instead of once per row.
+
 int4 is asymmetric, as GGUF's Q4_1 and PyTorch's kernel: w = (q - 8) * scale + zero with q in 0..15,
 so GGUF Q4_0 (zero = 0) and Q4_1 (zero = min + 8 * scale) blocks load straight in. int8 is symmetric
 per output channel (w = q * scale), the only layout PyTorch's int8 kernel takes.
@@ -81,6 +84,26 @@ class Int4Linear(QuantLinear):
         # the kernel's layout: [K / group, N, 2] of (scale, zero)
         self.scales_zeros = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(COMPUTE)
         self.bias = None if bias is None else bias.to(COMPUTE)
+        self.tiles: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (codes, scales_zeros) in the tile layout
+        self._tiles_mm = None
+
+    def to_tiles(self, kernels) -> None:
+        """Move the weights to the layout of the AMX tile kernel (kestrel/kernels/int4_tiles.h) and compute on it
+        (`kernels.int4_tiles_available()` must hold): the same weights, 2-3x faster than PyTorch's kernel from a
+        few rows on. PyTorch's packing is dropped (one copy of the weights)."""
+        if self.group != 32:
+            raise ValueError(f"the int4 tile kernel takes groups of 32, not {self.group}")
+        if self.tiles is not None:
+            return
+        n, k = self.shape
+        nb, kg = n // 16, k // 32
+        # tile row p of a block holds, lane l, W[16 * block + l // 2, 32 * group + 2 p + l % 2]; rows 4c..4c+3 share
+        # chunk c, one 4-bit code each in every 16-bit lane
+        rows = self.codes().view(nb, 16, kg, 16, 2).permute(0, 2, 3, 1, 4).reshape(nb, kg, 4, 4, 32)
+        lanes = rows[:, :, :, 0] | rows[:, :, :, 1] << 4 | rows[:, :, :, 2] << 8 | rows[:, :, :, 3] << 12
+        codes = lanes.to(torch.uint16).contiguous().view(torch.uint8).view(nb, kg, 4, 64)
+        sz = self.scales_zeros.view(kg, nb, 16, 2).permute(1, 0, 3, 2).contiguous()
+        self.tiles, self._tiles_mm, self.packed = (codes, sz), kernels.int4_tiles_mm, None
 
     @staticmethod
     def fits(w: torch.Tensor, group: int = INT4_GROUP) -> bool:
@@ -98,25 +121,34 @@ class Int4Linear(QuantLinear):
         return Int4Linear(q.view(n, k), scale, zero, bias, group)
 
     def _mm(self, x):
+        if self.tiles is not None:
+            return self._tiles_mm(x, *self.tiles)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_zeros)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        # the kernel applied to the identity reads (q - 8) * scale + zero back from its own packing. Only its bf16
-        # path is fast (~50x float32's), and it rounds to bf16; so for other dtypes it reads the codes (unit scale,
-        # zero 0: q - 8, small integers, exact in bf16) and the groups' scale and zero are applied here, in float32
-        # as the kernel does (bit-identical to its float32 path: tests/test_quant.py)
-        eye = torch.eye(self.shape[1], dtype=COMPUTE)
-        if dtype == COMPUTE:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group,
-                                                              self.scales_zeros).t().contiguous()
+    def codes(self) -> torch.Tensor:
+        """The 4-bit codes q, int32 [N, K], from whichever layout holds them."""
+        n, k = self.shape
+        if self.tiles is not None:
+            lanes = self.tiles[0].view(torch.int16).view(n // 16, k // 32, 4, 1, 32).int() & 0xFFFF
+            rows = (lanes >> torch.tensor([0, 4, 8, 12]).view(4, 1)) & 15  # [nb, kg, 4 chunks, 4, 32 lanes]
+            return rows.view(n // 16, k // 32, 16, 16, 2).permute(0, 3, 1, 2, 4).reshape(n, k)
+        # PyTorch's kernel with unit scales and zero 0 on the identity reads q - 8 back (small integers, exact in
+        # bf16, its fast path: ~50x its float32 path)
         unit = torch.zeros_like(self.scales_zeros)
         unit[..., 0] = 1
-        codes = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, unit).t().float()
+        eye = torch.eye(k, dtype=COMPUTE)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, unit).t().int() + 8
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        # (q - 8) * scale + zero in float32, as the kernels do (bit-identical to PyTorch's float32 path:
+        # tests/test_quant.py), then rounded to `dtype`
         scale_zero = self.scales_zeros.float().transpose(0, 1).repeat_interleave(self.group, dim=1)  # [N, K, 2]
-        return (codes * scale_zero[..., 0] + scale_zero[..., 1]).to(dtype)
+        return ((self.codes() - 8).float() * scale_zero[..., 0] + scale_zero[..., 1]).to(dtype).contiguous()
 
     def kernel_dequantize(self) -> torch.Tensor:
-        """float32 weights from the kernel's own float32 path (slow): what `dequantize` must equal."""
+        """float32 weights from PyTorch kernel's own float32 path (slow): what `dequantize` must equal."""
+        if self.packed is None:
+            raise ValueError("kernel_dequantize reads PyTorch's packing, which to_tiles() replaced")
         eye = torch.eye(self.shape[1], dtype=torch.float32)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group,
                                                           self.scales_zeros.float()).t().contiguous()

@@ -1,0 +1,17 @@
+// int4 weight-only matmul on AMX tiles (int4_tiles.cpp): the layout and the entry points cpu_kernels.cpp uses.
+#pragma once
+#include <torch/extension.h>
+
+namespace kestrel {
+
+// Whether this build has the AMX-BF16 kernel and the OS lets this process use the tiles.
+bool int4_tiles_available();
+
+// y[M, N] (bf16) = x[M, K] (bf16) W^T with W int4 in the tile layout (kestrel/model/quant.py: Int4Linear.to_tiles):
+// codes uint8 [N/16, K/32, 4, 64]: for each block of 16 output rows by one group of 32 inputs, 4 chunks of 32
+// 16-bit lanes; nibble j of lane l of chunk c is the code of tile row p = 4c + j, lane l, which holds
+// W[16 * block + l / 2, 32 * group + 2 p + l % 2] (the B tile's pairs layout).
+// scales_zeros bf16 [N/16, K/32, 2, 16]: each block's 16 scales, then 16 zeros; w = (code - 8) * scale + zero.
+at::Tensor int4_tiles_mm(at::Tensor x, at::Tensor codes, at::Tensor scales_zeros);
+
+}  // namespace kestrel
