@@ -82,19 +82,13 @@ def paged_attention(
 def kernel_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                      kernels) -> torch.Tensor:
     """Attention with K/V already in the pool (the caller stored them): the C++ kernel for every token it
-    serves, reading slots through the table; a shared-prefix decode batch keeps the cascade path, and rows
-    with an explicit mask go through SDPA. q: [T, H, D] -> [T, H*D]."""
+    serves, reading slots through the table (rows sharing a cached prefix too: no cascade path here, see
+    runner.SHARED_PREFIX_MIN_ROWS); rows with an explicit mask go through SDPA. q: [T, H, D] -> [T, H*D]."""
     head_dim = q.shape[2]
     outs = []
-    served = 0
-    if meta.num_decode and meta.decode_shared_len:
-        outs.append(_shared_prefix_decode(q[:meta.num_decode], k_cache, v_cache, meta))
-        served = meta.num_decode
     rows, lens = meta.token_rows, meta.token_lens
-    if rows is not None and rows.shape[0] > served:
+    if rows is not None and rows.shape[0]:
         kernel_q = q if rows.shape[0] == q.shape[0] else q[:rows.shape[0]]  # the usual step: q as it is
-        if served:
-            kernel_q, rows, lens = kernel_q[served:], rows[served:], lens[served:]
         outs.append(kernels.paged_attention(kernel_q, k_cache, v_cache, meta.table, rows, lens, head_dim ** -0.5))
     for row in meta.multi:
         outs.append(_row_attention(q, k_cache, v_cache, row))

@@ -268,8 +268,8 @@ class LlamaForCausalLM(nn.Module):
         # the quantized weights as the C++ loop takes them, unless this step runs on dense copies
         dense = self.dense_step(num_tokens)
         specs = None if dense else self.layer_specs()
-        # the table serves every token (no row left to SDPA, no cascade decode): the layers in one C++ call
-        if specs is not None and meta.token_rows is not None and not meta.multi and not meta.decode_shared_len:
+        # the table serves every token (no row left to SDPA): the layers in one C++ call
+        if specs is not None and meta.token_rows is not None and not meta.multi:
             lora_tokens, lora_addresses = (lora.token_adapter, lora.addresses) if lora is not None else (None, None)
             return ops.decoder_layers(self.decoder_stack(kv_caches), hidden, positions, cos_table, sin_table,
                                       meta.slot_mapping, meta.table, meta.token_rows, meta.token_lens, nh, nkv, eps,
