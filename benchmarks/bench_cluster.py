@@ -85,19 +85,21 @@ POLICIES = [("round-robin", ["--router", "round-robin"]), ("least-load", ["--rou
             ("llumnix", ["--router", "llumnix"])]
 
 
-def part_llumnix(quick: bool) -> dict:
+def part_llumnix(quick: bool, requests: int = 0, rates: str = "") -> dict:
     """Per policy and rate: latency percentiles (all requests, and the short ones alone: a long prompt's P99
     TTFT is mostly its own prefill, which no dispatch changes, while a short one's is mostly waiting behind
     others), preemptions, migrations and their downtime."""
     # a KV pool that the long requests fill (Llumnix's setting: memory, not compute, decides who waits)
-    n, rates = (30, [1.0, 1.5]) if quick else (80, [1.0, 1.5, 2.0, 2.5])
+    n, sweep = (30, [1.0, 1.5]) if quick else (80, [1.0, 1.5, 2.0, 2.5])
+    # P99 over 80 requests is about the worst one: --llumnix-requests several hundred for a firmer figure
+    n, sweep = requests or n, [float(r) for r in rates.split(",")] if rates else sweep
     # steps bounded by chunked prefill, so a migration's destination reaches a step boundary soon
     pool = ["--max-total-tokens", "3500", "--chunked-prefill-size", "256"]
     out = {}
     for label, flags in POLICIES:
         proc = serve(["--instances", "2", *pool, *flags])
         try:
-            for i, rate in enumerate(rates):
+            for i, rate in enumerate(sweep):
                 # new prompts (same lengths) at each rate: a replay would hit the prefix cache
                 summary, delta, results = run(bursty(n, seed=10 + i), rate, burstiness=BURSTINESS)
                 short = [r.ttft for r in results if r.ok and r.ttft is not None and r.prompt_tokens < 600]
@@ -243,10 +245,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--part", default="llumnix,cache,distserve")
+    ap.add_argument("--llumnix-requests", type=int, default=0, help="requests per rate (default 80; --quick 30)")
+    ap.add_argument("--llumnix-rates", default="", help="comma-separated rates (default 1,1.5,2,2.5)")
     args = ap.parse_args()
     results = {"cpu": cpu_name()}
+    parts = {"llumnix": functools.partial(part_llumnix, requests=args.llumnix_requests, rates=args.llumnix_rates),
+             "cache": part_cache, "distserve": part_distserve}
     for part in args.part.split(","):
-        results[part] = {"llumnix": part_llumnix, "cache": part_cache, "distserve": part_distserve}[part](args.quick)
+        results[part] = parts[part](args.quick)
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     save_results(results, os.path.join(here, "cluster.json"))
     plot(results, os.path.join(here, "cluster.png"))
