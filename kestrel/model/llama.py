@@ -226,7 +226,8 @@ class LlamaForCausalLM(nn.Module):
 
     def layer_specs(self) -> tuple | None:
         """The layers' weights flattened for the C++ decoder_layers(): norms, linear kinds (0 dense, 1 int8,
-        2 int4, 3 int4 on AMX tiles), int4 group sizes, tensors. None when a linear is one it cannot call (oneDNN-packed bf16)."""
+        2 int4, 3 int4 on AMX tiles), int4 group sizes, tensors. None when a linear is one it cannot call
+        (oneDNN-packed bf16)."""
         if self._layer_specs is None:
             norms, kinds, groups, tensors = [], [], [], []
             for layer in self.layers:

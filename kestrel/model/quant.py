@@ -146,7 +146,7 @@ class Int4Linear(QuantLinear):
         return ((self.codes() - 8).float() * scale_zero[..., 0] + scale_zero[..., 1]).to(dtype).contiguous()
 
     def kernel_dequantize(self) -> torch.Tensor:
-        """float32 weights from PyTorch kernel's own float32 path (slow): what `dequantize` must equal."""
+        """float32 weights from PyTorch's kernel's own float32 path (slow): what `dequantize` must equal."""
         if self.packed is None:
             raise ValueError("kernel_dequantize reads PyTorch's packing, which to_tiles() replaced")
         eye = torch.eye(self.shape[1], dtype=torch.float32)
