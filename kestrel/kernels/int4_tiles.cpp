@@ -115,7 +115,8 @@ void int4_rows_impl(const c10::BFloat16* x, int64_t K, const uint8_t* codes, con
         const c10::BFloat16* s = sz + (nb * groups + g) * 32;
         const __m512 scale = widen(s), zero = widen(s + 16);
         for (int m = 0; m < R; ++m) {
-          const __m512 sum = _mm512_add_ps(_mm512_add_ps(part[m][0], part[m][1]), _mm512_add_ps(part[m][2], part[m][3]));
+          const __m512 sum =
+              _mm512_add_ps(_mm512_add_ps(part[m][0], part[m][1]), _mm512_add_ps(part[m][2], part[m][3]));
           scaled[m] = _mm512_fmadd_ps(sum, scale, scaled[m]);
           zeros[m] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * groups + g]), zero, zeros[m]);
         }
@@ -133,7 +134,8 @@ void int4_tiles_impl(const c10::BFloat16* x, int64_t M, int64_t K, const uint8_t
   const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
   for (int64_t i = 0; i < M * groups; ++i) {
     const __m512i v = _mm512_loadu_si512((const void*)(x + (i / groups) * K + (i % groups) * 32));
-    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
     xsum[i] = _mm512_reduce_add_ps(_mm512_add_ps(even, odd));
   }
   switch (M) {
