@@ -98,9 +98,10 @@ class Engine:
         tiles = self.quantization == "int4" and ops is not None and ops.int4_tiles_available()
         self.dense_copies, self.batch_weights_reason = resolve_batch_weights(
             cfg.batch_weights, self.quantization, self.model_dir, self.dtype, tiles)
-        self.model = load_model(self.model_dir, self.dtype, self.device, self.quantization, self.dense_copies)
+        self.model = load_model(self.model_dir, self.dtype, self.device, self.quantization, self.dense_copies,
+                                ops if tiles else None)
         self.model.kernels = ops
-        if tiles and self.model.use_int4_tiles(ops):
+        if self.model.int4_tiles:
             self.kernels_reason += ", int4 on AMX tiles"
         self.tokenizer = load_tokenizer(self.model_dir)
         mc = self.model.cfg

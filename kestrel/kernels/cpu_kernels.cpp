@@ -667,10 +667,11 @@ void lora_apply(at::Tensor y, at::Tensor x, at::Tensor token_adapter, at::Tensor
 }
 
 // ---- the decoder layers in one call ----------------------------------------------------------------------
-// A linear as the Python side describes it: kind 0 dense (weight[, bias]), 1 int8 (q, scale[, bias]),
-// 2 int4 (packed, scales_zeros[, bias]) with its group size, 3 int4 on AMX tiles (codes, scales_zeros[, bias]). The quantized kernels take and return bf16
-// activations; with a float32 model the kernels around them read and write bf16 directly, which gives exactly what
-// converting would (widening is exact, narrowing rounds to nearest even either way) without a copy per matmul.
+// A linear as the Python side describes it: kind 0 dense (weight[, bias]), 1 int8 (q, scale[, bias]), 2 int4 (packed,
+// scales_zeros[, bias]) with its group size, 3 int4 on AMX tiles (codes, scales_zeros[, bias]). The quantized kernels
+// take and return bf16 activations; with a float32 model the kernels around them read and write bf16 directly, which
+// gives exactly what converting would (widening is exact, narrowing rounds to nearest even either way) without a copy
+// per matmul.
 struct LinearSpec {
   int64_t kind, group;
   std::vector<at::Tensor> t;

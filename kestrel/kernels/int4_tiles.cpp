@@ -12,10 +12,10 @@
 // float32 (the tiles' order), the output is rounded once to bf16: the same rounding as PyTorch's kernel, a
 // different summation order (tests/test_quant.py checks both against the float32 reference).
 //
-// One or two rows skip the tiles (int4_rows_impl). Measured on that Xeon, SmolLM2-135M's 120 layer linears in a
-// row, ms: 2.4 / 3.6 / 4.5 / 6.8 at 1 / 2 / 4 / 16 rows (PyTorch's int4: 3.5 / 4.4 / 6.0 / 20; dense bf16 at 16:
-// 13.3). In the engine a batch-1 step is bound by memory either way (same time); a 16-row decode step went from
-// 27 ms on the dense copies to 23 (benchmarks/bench_dense_rows.py).
+// One or two rows skip the tiles (int4_rows_impl). Measured on that Xeon, SmolLM2-135M's 120 layer linears in a row, ms
+// (benchmarks/bench_int4_kernels.py): 2.3 / 3.4 / 4.3 / 7.2 at 1 / 2 / 4 / 16 rows (PyTorch's int4: 3.5 / 4.4 / 5.9 /
+// 21.5; dense bf16 at 16: 13.8). In the engine a batch-1 step is bound by memory either way (same time); a 16-row
+// decode step went from 27 ms on the dense copies to 23 (benchmarks/bench_dense_rows.py).
 #include "int4_tiles.h"
 
 #include <ATen/Parallel.h>

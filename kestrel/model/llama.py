@@ -104,15 +104,16 @@ class LlamaForCausalLM(nn.Module):
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lm_head: Linear | None = None
         self._lm_head_small: Int8Linear | None = None  # a quantized model's int8 head, for a row or two (freeze)
-        self.dense_above = QUANTIZED_MAX_ROWS  # steps of more tokens run on the dense copies (freeze, use_int4_tiles)
+        self.dense_above = QUANTIZED_MAX_ROWS  # steps of more tokens run on the dense copies (freeze)
         self.head_small_rows = QUANTIZED_MAX_ROWS  # logits of up to this many rows come from the int8 head (freeze)
+        self.int4_tiles = False  # the int4 linears run on the AMX tile kernel (freeze)
         self.kernels = None  # the C++ CPU kernels module (kestrel.kernels), or None: PyTorch ops alone
         self._layer_specs: tuple | None = None  # the layers as decoder_layers() takes them (see layer_specs)
         self._stack: tuple | None = None  # (the KV caches, the kernels' DecoderStack over them): decoder_stack()
 
     @torch.no_grad()
     def freeze(self, quantization: str = "none", prebuilt: dict[int, dict] | None = None,
-               dense_copies: bool = False) -> None:
+               dense_copies: bool = False, tiles=None) -> None:
         """Prepare for inference after loading: pre-pack weights where that is exact and faster, or quantize
         them (int8 | int4). The output head of a quantized model is int8; where oneDNN's bf16 path exists
         (native-bf16 CPUs) a dense packed copy serves logits of more than QUANTIZED_MAX_ROWS rows (measured on
@@ -122,7 +123,9 @@ class LlamaForCausalLM(nn.Module):
         quantized weights (bf16 on native-bf16 CPUs: oneDNN's bf16 matmul is 2-2.5x faster than the int4 kernel
         from 8 rows on, while up to four rows read a quarter of the bytes with int4; float32 elsewhere), and so do
         the logits. `prebuilt` holds layers' linears already
-        quantized (read straight from a GGUF file), by layer index and name.
+        quantized (read straight from a GGUF file), by layer index and name. `tiles`: the C++ kernels module, whose
+        AMX tile kernel then runs the int4 linears (Int4Linear.to_tiles), and steps of up to TILES_MAX_ROWS tokens
+        on them.
 
         Packed or quantized weights replace the dense ones (the embedding stays dense for lookups), so the
         model's weights cannot be reloaded afterwards.
@@ -130,6 +133,7 @@ class LlamaForCausalLM(nn.Module):
         packable = can_prepack(self.embed)
         pack = quantization == "none" and packable
         self.dense_above = self.head_small_rows = quantized_max_rows(self.embed.dtype)
+        self.int4_tiles = False
         self._layer_specs = self._stack = None
         names = ("qkv", "o", "gate_up", "down")
         for i, layer in enumerate(self.layers):
@@ -144,12 +148,19 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     fast.append(quantize(getattr(layer, name), bias, quantization))
             layer.fast = tuple(fast)
+            if tiles is not None:  # before the dense copies: they read the codes back faster from the tile layout
+                for f in fast:
+                    if isinstance(f, Int4Linear):
+                        f.to_tiles(tiles)
+                        self.int4_tiles = True
             if dense_copies and quantization != "none":
                 dt = self.embed.dtype
                 layer.dense = tuple(Linear(f.dequantize(dt), f.bias, packable) for f in fast)
             for name in names:
                 if pack or quantization != "none" or name in ready:
                     getattr(layer, name).data = torch.empty(0, dtype=self.embed.dtype)
+        if self.int4_tiles:
+            self.dense_above = TILES_MAX_ROWS
         head = self.embed if self.lm_head is None else self.lm_head
         self._lm_head_small = None
         if quantization == "none":
@@ -161,18 +172,6 @@ class LlamaForCausalLM(nn.Module):
             self._lm_head = Int8Linear.from_float(head)
         if quantization != "none" and self.lm_head is not None:
             self.lm_head.data = torch.empty(0, dtype=self.embed.dtype)
-
-    def use_int4_tiles(self, kernels) -> bool:
-        """Run the int4 linears on the AMX tile kernel, where `kernels` (the C++ module) has it on this CPU, and the
-        steps of up to TILES_MAX_ROWS tokens on them; whether it does. After freeze()."""
-        lins = [f for layer in self.layers for f in layer.fast if isinstance(f, Int4Linear)]
-        if kernels is None or not lins or not kernels.int4_tiles_available():
-            return False
-        for f in lins:
-            f.to_tiles(kernels)
-        self.dense_above = TILES_MAX_ROWS
-        self._layer_specs = self._stack = None
-        return True
 
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for every position, computed in float32 as HF does, then cast to the model dtype."""

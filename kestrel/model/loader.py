@@ -120,10 +120,10 @@ def resolve_batch_weights(requested: str, quantization: str, model_dir: str, dty
 
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device,
-               quantization: str = "none", dense_copies: bool = False) -> LlamaForCausalLM:
+               quantization: str = "none", dense_copies: bool = False, tiles=None) -> LlamaForCausalLM:
     """The model, its weights in `dtype` or quantized (int8 | int4). With int4 and a directory converted from a
     GGUF file of Q4_0/Q4_1 layers, the layers' linears come straight from the file's blocks and are never held
-    as floats."""
+    as floats. `tiles`: the C++ kernels module whose AMX tile kernel runs the int4 linears (LlamaForCausalLM.freeze)."""
     if quantization != "none" and device.type != "cpu":
         raise ValueError(f"quantization {quantization} runs on CPU kernels; use --quantization none on {device}")
     cfg = ModelConfig.from_dir(model_dir)
@@ -146,7 +146,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device,
         weights = ((n, t) for n, t in weights if not (n.endswith(".weight") and n.split(".")[-2] in skip))
     model.load_hf_weights(weights, skip_linears=bool(skip))
     model = model.to(dtype).eval().requires_grad_(False)
-    model.freeze(quantization, prebuilt, dense_copies)
+    model.freeze(quantization, prebuilt, dense_copies, tiles)
     return model
 
 
