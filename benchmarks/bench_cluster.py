@@ -5,7 +5,7 @@ prefill/decode disaggregation, each against its baseline in one run.
 
 - llumnix: long and short requests arriving in bursts (gamma arrivals, CV 2), over a sweep of rates up to
   capacity; round-robin vs least-load vs llumnix (least-load + migration): P50/P99 TTFT (all requests, and the
-  short ones alone), P50/P99 TPOT, mean e2e, preemptions, migrations and their downtime.
+  short ones alone), P50/P99 TPOT, mean e2e, preemptions, migrations and their downtime, queued requests moved.
 - cache: the shared-prefix workload; round-robin vs cache-aware: prefix hit rate and throughput.
 - distserve: goodput (requests/s meeting both SLOs) colocated vs disaggregated at the split `kestrel plan
   disaggregation` picks, each at 0.5, 1 and 1.5 times the goodput the plan predicts for it, with the simulator's
@@ -109,6 +109,7 @@ def part_llumnix(quick: bool, requests: int = 0, rates: str = "") -> dict:
                            p50_tpot_ms=summary["tpot"].get("p50_ms"), p99_tpot_ms=summary["tpot"].get("p99_ms"),
                            mean_e2e_ms=summary["e2e_latency"].get("mean_ms"),
                            preemptions=delta.get("kestrel:num_preemptions_total", 0), migrations=done,
+                           queued_moves=delta.get("kestrel:queued_migrations_total{outcome=\"done\"}", 0),
                            mean_downtime_ms=1000 * delta.get("kestrel:migration_downtime_seconds_sum", 0) / done
                            if done else None, failed=summary["failed"])
                 out.setdefault(label, {})[rate] = row

@@ -14,7 +14,7 @@ from kestrel.cluster.client import ClusterClient, ClusterConfig
 from kestrel.config import EngineConfig
 from kestrel.server.engine_process import EngineDead
 
-ENGINE = dict(dtype="float32", max_total_tokens=3000, num_threads=1)
+ENGINE = dict(dtype="float32", max_total_tokens=3000, num_threads=1, max_running_requests=3)
 PROMPT = [(7 * i + 11) % 4000 + 100 for i in range(150)]
 OTHER = [(13 * i + 5) % 3000 + 900 for i in range(90)]  # shares no prefix with PROMPT
 
@@ -161,6 +161,48 @@ def test_migration_of_a_finished_or_aborted_request_gives_up_cleanly(cluster):
     assert reason == "abort" and m.outcome in ("gone", "done")
     assert_no_leaks(cluster)
 
+
+
+def test_a_queued_request_moves_to_the_other_instances_queue(cluster, reference, monkeypatch):
+    """Llumnix's first-come-waiting move through Ray: a request queued behind a full batch goes to the other
+    instance with nothing to copy and runs there at once, exact, while the batch it waited behind goes on."""
+    import ray
+
+    h0, h1 = cluster.handles
+    monkeypatch.setattr(cluster.dispatcher, "choose", lambda *args: h0)  # everything lands on instance-0
+    hog = SamplingParams(max_tokens=1800, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+
+    async def main():
+        hogs = [cluster.submit(f"hog{i}", PROMPT[:20 + i], hog) for i in range(3)]
+        for q in hogs:
+            await q.get()  # all three run: instance-0's batch is full (max_running_requests=3)
+        task = asyncio.create_task(stream(cluster, "queued", OTHER, params))
+        while True:  # until it sits in instance-0's queue
+            options = await asyncio.to_thread(ray.get, h0.actor.call.remote("handoffs.candidates", dict(queued=True)))
+            if ("queued", len(OTHER), 0, True) in options:
+                break
+            await asyncio.sleep(0.01)
+        running = await asyncio.to_thread(cluster.migrate, "hog0", h0, h1, True)  # running: not a queued move
+        moved = await asyncio.to_thread(cluster.migrate, "queued", h0, h1, True)
+        tokens, _, _ = await task
+        ended = []
+        for i, q in enumerate(hogs):
+            while not q.empty():
+                ended.append(q.get_nowait().finished)
+            cluster.abort(f"hog{i}")
+            item = await q.get()
+            while not item.finished:
+                item = await q.get()
+            cluster.release(f"hog{i}", abort=False)
+        return running, moved, tokens, ended
+    running, moved, tokens, ended = asyncio.run(main())
+    assert running.outcome == "gone"  # it runs: it stays where it is
+    assert moved.outcome == "done" and moved.queued and moved.tokens == 0
+    assert tokens == expected(reference, OTHER, params)
+    assert not any(ended)  # it finished while the batch it had queued behind was still decoding
+    assert cluster.health_info()["queued_migrations"] >= 1
+    assert_no_leaks(cluster)
 
 def test_round_robin_spreads_and_least_load_follows_queued_demand(cluster):
     seen = []

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kestrel import Engine, SamplingParams
-from kestrel.cluster.dispatch import Dispatcher, Load, migration_pair
+from kestrel.cluster.dispatch import Dispatcher, Load, migration_pair, pick_move
 from kestrel.cluster.plan import CostModel, Workload, colocated, disaggregated, goodput, plan
 from kestrel.engine.step_log import step_shape
 from kestrel.config import EngineConfig
@@ -135,6 +135,66 @@ def test_handoff_refusals_free_everything(engines, monkeypatch):
     b.handoffs.expire()
     assert accounted(a) and accounted(b)
 
+
+
+def test_queued_requests_move_between_engines_queues_exactly(engines):
+    """Llumnix's first-come-waiting move: a request queued behind a full pool leaves for another engine's queue
+    with nothing copied, and goes back to its place when the move is undone. One that was preempted after it had
+    streamed moves with its output, sampler and grammar position, and goes on there as if it had never moved."""
+    a, b = engines
+    a.add_request(list(range(1000, 1400)), SamplingParams(max_tokens=150, temperature=0, ignore_eos=True),
+                  request_id="hog")
+    a.step()
+    prompt = list(range(2000, 2200))
+    seeded = SamplingParams(max_tokens=20, temperature=0.8, seed=11, ignore_eos=True)
+    a.add_request(prompt, seeded, request_id="waiter")
+    a.step()
+    assert [s.request_id for s in a.scheduler.waiting] == ["waiter"]  # no room beside the hog
+    assert a.handoffs.candidates(queued=True)[-1] == ("waiter", 200, 0, True)
+    assert all(not c[3] for c in a.handoffs.candidates())  # without `queued`, running ones only
+    with pytest.raises(HandoffRefused, match="not waiting"):
+        a.handoffs.suspend("hog", 0, queued=True)
+    state, kv = a.handoffs.suspend("waiter", 0, queued=True)
+    assert kv.shape[2] == 0 and state.num_kv == 0 and not a.scheduler.waiting
+    a.handoffs.resume("waiter")  # the destination refused: back in the queue
+    assert [s.request_id for s in a.scheduler.waiting] == ["waiter"]
+    state, kv = a.handoffs.suspend("waiter", 0, queued=True)
+    b.handoffs.adopt("q", state, 0, kv)
+    a.handoffs.commit("waiter")
+    assert b.kv_accounting()["waiting"] == 1 and a.kv_accounting()["requests"] == 1
+    while b.has_unfinished():
+        b.step()
+    assert b.get_output("waiter", pop=True).token_ids == b.generate([prompt], seeded)[0].token_ids
+
+    # preempted after 6 tokens (its memory went to others): it waits with its output, and moves with it
+    regex = SamplingParams(max_tokens=40, temperature=0.7, seed=3, regex=r"(yes|no)( [a-z]{2,6}){3,9}\.")
+    short = list(range(3000, 3040))
+    a.add_request(short, regex, request_id="preempted")
+    seq = a._requests["preempted"][0]
+    while len(seq.output_ids) < 6:
+        a.step()
+    a.scheduler.retract(seq)
+    streamed = seq.text
+    state, kv = a.handoffs.suspend("preempted", 0, queued=True)
+    b.handoffs.adopt("p", state, 0, kv)
+    a.handoffs.commit("preempted")
+    while a.has_unfinished() or b.has_unfinished():
+        a.step(), b.step()
+    out = b.get_output("preempted", pop=True)
+    a.get_output("hog", pop=True)
+    want = b.generate([short], regex)[0]
+    assert out.token_ids == want.token_ids and out.text == want.text and out.text.startswith(streamed)
+    assert accounted(a) and accounted(b)
+
+
+def test_the_migration_policy_moves_the_queue_head_first_then_the_cheapest_running_request():
+    running = [("r1", 300, 0, False), ("r2", 120, 0, False), ("vip", 50, -1, False)]
+    queued = [("q1", 900, 0, True), ("q2", 200, 0, True)]
+    assert pick_move(running + queued, 1000) == queued[0]  # the one the queue serves next
+    assert pick_move(running + queued, 500) == queued[1]  # q1 would turn the imbalance around
+    assert pick_move(running, 500) == running[1]  # high priority keeps its place; then the cheapest to copy
+    assert pick_move(running, 100) == running[2]  # ... unless nothing else fits the gap
+    assert pick_move(running, 40) is None
 
 def _shapes():
     """Step shapes as kestrel.cluster.plan.measure times them: prefills of t tokens, decodes of b rows at context c."""

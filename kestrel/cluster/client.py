@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
-from kestrel.cluster.dispatch import Dispatcher, Load, check_router, least_loaded, migration_pair
+from kestrel.cluster.dispatch import Dispatcher, Load, check_router, least_loaded, migration_pair, pick_move
 from kestrel.cluster.instance import CallError, Instance
 from kestrel.config import EngineConfig
 from kestrel.engine.clients import ServiceShare
@@ -46,7 +46,7 @@ class ClusterConfig:
     prefill_instances: int = 0  # with decode_instances: disaggregated (DistServe)
     decode_instances: int = 0
     router: str = "least-load"  # kestrel.cluster.dispatch.ROUTERS
-    migration: bool = False  # Llumnix: move running requests from the most to the least used instance
+    migration: bool = False  # Llumnix: move queued and running requests from the most to the least used instance
     migration_gap: float = 0.25  # usage difference (share of the pool) above which a request moves
     ray_address: Optional[str] = None  # an existing Ray cluster ("auto"); None: a local Ray is started
     cpus_per_instance: Optional[float] = None  # default: this machine's cores over the instances
@@ -77,7 +77,7 @@ class ClusterConfig:
 
 @dataclass
 class Migration:
-    """One move of a running request, as the benchmark and /metrics report it."""
+    """One move of a running (or queued) request, as the benchmark and /metrics report it."""
 
     rid: str
     source: str
@@ -87,6 +87,7 @@ class Migration:
     stages: int = 0
     downtime: float = 0.0  # seconds out of any batch: from leaving the source's to joining the destination's
     total: float = 0.0
+    queued: bool = False  # it was waiting in the source's queue: nothing was copied, it waits on the destination
 
 
 class InstanceHandle:
@@ -418,39 +419,38 @@ class ClusterClient(EngineFront):
                 continue
             src, dst = pair
             try:
-                    options = ray.get(src.actor.call.remote("handoffs.candidates"))
+                options = ray.get(src.actor.call.remote("handoffs.candidates", dict(queued=True)))
             except ray.exceptions.RayError:
                 continue
-            # a move must shrink the imbalance, not turn it around (no ping-pong): fewer tokens than the gap
             gap_tokens = self.loads[src.name].virtual_usage - self.loads[dst.name].virtual_usage
             with self._lock:
-                options = [o for o in options if o[0] in self._where and o[0] not in self._moving
-                           and o[1] < gap_tokens]
-            if not options:
+                move = pick_move([o for o in options if o[0] in self._where and o[0] not in self._moving],
+                                 gap_tokens)
+            if move is None:
                 continue
-            # low priority first (high-priority requests keep their place), then the cheapest to copy
-            rid, tokens, _ = min(options, key=lambda o: (o[2] < 0, o[1]))
-            self.migrate(rid, src, dst)
+            rid, tokens, _, is_queued = move
+            self.migrate(rid, src, dst, queued=is_queued)
             with self._lock:  # until both report again, count the move in their loads
                 self.loads[src.name].moved_tokens -= tokens
                 self.loads[dst.name].moved_tokens += tokens
 
-    def migrate(self, rid: str, src: InstanceHandle, dst: InstanceHandle) -> Migration:
+    def migrate(self, rid: str, src: InstanceHandle, dst: InstanceHandle, queued: bool = False) -> Migration:
         """Move a running request from src to dst while it decodes: copy its K/V in stages, then stop it, copy
         the last few tokens, and resume it on dst. Any failure leaves it running on src (or ends it cleanly
-        if src died) and frees dst's reservation."""
+        if src died) and frees dst's reservation. `queued`: move a request still waiting in src's queue to dst's
+        queue (refused, as "gone", once src has started it)."""
         import ray
 
         with self._lock:
             if self._where.get(rid) is not src or rid in self._moving:
-                return self._record(Migration(rid, src.name, dst.name, "gone"))
+                return self._record(Migration(rid, src.name, dst.name, "gone", queued=queued))
             self._moving.add(rid)
         mid = f"mig-{next(self._mids)}"
-        m = Migration(rid, src.name, dst.name, "failed")
+        m = Migration(rid, src.name, dst.name, "failed", queued=queued)
         t0 = time.perf_counter()
         start, suspended = 0, False
         try:
-            while m.stages < MAX_STAGES:
+            while not queued and m.stages < MAX_STAGES:
                 end_ref, kv_ref = src.actor.export_kv.options(num_returns=2).remote(rid, start)
                 written = dst.actor.write.remote(mid, start, kv_ref)
                 end = ray.get(end_ref)
@@ -459,7 +459,7 @@ class ClusterClient(EngineFront):
                 left, start = end - start, end
                 if left < STOP_COPY_TOKENS:
                     break
-            state_ref, kv_ref, mark_ref = src.actor.suspend.options(num_returns=3).remote(rid, start)
+            state_ref, kv_ref, mark_ref = src.actor.suspend.options(num_returns=3).remote(rid, start, queued)
             mark, m.tokens = ray.get(mark_ref)
             suspended = True
             with src.cond:  # every delta the source produced reaches the client before the destination's
@@ -474,7 +474,8 @@ class ClusterClient(EngineFront):
                 m.outcome = "failed"
                 log.warning("migration of %s from %s to %s failed: %s", rid, src.name, dst.name, _cause(e))
             else:  # the request finished or went away first, or the destination had no room
-                m.outcome = "gone" if "not running" in str(refused) or "not in this engine" in str(refused) else "refused"
+                gone = ("not running", "not waiting", "not in this engine")
+                m.outcome = "gone" if any(g in str(refused) for g in gone) else "refused"
             self._undo(rid, src, dst, mid, suspended)
         m.total = time.perf_counter() - t0
         return self._record(m)
@@ -601,7 +602,8 @@ class ClusterClient(EngineFront):
                                    pid=h.info.get("pid"), restarts=h.restarts,
                                    running=self.loads[h.name].report.get("running", 0),
                                    waiting=self.loads[h.name].report.get("waiting", 0)) for h in self.handles],
-                "migrations": sum(m.outcome == "done" for m in self.migrations)}
+                "migrations": sum(m.outcome == "done" and not m.queued for m in self.migrations),
+                "queued_migrations": sum(m.outcome == "done" and m.queued for m in self.migrations)}
 
     def kv_states(self) -> dict[str, dict]:
         """Each live instance's pool accounting (Engine.kv_accounting)."""

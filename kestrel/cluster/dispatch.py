@@ -165,3 +165,17 @@ def migration_pair(candidates: list, loads: dict[str, Load], gap: float) -> Opti
     if r.get("running", 0) < 1 or (r.get("waiting", 0) == 0 and r.get("running", 0) < 2):
         return None
     return src, dst
+
+
+def pick_move(options: list[tuple], gap_tokens: float) -> Optional[tuple]:
+    """The request the migration policy moves from the source's candidates (Handoffs.candidates(queued=True):
+    (id, tokens, priority, queued)), or None. A move must shrink the imbalance, not turn it around (no
+    ping-pong), so it takes fewer tokens than the gap. A queued request goes first, the one the queue serves
+    next: it moves with nothing to copy and no pause, and it is what the source's memory holds up (Llumnix's
+    first-come-waiting policy). Otherwise a running one: low priority first (high-priority requests keep their
+    place), then the cheapest to copy."""
+    options = [o for o in options if o[1] < gap_tokens]
+    queued = [o for o in options if o[3]]
+    if queued:
+        return queued[0]
+    return min(options, key=lambda o: (o[2] < 0, o[1])) if options else None

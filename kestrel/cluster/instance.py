@@ -8,7 +8,8 @@ thread computes):
                           | ("handoff", rid, RequestState, ObjectRef of its K/V) on a prefill instance
                         and the number of messages emitted so far (the mark a migration waits for)
   call(method, kwargs)  an engine management call between steps (load_lora, handoffs.*: see driver.CALLABLE)
-  export_kv / suspend / adopt   the moving parts of a migration, with K/V passed as Ray objects
+  export_kv / suspend / adopt   the moving parts of a migration (of a running or a queued request), with K/V
+                        passed as Ray objects
 """
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ class Instance:
 
         candidates = engine.handoffs.candidates()
         self.keep.intersection_update(c[0] for c in candidates)  # forget the ones that finished
-        for rid, _, _ in candidates:
+        for rid, *_ in candidates:
             if rid in self.keep:
                 continue
             state, kv = engine.handoffs.suspend(rid, 0)
@@ -170,10 +171,11 @@ class Instance:
         """(end, K/V of tokens [start, end)): a migration stage; two return values (num_returns=2)."""
         return self.call("handoffs.export_kv", dict(rid=rid, start=start))
 
-    def suspend(self, rid: str, start: int):
+    def suspend(self, rid: str, start: int, queued: bool = False):
         """(state, K/V [start, end), (mark, end)): the request stops here; every delta it produced is in a message
-        numbered at most `mark`; `end` tokens of K/V move. Three return values (num_returns=3)."""
-        state, kv = self.call("handoffs.suspend", dict(rid=rid, start=start))
+        numbered at most `mark`; `end` tokens of K/V move. Three return values (num_returns=3). `queued`: a
+        request still waiting in the queue (no K/V)."""
+        state, kv = self.call("handoffs.suspend", dict(rid=rid, start=start, queued=queued))
         with self._cond:
             return state, kv, (self._emitted, state.num_kv)
 

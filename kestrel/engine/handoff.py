@@ -10,8 +10,12 @@ Live migration (Llumnix) and prefill/decode disaggregation (DistServe) both use 
 
 A suspended request has left the source's batch but keeps its slots until `commit` (they go to the source's
 radix cache, so a prefill instance still serves the prompt as a prefix) or `resume` (the destination failed:
-it goes on where it was). A reservation holds pool slots on the destination before anything is copied, so the
-copy can never run out of memory half-way; one that is not adopted or cancelled within `RESERVATION_TTL`
+it goes on where it was). A request still waiting in the queue moves the same way with no K/V (`queued`):
+`suspend(rid, 0, queued=True)`, `adopt` queues it on the destination in its arrival order, `commit` | `resume`
+(Llumnix moves a queue's head-of-line request so it need not wait for memory its instance lacks).
+
+A reservation holds pool slots on the destination before anything is copied, so the copy can never run out
+of memory half-way; one that is not adopted or cancelled within `RESERVATION_TTL`
 seconds is freed (its source died), so a failed migration leaks no slots on the survivor.
 
 The state carries the request's sampler generator, grammar position (replayed over its output tokens),
@@ -65,13 +69,19 @@ class Handoffs:
         self.moved_in = 0
 
     # ---- the source ---------------------------------------------------------------------
-    def _movable(self, rid: str) -> Sequence:
+    def _movable(self, rid: str, queued: bool = False) -> Sequence:
         seqs = self.engine._requests.get(rid)
         if not seqs:
             raise HandoffRefused(f"request {rid!r} is not in this engine")
         if len(seqs) != 1:
             raise HandoffRefused(f"request {rid!r} has n > 1 completions; only n = 1 requests move")
         seq = seqs[0]
+        if queued:
+            if seq.status is not Status.WAITING or seq not in self.engine.scheduler.waiting:
+                raise HandoffRefused(f"request {rid!r} is not waiting")
+            if seq.resumes is not None:
+                raise HandoffRefused(f"request {rid!r} continues a conversation paused here")
+            return seq
         if seq.finished or seq.row is None or seq.status is not Status.RUNNING:
             raise HandoffRefused(f"request {rid!r} is not running")
         if seq.num_computed < len(seq.prompt_ids) or not seq.output_ids:
@@ -84,12 +94,19 @@ class Handoffs:
         end = seq.num_computed
         return end, self._read(seq.row, start, end)
 
-    def suspend(self, rid: str, start: int) -> tuple[RequestState, torch.Tensor]:
-        """Take the request out of the batch (its slots stay held) and return its state and K/V [start, end)."""
-        seq = self._movable(rid)
-        end = seq.num_computed
-        kv = self._read(seq.row, start, end)
-        self.engine.scheduler.running.remove(seq)
+    def suspend(self, rid: str, start: int, queued: bool = False) -> tuple[RequestState, torch.Tensor]:
+        """Take the request out of the batch (its slots stay held) and return its state and K/V [start, end).
+        `queued`: take a request that waits in the queue instead (it holds no K/V; refused once it runs)."""
+        s = self.engine.scheduler
+        seq = self._movable(rid, queued)
+        if queued:
+            end, kv = 0, self._read(None, 0, 0)
+            s.waiting.remove(seq)
+            s.clients.queued(seq.client, -1)
+        else:
+            end = seq.num_computed
+            kv = self._read(seq.row, start, end)
+            s.running.remove(seq)
         del self.engine._requests[rid]
         self.suspended[rid] = seq
         gen = seq.generator.get_state() if seq.generator is not None else None
@@ -101,8 +118,9 @@ class Handoffs:
         """The destination took the request: free what it held here (computed tokens go to the radix cache)."""
         seq = self.suspended.pop(rid)
         s = self.engine.scheduler
-        s.running.append(seq)  # release() expects a running sequence
-        s.release(seq)
+        if seq.row is not None:  # a queued one holds no slots
+            s.running.append(seq)  # release() expects a running sequence
+            s.release(seq)
         s.clients.left(seq.client, s.clock())
         if seq.lora is not None:
             self.engine.loras.detach(seq.lora)
@@ -111,21 +129,35 @@ class Handoffs:
     def resume(self, rid: str) -> None:
         """The move failed after suspend: the request goes on here as if nothing happened."""
         seq = self.suspended.pop(rid)
+        s = self.engine.scheduler
         self.engine._requests[rid] = [seq]
-        self.engine.scheduler.running.append(seq)
+        if seq.row is None:  # it was queued: back in the queue, in its arrival order
+            s.waiting.append(seq)
+            s.clients.queued(seq.client, +1)
+        else:
+            s.running.append(seq)
 
-    def candidates(self) -> list[tuple[str, int, int]]:
-        """Requests that could move now: (id, tokens of K/V, priority), fewest tokens first (cheapest to copy)."""
-        out = []
-        for seq in self.engine.scheduler.running:
-            if (seq.params.n == 1 and seq.row is not None and not seq.finished and seq.output_ids
-                    and seq.num_computed >= len(seq.prompt_ids)):
-                out.append((seq.request_id, seq.num_computed, seq.priority))
-        return sorted(out, key=lambda c: c[1])
+    def candidates(self, queued: bool = False) -> list[tuple[str, int, int, bool]]:
+        """Requests that could move now: (id, tokens, priority, queued). Running ones that decode, fewest tokens
+        of K/V first (cheapest to copy); with `queued`, then the waiting ones in the order the queue serves them,
+        with the tokens they will need (what moving them takes off this instance's load)."""
+        s = self.engine.scheduler
+        out = sorted(((seq.request_id, seq.num_computed, seq.priority, False) for seq in s.running
+                      if seq.params.n == 1 and seq.row is not None and not seq.finished and seq.output_ids
+                      and seq.num_computed >= len(seq.prompt_ids)), key=lambda c: c[1])
+        if queued:
+            out += [(seq.request_id, seq.total_len - seq.num_computed, seq.priority, True)
+                    for seq in s.policy.order(s.waiting, s.cache)
+                    if seq.params.n == 1 and seq.resumes is None
+                    and len(self.engine._requests.get(seq.request_id, ())) == 1]
+        return out
 
-    def _read(self, row: int, start: int, end: int) -> torch.Tensor:
+    def _read(self, row: Optional[int], start: int, end: int) -> torch.Tensor:
         """[2, layers, tokens, kv_heads, head_dim] on the CPU."""
-        slots = self.engine.table.table[row, start:end]
+        if row is None:  # a queued request: nothing to read
+            slots = torch.zeros(0, dtype=torch.int64, device=self.engine.device)
+        else:
+            slots = self.engine.table.table[row, start:end]
         caches = self.engine.pool.caches
         return torch.stack([torch.stack([k.index_select(0, slots) for k, _ in caches]),
                             torch.stack([v.index_select(0, slots) for _, v in caches])]).cpu()
@@ -161,34 +193,53 @@ class Handoffs:
             v.index_copy_(0, slots, kv[1, layer].to(v.device, v.dtype))
 
     def adopt(self, mid: str, state: RequestState, start: int, kv: torch.Tensor) -> float:
-        """Write the last K/V and put the request into this engine's running batch; returns the seconds it was
-        out of any batch (its downtime; source and destination share a clock on one machine). Raises
-        HandoffRefused (the reservation is then freed) when it cannot run here."""
+        """Write the last K/V and put the request into this engine's running batch (a queued one, with no K/V,
+        into its queue); returns the seconds it was out of any batch or queue (its downtime; source and
+        destination share a clock on one machine). Raises HandoffRefused (the reservation is then freed) when it
+        cannot run here."""
         engine, s = self.engine, self.engine.scheduler
         seq = state.seq
+        queued = seq.status is Status.WAITING
         try:
             if seq.request_id in engine._requests:
                 raise HandoffRefused(f"request id {seq.request_id!r} is already in use here")
-            if not s._room_for_another():
-                raise HandoffRefused("no free place in the running batch")
             adapter = engine.loras.get(state.lora) if state.lora is not None else None
-            self.write(mid, start, kv)
-            if adapter is not None:
-                engine.loras.attach(adapter)
-                if not s._page_in(adapter):
-                    engine.loras.detach(adapter)
-                    raise HandoffRefused(f"no room for LoRA adapter {state.lora!r}")
-                engine.loras.start_running(adapter)
+            if not queued:
+                if not s._room_for_another():
+                    raise HandoffRefused("no free place in the running batch")
+                self.write(mid, start, kv)
+                if adapter is not None:
+                    engine.loras.attach(adapter)
+                    if not s._page_in(adapter):
+                        engine.loras.detach(adapter)
+                        raise HandoffRefused(f"no room for LoRA adapter {state.lora!r}")
+                    engine.loras.start_running(adapter)
         except (HandoffRefused, LookupError):
             self.cancel(mid)
             raise
-        slots = self.reservations.pop(mid).slots
         seq.lora = adapter
+        self._restore(seq, state)
+        if queued:
+            s.add(seq)  # attaches its adapter; the queue serves it in its arrival order
+        else:
+            slots = self.reservations.pop(mid).slots
+            if len(slots) > state.num_kv:
+                engine.pool.free(slots[state.num_kv:])
+            s.adopt(seq, slots[:state.num_kv])
+            s.clients.arrived(seq.client)
+        engine._requests[seq.request_id] = [seq]
+        self.moved_in += 1
+        return time.monotonic() - state.suspended_at
+
+    def _restore(self, seq: Sequence, state: RequestState) -> None:
+        """What a request's state left behind on its source: its sampler's generator, its grammar's position
+        (replayed over its output), its text decoder, its lookahead n-grams."""
+        engine = self.engine
         if state.generator_state is not None:
             seq.generator = torch.Generator(device="cpu")
             seq.generator.set_state(state.generator_state)
         spec = GrammarSpec.from_params(seq.params)
-        if spec is not None:  # the grammar's position: replay what it has accepted
+        if spec is not None:
             seq.grammar = engine.grammars.state(spec)
             for token in seq.output_ids:
                 seq.grammar.accept(token)
@@ -196,13 +247,6 @@ class Handoffs:
         if engine.lookahead_sizes is not None:
             from kestrel.engine.lookahead import LookaheadState
             seq.lookahead = LookaheadState.for_prompt(engine.lookahead_sizes, seq.all_ids)
-        if len(slots) > state.num_kv:
-            engine.pool.free(slots[state.num_kv:])
-        s.adopt(seq, slots[:state.num_kv])
-        engine._requests[seq.request_id] = [seq]
-        s.clients.arrived(seq.client)
-        self.moved_in += 1
-        return time.monotonic() - state.suspended_at
 
     def cancel(self, mid: str) -> bool:
         """Free a reservation (the move was given up); False if there was none."""

@@ -98,6 +98,9 @@ class Metrics:
                                        "slots held by requests", ["instance"], registry=r)
         self.migrations = Counter("kestrel:migrations", "Live migrations of running requests between instances, "
                                   "by outcome (done, gone, refused, failed)", ["outcome"], registry=r)
+        self.queued_migrations = Counter("kestrel:queued_migrations", "Queued requests moved to another "
+                                         "instance's queue, by outcome (done, gone, refused, failed)", ["outcome"],
+                                         registry=r)
         self.migration_downtime = Histogram("kestrel:migration_downtime_seconds", "Time a migrated request was "
                                             "stopped (stop-and-copy of its last K/V)", buckets=LATENCY_BUCKETS,
                                             registry=r)
@@ -110,6 +113,9 @@ class Metrics:
             self.instance_waiting.labels(instance=name).set(report.get("waiting", 0))
             self.instance_kv_usage.labels(instance=name).set(report.get("kv_used", 0) / max(1, report.get("kv_size", 1)))
         for m in load.get("migrations", ()):
+            if m.queued:  # nothing stopped: no downtime to report
+                self.queued_migrations.labels(outcome=m.outcome).inc()
+                continue
             self.migrations.labels(outcome=m.outcome).inc()
             if m.outcome == "done":
                 self.migration_downtime.observe(m.downtime)
