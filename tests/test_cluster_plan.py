@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kestrel import Engine, SamplingParams
-from kestrel.cluster.dispatch import Dispatcher, Load, migration_pair, pick_move
+from kestrel.cluster.dispatch import PRIORITY_HEADROOM, Dispatcher, Load, migration_pair, pick_move
 from kestrel.cluster.plan import CostModel, Workload, colocated, disaggregated, goodput, plan
 from kestrel.engine.step_log import step_shape
 from kestrel.config import EngineConfig
@@ -159,12 +159,17 @@ def test_queued_requests_move_between_engines_queues_exactly(engines):
     a.handoffs.resume("waiter")  # the destination refused: back in the queue
     assert [s.request_id for s in a.scheduler.waiting] == ["waiter"]
     state, kv = a.handoffs.suspend("waiter", 0, queued=True)
+    arrived = state.seq.arrival_time
+    state.suspended_at += 1000.0  # as if it came from a machine whose monotonic clock is 1000 s ahead
+    state.seq.arrival_time += 1000.0
     b.handoffs.adopt("q", state, 0, kv)
     a.handoffs.commit("waiter")
+    assert abs(b._requests["waiter"][0].arrival_time - arrived) < 0.5  # queued in its place on this clock
     assert b.kv_accounting()["waiting"] == 1 and a.kv_accounting()["requests"] == 1
     while b.has_unfinished():
         b.step()
-    assert b.get_output("waiter", pop=True).token_ids == b.generate([prompt], seeded)[0].token_ids
+    out, want = b.get_output("waiter", pop=True), b.generate([prompt], seeded)[0]
+    assert out.token_ids == want.token_ids and out.text == want.text
 
     # preempted after 6 tokens (its memory went to others): it waits with its output, and moves with it
     regex = SamplingParams(max_tokens=40, temperature=0.7, seed=3, regex=r"(yes|no)( [a-z]{2,6}){3,9}\.")
@@ -187,14 +192,40 @@ def test_queued_requests_move_between_engines_queues_exactly(engines):
     assert accounted(a) and accounted(b)
 
 
-def test_the_migration_policy_moves_the_queue_head_first_then_the_cheapest_running_request():
+def test_the_migration_policy_moves_the_first_queued_request_then_the_cheapest_running_one():
     running = [("r1", 300, 0, False), ("r2", 120, 0, False), ("vip", 50, -1, False)]
     queued = [("q1", 900, 0, True), ("q2", 200, 0, True)]
-    assert pick_move(running + queued, 1000) == queued[0]  # the one the queue serves next
-    assert pick_move(running + queued, 500) == queued[1]  # q1 would turn the imbalance around
-    assert pick_move(running, 500) == running[1]  # high priority keeps its place; then the cheapest to copy
-    assert pick_move(running, 100) == running[2]  # ... unless nothing else fits the gap
+    assert pick_move(running + queued, 1000) == (queued[0], 900)  # the first come
+    assert pick_move(running + queued, 500) == (queued[1], 200)  # q1 would leave a larger gap the other way
+    assert pick_move(running, 500) == (running[1], 120)  # high priority keeps its place; then the cheapest to copy
+    assert pick_move(running, 100) == (running[2], 50)  # ... unless nothing else fits the gap
     assert pick_move(running, 40) is None
+    # a high-priority request carries the headroom kept around it: moving it must not turn the imbalance around
+    # (it would then move straight back, again and again)
+    assert pick_move([("vq", 500, -1, True)], 1000, headroom=750) is None
+    assert pick_move([("vq", 500, -1, True)], 1300, headroom=750) == (("vq", 500, -1, True), 1250)
+
+
+def test_moving_the_chosen_request_shrinks_the_imbalance_and_never_moves_it_back():
+    """The router's loop on its own load figures: whatever it picks, the gap shrinks, and the request moved is
+    not a candidate to move back."""
+    rng = random.Random(3)
+    for _ in range(200):
+        a, b = Load(), Load()
+        a.update(dict(kv_size=3000, kv_used=rng.randrange(3000), waiting_tokens=rng.randrange(2000),
+                      high_priority=rng.randrange(2)))
+        b.update(dict(kv_size=3000, kv_used=rng.randrange(1500)))
+        options = [(f"r{i}", rng.randrange(1, 1500), rng.choice([0, 0, -1]), rng.random() < 0.5) for i in range(4)]
+        gap = a.virtual_usage - b.virtual_usage
+        move = pick_move(options, gap, PRIORITY_HEADROOM * a.size)
+        if move is None:
+            continue
+        _, load = move
+        a.moved_tokens -= load
+        b.moved_tokens += load
+        after = a.virtual_usage - b.virtual_usage
+        assert abs(after) < gap
+        assert pick_move([move[0]], -after, PRIORITY_HEADROOM * b.size) is None
 
 def _shapes():
     """Step shapes as kestrel.cluster.plan.measure times them: prefills of t tokens, decodes of b rows at context c."""

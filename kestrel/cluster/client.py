@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
-from kestrel.cluster.dispatch import Dispatcher, Load, check_router, least_loaded, migration_pair, pick_move
+from kestrel.cluster.dispatch import (PRIORITY_HEADROOM, Dispatcher, Load, check_router, least_loaded,
+                                     migration_pair, pick_move)
 from kestrel.cluster.instance import CallError, Instance
 from kestrel.config import EngineConfig
 from kestrel.engine.clients import ServiceShare
@@ -293,11 +294,21 @@ class ClusterClient(EngineFront):
             h.alive = False
             mine = [rid for rid, where in self._where.items() if where is h and rid not in self._moving]
         log.error("%s; %d requests were on it", reason, len(mine))
+        self._rescue(mine, reason)
+        self.dispatcher.forget(h.name)
+        self.loads[h.name] = Load()
+        if not any(x.alive for x in self.handles):
+            self.failure = reason
+        threading.Thread(target=self._restart, args=(h, reason), daemon=True, name=f"kestrel-restart-{h.name}").start()
+
+    def _rescue(self, rids: list[str], reason: str) -> None:
+        """Requests whose instance died: those that have streamed nothing run elsewhere from the start, the
+        others fail with EngineDead."""
         redo = []
-        for rid in mine:
+        for rid in rids:
             sub = self._submits.get(rid)
             if sub is not None and self._entry_instances():
-                redo.append(sub)  # nothing streamed yet: run it elsewhere from the start
+                redo.append(sub)
             else:
                 self._where.pop(rid, None)
                 self._deliver(rid, EngineDead(reason))
@@ -307,11 +318,6 @@ class ClusterClient(EngineFront):
             except EngineDead as e:
                 self._where.pop(sub.request_id, None)
                 self._deliver(sub.request_id, e)
-        self.dispatcher.forget(h.name)
-        self.loads[h.name] = Load()
-        if not any(x.alive for x in self.handles):
-            self.failure = reason
-        threading.Thread(target=self._restart, args=(h, reason), daemon=True, name=f"kestrel-restart-{h.name}").start()
 
     def _restart(self, h: InstanceHandle, reason: str) -> None:
         import ray
@@ -425,14 +431,14 @@ class ClusterClient(EngineFront):
             gap_tokens = self.loads[src.name].virtual_usage - self.loads[dst.name].virtual_usage
             with self._lock:
                 move = pick_move([o for o in options if o[0] in self._where and o[0] not in self._moving],
-                                 gap_tokens)
+                                 gap_tokens, PRIORITY_HEADROOM * self.loads[src.name].size)
             if move is None:
                 continue
-            rid, tokens, _, is_queued = move
-            self.migrate(rid, src, dst, queued=is_queued)
-            with self._lock:  # until both report again, count the move in their loads
-                self.loads[src.name].moved_tokens -= tokens
-                self.loads[dst.name].moved_tokens += tokens
+            (rid, _, _, is_queued), load = move
+            if self.migrate(rid, src, dst, queued=is_queued).outcome == "done":
+                with self._lock:  # until both report again, count the move in their loads
+                    self.loads[src.name].moved_tokens -= load
+                    self.loads[dst.name].moved_tokens += load
 
     def migrate(self, rid: str, src: InstanceHandle, dst: InstanceHandle, queued: bool = False) -> Migration:
         """Move a running request from src to dst while it decodes: copy its K/V in stages, then stop it, copy
@@ -488,15 +494,26 @@ class ClusterClient(EngineFront):
             ray.get(dst.actor.call.remote("handoffs.cancel", dict(mid=mid)))
         except ray.exceptions.RayError:
             pass  # a dead destination holds nothing; an expired reservation is freed already
+        lost = False
         if suspended:
             try:
                 ray.get(src.actor.resume.remote(rid))
             except ray.exceptions.RayError:
-                self._where.pop(rid, None)
-                self._deliver(rid, EngineDead(f"instance {src.name} failed while the request was migrating"))
+                lost = True
         with self._lock:
             self._moving.discard(rid)
-            self._forward_abort(rid, src)
+            # the source died during the move: its failure handling skipped the request (it was moving)
+            lost = (lost or not src.alive) and self._where.get(rid) is src
+            if not lost:
+                self._forward_abort(rid, src)
+        if lost:
+            reason = f"instance {src.name} failed while the request was migrating"
+            if rid in self._aborted:  # the client gave it up meanwhile: nothing to run again
+                self._aborted.discard(rid)
+                self._where.pop(rid, None)
+                self._deliver(rid, EngineDead(reason))
+            else:
+                self._rescue([rid], reason)
 
     def _record(self, m: Migration) -> Migration:
         with self._lock:

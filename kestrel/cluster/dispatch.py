@@ -167,15 +167,17 @@ def migration_pair(candidates: list, loads: dict[str, Load], gap: float) -> Opti
     return src, dst
 
 
-def pick_move(options: list[tuple], gap_tokens: float) -> Optional[tuple]:
+def pick_move(options: list[tuple], gap_tokens: float, headroom: float = 0.0) -> Optional[tuple]:
     """The request the migration policy moves from the source's candidates (Handoffs.candidates(queued=True):
-    (id, tokens, priority, queued)), or None. A move must shrink the imbalance, not turn it around (no
-    ping-pong), so it takes fewer tokens than the gap. A queued request goes first, the one the queue serves
-    next: it moves with nothing to copy and no pause, and it is what the source's memory holds up (Llumnix's
-    first-come-waiting policy). Otherwise a running one: low priority first (high-priority requests keep their
-    place), then the cheapest to copy."""
-    options = [o for o in options if o[1] < gap_tokens]
-    queued = [o for o in options if o[3]]
+    (id, tokens, priority, queued)), or None, with the load the move shifts: its tokens, plus `headroom` (the
+    tokens Load.virtual_usage keeps around it) for a high-priority one. A move must shrink the imbalance: moving
+    load t changes the gap g to g - 2t, so t < g, and the same request never moves straight back. A queued
+    request goes first, the first come: it moves with nothing to copy and no pause, and it is what the source's
+    memory holds up (Llumnix's first-come-waiting policy). Otherwise a running one: low priority first
+    (high-priority requests keep their place), then the cheapest to copy."""
+    shifted = [(o, o[1] + (headroom if o[2] < 0 else 0.0)) for o in options]
+    fits = [(o, load) for o, load in shifted if load < gap_tokens]
+    queued = [(o, load) for o, load in fits if o[3]]
     if queued:
         return queued[0]
-    return min(options, key=lambda o: (o[2] < 0, o[1])) if options else None
+    return min(fits, key=lambda f: (f[0][2] < 0, f[0][1])) if fits else None

@@ -32,9 +32,18 @@ from typing import Optional
 import torch
 
 from kestrel.decoding.grammar import GrammarSpec
+from kestrel.engine.policy import arrival_key
 from kestrel.engine.request import Sequence, Status
 
 RESERVATION_TTL = 30.0  # seconds an idle reservation lives before its slots are freed
+
+
+def clock_shift(state: RequestState) -> float:
+    """This process's monotonic clock minus the source's: 0 on one machine; across machines, from both machines'
+    wall clocks (as close as NTP keeps them)."""
+    if not state.suspended_wall:
+        return 0.0
+    return (time.monotonic() - time.time()) - (state.suspended_at - state.suspended_wall)
 
 
 class HandoffRefused(ValueError):
@@ -50,6 +59,7 @@ class RequestState:
     generator_state: Optional[torch.Tensor]  # its seeded sampler's generator
     num_kv: int  # tokens whose K/V travel with it
     suspended_at: float = 0.0  # time.monotonic() when it left its source's batch (downtime starts)
+    suspended_wall: float = 0.0  # time.time() then: relates the source's monotonic clock to the destination's
 
 
 @dataclass
@@ -112,7 +122,8 @@ class Handoffs:
         gen = seq.generator.get_state() if seq.generator is not None else None
         plain = dataclasses.replace(seq, lora=None, prefix_node=None, row=None, generator=None, grammar=None,
                                     detok=None, lookahead=None, resumes=None, num_slots=0, prefix_len=0)
-        return RequestState(plain, seq.lora.name if seq.lora is not None else None, gen, end, time.monotonic()), kv
+        return RequestState(plain, seq.lora.name if seq.lora is not None else None, gen, end, time.monotonic(),
+                            time.time()), kv
 
     def commit(self, rid: str) -> None:
         """The destination took the request: free what it held here (computed tokens go to the radix cache)."""
@@ -140,14 +151,14 @@ class Handoffs:
     def candidates(self, queued: bool = False) -> list[tuple[str, int, int, bool]]:
         """Requests that could move now: (id, tokens, priority, queued). Running ones that decode, fewest tokens
         of K/V first (cheapest to copy); with `queued`, then the waiting ones in the order the queue serves them,
-        with the tokens they will need (what moving them takes off this instance's load)."""
+        with the tokens they will need (what moving them takes off this instance's load), first come first."""
         s = self.engine.scheduler
         out = sorted(((seq.request_id, seq.num_computed, seq.priority, False) for seq in s.running
                       if seq.params.n == 1 and seq.row is not None and not seq.finished and seq.output_ids
                       and seq.num_computed >= len(seq.prompt_ids)), key=lambda c: c[1])
-        if queued:
+        if queued:  # first come first (Llumnix's policy; asking the scheduling policy could touch the cache)
             out += [(seq.request_id, seq.total_len - seq.num_computed, seq.priority, True)
-                    for seq in s.policy.order(s.waiting, s.cache)
+                    for seq in sorted(s.waiting, key=arrival_key)
                     if seq.params.n == 1 and seq.resumes is None
                     and len(self.engine._requests.get(seq.request_id, ())) == 1]
         return out
@@ -194,9 +205,8 @@ class Handoffs:
 
     def adopt(self, mid: str, state: RequestState, start: int, kv: torch.Tensor) -> float:
         """Write the last K/V and put the request into this engine's running batch (a queued one, with no K/V,
-        into its queue); returns the seconds it was out of any batch or queue (its downtime; source and
-        destination share a clock on one machine). Raises HandoffRefused (the reservation is then freed) when it
-        cannot run here."""
+        into its queue); returns the seconds it was out of any batch or queue (its downtime). Raises
+        HandoffRefused (the reservation is then freed) when it cannot run here."""
         engine, s = self.engine, self.engine.scheduler
         seq = state.seq
         queued = seq.status is Status.WAITING
@@ -218,6 +228,10 @@ class Handoffs:
             self.cancel(mid)
             raise
         seq.lora = adapter
+        shift = clock_shift(state)
+        for name in ("arrival_time", "first_admit_time", "first_token_time", "finish_time"):
+            if getattr(seq, name) is not None:  # on this engine's clock: its queue orders by arrival
+                setattr(seq, name, getattr(seq, name) + shift)
         self._restore(seq, state)
         if queued:
             s.add(seq)  # attaches its adapter; the queue serves it in its arrival order
@@ -229,7 +243,7 @@ class Handoffs:
             s.clients.arrived(seq.client)
         engine._requests[seq.request_id] = [seq]
         self.moved_in += 1
-        return time.monotonic() - state.suspended_at
+        return time.monotonic() - (state.suspended_at + shift)
 
     def _restore(self, seq: Sequence, state: RequestState) -> None:
         """What a request's state left behind on its source: its sampler's generator, its grammar's position
