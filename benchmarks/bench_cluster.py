@@ -220,8 +220,8 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     panels = [("p50_ttft_ms", "P50 TTFT (ms)"), ("p99_ttft_ms", "P99 TTFT (ms)"), ("p99_tpot_ms", "P99 TPOT (ms)")]
-    for ax, (key, name) in zip(axes, panels):
-        for label, by_rate in results.get("llumnix", {}).items():
+    for ax, (key, name) in zip(axes, panels if "llumnix" in results else []):  # else empty panels, no legend
+        for label, by_rate in results["llumnix"].items():
             if label == "ratios":
                 continue
             rates = sorted(by_rate)
