@@ -302,12 +302,12 @@ class ClusterClient(EngineFront):
         threading.Thread(target=self._restart, args=(h, reason), daemon=True, name=f"kestrel-restart-{h.name}").start()
 
     def _rescue(self, rids: list[str], reason: str) -> None:
-        """Requests whose instance died: those that have streamed nothing run elsewhere from the start, the
-        others fail with EngineDead."""
+        """Requests whose instance died: those that have streamed nothing (and were not aborted meanwhile) run
+        elsewhere from the start, the others fail with EngineDead."""
         redo = []
         for rid in rids:
             sub = self._submits.get(rid)
-            if sub is not None and self._entry_instances():
+            if sub is not None and rid not in self._aborted and self._entry_instances():
                 redo.append(sub)
             else:
                 self._where.pop(rid, None)
@@ -507,13 +507,8 @@ class ClusterClient(EngineFront):
             if not lost:
                 self._forward_abort(rid, src)
         if lost:
-            reason = f"instance {src.name} failed while the request was migrating"
-            if rid in self._aborted:  # the client gave it up meanwhile: nothing to run again
-                self._aborted.discard(rid)
-                self._where.pop(rid, None)
-                self._deliver(rid, EngineDead(reason))
-            else:
-                self._rescue([rid], reason)
+            self._rescue([rid], f"instance {src.name} failed while the request was migrating")
+            self._aborted.discard(rid)
 
     def _record(self, m: Migration) -> Migration:
         with self._lock:

@@ -150,8 +150,8 @@ class Handoffs:
 
     def candidates(self, queued: bool = False) -> list[tuple[str, int, int, bool]]:
         """Requests that could move now: (id, tokens, priority, queued). Running ones that decode, fewest tokens
-        of K/V first (cheapest to copy); with `queued`, then the waiting ones in the order the queue serves them,
-        with the tokens they will need (what moving them takes off this instance's load), first come first."""
+        of K/V first (cheapest to copy); with `queued`, then the waiting ones, first come first, with the tokens
+        they will need (what moving them takes off this instance's load)."""
         s = self.engine.scheduler
         out = sorted(((seq.request_id, seq.num_computed, seq.priority, False) for seq in s.running
                       if seq.params.n == 1 and seq.row is not None and not seq.finished and seq.output_ids
@@ -159,8 +159,7 @@ class Handoffs:
         if queued:  # first come first (Llumnix's policy; asking the scheduling policy could touch the cache)
             out += [(seq.request_id, seq.total_len - seq.num_computed, seq.priority, True)
                     for seq in sorted(s.waiting, key=arrival_key)
-                    if seq.params.n == 1 and seq.resumes is None
-                    and len(self.engine._requests.get(seq.request_id, ())) == 1]
+                    if seq.params.n == 1 and seq.resumes is None]
         return out
 
     def _read(self, row: Optional[int], start: int, end: int) -> torch.Tensor:
