@@ -17,7 +17,7 @@ from kestrel.cluster.dispatch import PRIORITY_HEADROOM, Dispatcher, Load, migrat
 from kestrel.cluster.plan import CostModel, Workload, colocated, disaggregated, goodput, plan
 from kestrel.engine.step_log import step_shape
 from kestrel.config import EngineConfig
-from kestrel.engine.handoff import HandoffRefused
+from kestrel.engine.handoff import HandoffGone, HandoffRefused
 
 A, B = SimpleNamespace(name="a"), SimpleNamespace(name="b")
 
@@ -108,11 +108,11 @@ def test_handoff_refusals_free_everything(engines, monkeypatch):
     prompt = list(range(200, 420))
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     rid = a.add_request(prompt, params, request_id="moving")
-    with pytest.raises(HandoffRefused, match="is not running"):  # still waiting for admission
+    with pytest.raises(HandoffGone, match="is not running"):  # still waiting for admission
         a.handoffs.export_kv(rid, 0)
     while not a._requests[rid][0].output_ids:
         a.step()
-    with pytest.raises(HandoffRefused, match="not in this engine"):
+    with pytest.raises(HandoffGone, match="not in this engine"):
         a.handoffs.suspend("nobody", 0)
     assert not b.handoffs.reserve("big", 601)  # more than the destination's pool: refused, nothing held
     state, kv = a.handoffs.suspend(rid, 0)
@@ -152,7 +152,7 @@ def test_queued_requests_move_between_engines_queues_exactly(engines):
     assert [s.request_id for s in a.scheduler.waiting] == ["waiter"]  # no room beside the hog
     assert a.handoffs.candidates(queued=True)[-1] == ("waiter", 200, 0, True)
     assert all(not c[3] for c in a.handoffs.candidates())  # without `queued`, running ones only
-    with pytest.raises(HandoffRefused, match="not waiting"):
+    with pytest.raises(HandoffGone, match="not waiting"):
         a.handoffs.suspend("hog", 0, queued=True)
     state, kv = a.handoffs.suspend("waiter", 0, queued=True)
     assert kv.shape[2] == 0 and state.num_kv == 0 and not a.scheduler.waiting

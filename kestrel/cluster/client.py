@@ -480,8 +480,7 @@ class ClusterClient(EngineFront):
                 m.outcome = "failed"
                 log.warning("migration of %s from %s to %s failed: %s", rid, src.name, dst.name, _cause(e))
             else:  # the request finished or went away first, or the destination had no room
-                gone = ("not running", "not waiting", "not in this engine")
-                m.outcome = "gone" if any(g in str(refused) for g in gone) else "refused"
+                m.outcome = "gone" if refused.kind == "gone" else "refused"
             self._undo(rid, src, dst, mid, suspended)
         m.total = time.perf_counter() - t0
         return self._record(m)

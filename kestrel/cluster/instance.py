@@ -45,7 +45,8 @@ def instance_load(engine) -> dict:
 
 
 class CallError(Exception):
-    """An engine call the engine refused; kind is "not_found" or "invalid" (as the server's CallFailed)."""
+    """An engine call the engine refused; kind is "not_found" or "invalid" (as the server's CallFailed), or
+    "gone" (a move found its request finished, aborted or admitted first: HandoffGone)."""
 
     def __init__(self, message: str, kind: str):
         super().__init__(message)
@@ -114,7 +115,10 @@ class Instance:
         if fut is None:
             return
         if error is not None:
-            kind = "not_found" if isinstance(error, LookupError) else "invalid"
+            from kestrel.engine.handoff import HandoffGone
+
+            kind = ("not_found" if isinstance(error, LookupError) else "gone" if isinstance(error, HandoffGone)
+                    else "invalid")
             fut.set_exception(CallError(str(error), kind))
         else:
             fut.set_result(result)

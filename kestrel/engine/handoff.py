@@ -50,6 +50,10 @@ class HandoffRefused(ValueError):
     """The request cannot move (gone, finished, not decoding, n > 1) or the destination has no room for it."""
 
 
+class HandoffGone(HandoffRefused):
+    """The request is no longer where the move expects it: finished, aborted, or (for a queued move) admitted."""
+
+
 @dataclass
 class RequestState:
     """A suspended request, free of anything tied to its source engine (slots, radix nodes, native objects)."""
@@ -82,18 +86,18 @@ class Handoffs:
     def _movable(self, rid: str, queued: bool = False) -> Sequence:
         seqs = self.engine._requests.get(rid)
         if not seqs:
-            raise HandoffRefused(f"request {rid!r} is not in this engine")
+            raise HandoffGone(f"request {rid!r} is not in this engine")
         if len(seqs) != 1:
             raise HandoffRefused(f"request {rid!r} has n > 1 completions; only n = 1 requests move")
         seq = seqs[0]
         if queued:
             if seq.status is not Status.WAITING or seq not in self.engine.scheduler.waiting:
-                raise HandoffRefused(f"request {rid!r} is not waiting")
+                raise HandoffGone(f"request {rid!r} is not waiting")
             if seq.resumes is not None:
                 raise HandoffRefused(f"request {rid!r} continues a conversation paused here")
             return seq
         if seq.finished or seq.row is None or seq.status is not Status.RUNNING:
-            raise HandoffRefused(f"request {rid!r} is not running")
+            raise HandoffGone(f"request {rid!r} is not running")
         if seq.num_computed < len(seq.prompt_ids) or not seq.output_ids:
             raise HandoffRefused(f"request {rid!r} has not finished its prefill")
         return seq
