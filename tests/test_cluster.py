@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -301,6 +302,79 @@ def test_migration_whose_destination_dies_leaves_the_request_running(cluster, re
     deadline = time.monotonic() + 120
     while not all(h.alive for h in cluster.handles):
         assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert_no_leaks(cluster)
+
+
+class KilledAfter:
+    """An actor handle whose actor is killed as soon as the first call of `method` has returned its results.
+    `lost`: messages the dead actor had emitted past the suspend's mark that never reached the router."""
+
+    def __init__(self, actor, method: str, lost: int = 0):
+        self.actor, self.method, self.lost = actor, method, lost
+
+    def __getattr__(self, name):
+        attr = getattr(self.actor, name)
+        if name != self.method:
+            return attr
+        return SimpleNamespace(options=lambda **kw: SimpleNamespace(remote=lambda *a: self._call(attr.options(**kw), a)))
+
+    def _call(self, method, args):
+        import ray
+
+        refs = method.remote(*args)
+        ray.wait(list(refs), num_returns=len(refs))
+        if self.method is not None:
+            self.method = None
+            ray.kill(self.actor)
+            if self.lost:
+                mark, end = ray.get(refs[2])
+                refs = [refs[0], refs[1], ray.put((mark + self.lost, end))]
+        return refs
+
+
+@pytest.mark.parametrize("dies_after,lost", [("export_kv", 0), ("suspend", 0), ("suspend", 1)])
+def test_migration_whose_source_dies_frees_the_destination(cluster, reference, dies_after, lost):
+    """The source dies after a copy stage (the destination holds part of the K/V) or once the request stopped:
+    the destination's reservation is freed at once; the request, which has streamed, fails with EngineDead,
+    unless it had stopped and all its deltas had reached the router: then it goes on at the destination, exact
+    and with no gap. With a delta lost in the dead source, it must fail rather than go on past the gap."""
+    import ray
+
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+
+    async def main():
+        q = cluster.submit("orphan", PROMPT, params)
+        item = await q.get()
+        tokens = list(item.token_ids)
+        src = cluster._where["orphan"]
+        dst = next(h for h in cluster.handles if h is not src)
+        real = src.actor
+        src.actor = KilledAfter(real, dies_after, lost)
+        try:
+            m = await asyncio.to_thread(cluster.migrate, "orphan", src, dst)
+        finally:
+            if isinstance(src.actor, KilledAfter):
+                src.actor = real
+        reserved = (await asyncio.to_thread(ray.get, dst.actor.kv_state.remote()))["reserved"]
+        while not isinstance(item, Exception) and not item.finished:
+            item = await q.get()
+            if not isinstance(item, Exception):
+                tokens += item.token_ids
+        cluster.release("orphan", abort=False)
+        return m, reserved, item, tokens, src
+    m, reserved, last, tokens, src = asyncio.run(main())
+    want = expected(reference, PROMPT, params)
+    assert reserved == 0  # freed when the move gave up, not when its reservation expires
+    if dies_after == "export_kv" or lost:
+        assert m.outcome == "failed"
+    if m.outcome == "failed":
+        assert isinstance(last, EngineDead) and tokens == want[:len(tokens)]
+    else:  # every delta from the source had arrived: the stream goes on from the destination with no gap
+        assert m.outcome == "done" and dies_after == "suspend" and tokens == want
+    deadline = time.monotonic() + 120
+    while not src.alive:
+        assert time.monotonic() < deadline, "the dead source was not restarted"
         time.sleep(0.2)
     assert_no_leaks(cluster)
 

@@ -91,6 +91,10 @@ class Migration:
     queued: bool = False  # it was waiting in the source's queue: nothing was copied, it waits on the destination
 
 
+class SourceLost(Exception):
+    """A migration's source died after stopping the request, before all it had streamed reached the client."""
+
+
 class InstanceHandle:
     """The API process's view of one instance: its actor, its load, its sender and poller threads."""
 
@@ -451,6 +455,7 @@ class ClusterClient(EngineFront):
             if self._where.get(rid) is not src or rid in self._moving:
                 return self._record(Migration(rid, src.name, dst.name, "gone", queued=queued))
             self._moving.add(rid)
+            gen = src.generation
         mid = f"mig-{next(self._mids)}"
         m = Migration(rid, src.name, dst.name, "failed", queued=queued)
         t0 = time.perf_counter()
@@ -469,12 +474,15 @@ class ClusterClient(EngineFront):
             mark, m.tokens = ray.get(mark_ref)
             suspended = True
             with src.cond:  # every delta the source produced reaches the client before the destination's
-                while src.processed < mark and src.alive:
+                while src.processed < mark and src.alive and src.generation == gen:
                     src.cond.wait(0.05)
+                whole = src.processed >= mark and src.generation == gen
+            if not whole:  # the source died holding deltas the client never got: going on would leave a gap
+                raise SourceLost(f"instance {src.name} died before its last deltas of {rid} arrived")
             m.downtime = ray.get(dst.actor.adopt.remote(mid, state_ref, start, kv_ref))
             m.outcome = "done"
             self._moved(rid, src, dst)
-        except ray.exceptions.RayError as e:
+        except (ray.exceptions.RayError, SourceLost) as e:
             refused = _refusal(e)
             if refused is None:
                 m.outcome = "failed"
