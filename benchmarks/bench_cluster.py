@@ -35,7 +35,7 @@ from kestrel.bench.workloads import BenchRequest, _words, shared_prefix_workload
 
 PORT = 30321
 SLO_TTFT, SLO_TPOT = 2.0, 0.15  # Llumnix part (reported as goodput beside its latencies)
-BURSTINESS = 0.25  # Llumnix part: gamma arrivals with a coefficient of variation of 2 (Poisson's is 1)
+BURSTINESS = 0.25  # Llumnix part: gamma arrivals with a coefficient of variation of 2 (Poisson's is 1: burstiness 1)
 DIS_TTFT, DIS_TPOT = 5.0, 0.1  # DistServe part: a long prompt alone takes ~2-3 s to prefill on one core
 
 
@@ -85,7 +85,8 @@ POLICIES = [("round-robin", ["--router", "round-robin"]), ("least-load", ["--rou
             ("llumnix", ["--router", "llumnix"])]
 
 
-def part_llumnix(quick: bool, requests: int = 0, rates: str = "", workloads: int = 1) -> dict:
+def part_llumnix(quick: bool, requests: int = 0, rates: str = "", workloads: int = 1,
+                 burstiness: float = BURSTINESS) -> dict:
     """Per policy and rate: latency percentiles (all requests, and the short ones alone: a long prompt's P99
     TTFT is mostly its own prefill, which no dispatch changes, while a short one's is mostly waiting behind
     others), preemptions, migrations and their downtime. With several `workloads` (different draws of the same
@@ -105,7 +106,7 @@ def part_llumnix(quick: bool, requests: int = 0, rates: str = "", workloads: int
                 results, delta, duration, per_workload = [], {}, 0.0, []
                 for w in range(workloads):
                     # new prompts (same lengths) at each rate: a replay would hit the prefix cache
-                    summary, d, res = run(bursty(n, seed=10 + i + 100 * w), rate, burstiness=BURSTINESS)
+                    summary, d, res = run(bursty(n, seed=10 + i + 100 * w), rate, burstiness=burstiness)
                     results += res
                     duration += summary["duration_s"]
                     per_workload.append(summary["ttft"].get("p99_ms"))
@@ -269,10 +270,12 @@ def main() -> None:
     ap.add_argument("--llumnix-rates", default="", help="comma-separated rates (default 1,1.5,2,2.5)")
     ap.add_argument("--llumnix-workloads", type=int, default=1,
                     help="workloads per rate (different draws of the same lengths and bursts)")
+    ap.add_argument("--llumnix-burstiness", type=float, default=BURSTINESS,
+                    help="gamma shape of the arrivals: 1 is Poisson, lower is burstier (CV = 1/sqrt(shape))")
     args = ap.parse_args()
-    results = {"cpu": cpu_name()}
+    results = {"cpu": cpu_name(), "args": vars(args)}
     parts = {"llumnix": functools.partial(part_llumnix, requests=args.llumnix_requests, rates=args.llumnix_rates,
-                                          workloads=args.llumnix_workloads),
+                                          workloads=args.llumnix_workloads, burstiness=args.llumnix_burstiness),
              "cache": part_cache, "distserve": part_distserve}
     for part in args.part.split(","):
         results[part] = parts[part](args.quick)
