@@ -115,6 +115,24 @@ class InstanceHandle:
         self.commands.put(cmd)
 
 
+@dataclass(frozen=True)
+class Pinned:
+    """An instance as it was when a move began: calls go to that actor (a dead one fails them, rather than a
+    restarted successor that never knew the request answering), and `changed` says whether it died since."""
+
+    handle: InstanceHandle
+    actor: object
+    generation: int
+
+    @classmethod
+    def of(cls, h: InstanceHandle) -> "Pinned":  # under the client's lock: actor and generation change together
+        return cls(h, h.actor, h.generation)
+
+    @property
+    def changed(self) -> bool:
+        return not self.handle.alive or self.handle.generation != self.generation
+
+
 class ClusterClient(EngineFront):
     def __init__(self, config: EngineConfig, cluster: ClusterConfig, max_restarts: int = 5,
                  start_timeout: float = START_TIMEOUT):
@@ -370,45 +388,57 @@ class ClusterClient(EngineFront):
         """A prefill instance finished a prompt: adopt it on the freest decode instance that has room."""
         import ray
 
+        with self._lock:
+            s = Pinned.of(src)
         try:
             tried = set()
             while True:
                 with self._lock:
                     options = [h for h in self._decode_instances() if h.name not in tried]
+                    if options:
+                        d = Pinned.of(least_loaded(options, self.loads))
                 if not options:
                     break
-                dst = least_loaded(options, self.loads)
-                tried.add(dst.name)
+                tried.add(d.handle.name)
                 try:
-                    ray.get(dst.actor.adopt.remote(f"{rid}>{dst.name}", state, 0, kv))
+                    ray.get(d.actor.adopt.remote(f"{rid}>{d.handle.name}", state, 0, kv))
                 except ray.exceptions.RayError as e:
-                    log.warning("decode instance %s did not take %s: %s", dst.name, rid, _cause(e))
+                    log.warning("decode instance %s did not take %s: %s", d.handle.name, rid, _cause(e))
                     continue
-                self._moved(rid, src, dst)
+                self._moved(rid, s, d)
                 return
-            ray.get(src.actor.resume.remote(rid, True))  # no decode instance has room: it decodes where it is
-            with self._lock:
-                self._moving.discard(rid)
-                self._forward_abort(rid, src)
+            ray.get(s.actor.resume.remote(rid, True))  # no decode instance has room: it decodes where it is
+            self._settle(rid, s)
         except ray.exceptions.RayError as e:
             with self._lock:
                 self._moving.discard(rid)
             self._where.pop(rid, None)
             self._deliver(rid, EngineDead(f"the hand-over of the request failed: {_cause(e)}"))
 
-    def _moved(self, rid: str, src: InstanceHandle, dst: InstanceHandle) -> None:
-        """The destination runs it now: route to it, free it on the source, pass on an abort that came meanwhile."""
+    def _moved(self, rid: str, s: Pinned, d: Pinned) -> None:
+        """The destination runs it now: route to it, free it on the source."""
         import ray
 
-        with self._lock:
-            if rid in self._where:
-                self._where[rid] = dst
-            self._moving.discard(rid)
-            self._forward_abort(rid, dst)
+        self._settle(rid, d)
         try:
-            ray.get(src.actor.call.remote("handoffs.commit", dict(rid=rid)))
+            ray.get(s.actor.call.remote("handoffs.commit", dict(rid=rid)))
         except ray.exceptions.RayError:
             pass  # the source died: its slots died with it
+
+    def _settle(self, rid: str, at: Pinned, lost: bool = False) -> None:
+        """A move is over and the request runs at `at`: route it there and pass on an abort that came meanwhile.
+        If `at` died during the move (`lost`: a call to it failed), its failure handling skipped the request,
+        which was moving: it is rescued here."""
+        with self._lock:
+            self._moving.discard(rid)
+            if rid in self._where:
+                self._where[rid] = at.handle
+            lost = (lost or at.changed) and rid in self._where
+            if not lost:
+                self._forward_abort(rid, at.handle)
+        if lost:
+            self._rescue([rid], f"instance {at.handle.name} failed while the request was moving")
+            self._aborted.discard(rid)
 
     def _forward_abort(self, rid: str, h: InstanceHandle) -> None:
         from kestrel.engine.driver import Abort
@@ -455,33 +485,33 @@ class ClusterClient(EngineFront):
             if self._where.get(rid) is not src or rid in self._moving:
                 return self._record(Migration(rid, src.name, dst.name, "gone", queued=queued))
             self._moving.add(rid)
-            gen = src.generation
+            s, d = Pinned.of(src), Pinned.of(dst)
         mid = f"mig-{next(self._mids)}"
         m = Migration(rid, src.name, dst.name, "failed", queued=queued)
         t0 = time.perf_counter()
         start, suspended = 0, False
         try:
             while not queued and m.stages < MAX_STAGES:
-                end_ref, kv_ref = src.actor.export_kv.options(num_returns=2).remote(rid, start)
-                written = dst.actor.write.remote(mid, start, kv_ref)
+                end_ref, kv_ref = s.actor.export_kv.options(num_returns=2).remote(rid, start)
+                written = d.actor.write.remote(mid, start, kv_ref)
                 end = ray.get(end_ref)
                 ray.get(written)
                 m.stages += 1
                 left, start = end - start, end
                 if left < STOP_COPY_TOKENS:
                     break
-            state_ref, kv_ref, mark_ref = src.actor.suspend.options(num_returns=3).remote(rid, start, queued)
+            state_ref, kv_ref, mark_ref = s.actor.suspend.options(num_returns=3).remote(rid, start, queued)
             mark, m.tokens = ray.get(mark_ref)
             suspended = True
             with src.cond:  # every delta the source produced reaches the client before the destination's
-                while src.processed < mark and src.alive and src.generation == gen:
+                while src.processed < mark and not s.changed:
                     src.cond.wait(0.05)
-                whole = src.processed >= mark and src.generation == gen
+                whole = src.processed >= mark and src.generation == s.generation
             if not whole:  # the source died holding deltas the client never got: going on would leave a gap
                 raise SourceLost(f"instance {src.name} died before its last deltas of {rid} arrived")
-            m.downtime = ray.get(dst.actor.adopt.remote(mid, state_ref, start, kv_ref))
+            m.downtime = ray.get(d.actor.adopt.remote(mid, state_ref, start, kv_ref))
             m.outcome = "done"
-            self._moved(rid, src, dst)
+            self._moved(rid, s, d)
         except (ray.exceptions.RayError, SourceLost) as e:
             refused = _refusal(e)
             if refused is None:
@@ -489,33 +519,25 @@ class ClusterClient(EngineFront):
                 log.warning("migration of %s from %s to %s failed: %s", rid, src.name, dst.name, _cause(e))
             else:  # the request finished or went away first, or the destination had no room
                 m.outcome = "gone" if refused.kind == "gone" else "refused"
-            self._undo(rid, src, dst, mid, suspended)
+            self._undo(rid, s, d, mid, suspended)
         m.total = time.perf_counter() - t0
         return self._record(m)
 
-    def _undo(self, rid: str, src: InstanceHandle, dst: InstanceHandle, mid: str, suspended: bool) -> None:
+    def _undo(self, rid: str, s: Pinned, d: Pinned, mid: str, suspended: bool) -> None:
         """A migration gave up: free the destination's reservation; a stopped request goes on at the source."""
         import ray
 
         try:
-            ray.get(dst.actor.call.remote("handoffs.cancel", dict(mid=mid)))
+            ray.get(d.actor.call.remote("handoffs.cancel", dict(mid=mid)))
         except ray.exceptions.RayError:
             pass  # a dead destination holds nothing; an expired reservation is freed already
         lost = False
         if suspended:
             try:
-                ray.get(src.actor.resume.remote(rid))
+                ray.get(s.actor.resume.remote(rid))
             except ray.exceptions.RayError:
                 lost = True
-        with self._lock:
-            self._moving.discard(rid)
-            # the source died during the move: its failure handling skipped the request (it was moving)
-            lost = (lost or not src.alive) and self._where.get(rid) is src
-            if not lost:
-                self._forward_abort(rid, src)
-        if lost:
-            self._rescue([rid], f"instance {src.name} failed while the request was migrating")
-            self._aborted.discard(rid)
+        self._settle(rid, s, lost)
 
     def _record(self, m: Migration) -> Migration:
         with self._lock:

@@ -45,8 +45,7 @@ def instance_load(engine) -> dict:
 
 
 class CallError(Exception):
-    """An engine call the engine refused; kind is "not_found" or "invalid" (as the server's CallFailed), or
-    "gone" (a move found its request finished, aborted or admitted first: HandoffGone)."""
+    """An engine call the engine refused; kind as the server's CallFailed (engine_process.error_kind)."""
 
     def __init__(self, message: str, kind: str):
         super().__init__(message)
@@ -115,11 +114,9 @@ class Instance:
         if fut is None:
             return
         if error is not None:
-            from kestrel.engine.handoff import HandoffGone
+            from kestrel.server.engine_process import error_kind
 
-            kind = ("not_found" if isinstance(error, LookupError) else "gone" if isinstance(error, HandoffGone)
-                    else "invalid")
-            fut.set_exception(CallError(str(error), kind))
+            fut.set_exception(CallError(str(error), error_kind(error)))
         else:
             fut.set_result(result)
 

@@ -61,7 +61,7 @@ def engine_main(config: EngineConfig, inbox, outbox) -> None:
         outbox.put(("error", rid, str(error), getattr(error, "param", None)))
 
     def respond(call_id: str, result, error) -> None:
-        kind = None if error is None else ("not_found" if isinstance(error, LookupError) else "invalid")
+        kind = None if error is None else error_kind(error)
         outbox.put(("reply", call_id, result, None if error is None else str(error), kind))
 
     try:
@@ -142,8 +142,16 @@ class Rejected(ValueError):
         self.param = param
 
 
+def error_kind(error: BaseException) -> str:
+    """How a refused engine call is reported: "not_found" (an unknown name), "gone" (a move found its request
+    finished, aborted or admitted first) or "invalid"."""
+    from kestrel.engine.handoff import HandoffGone
+
+    return "not_found" if isinstance(error, LookupError) else "gone" if isinstance(error, HandoffGone) else "invalid"
+
+
 class CallFailed(Exception):
-    """The engine refused a management call; kind is "not_found" (an unknown name) or "invalid"."""
+    """The engine refused a management call; kind is error_kind's ("gone" only from moving a request)."""
 
     def __init__(self, message: str, kind: str):
         super().__init__(message)
