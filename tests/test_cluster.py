@@ -331,13 +331,17 @@ class KilledAfter:
         method_name, self.method = self.method, None
         if method_name == "suspend" and not self.lost:
             mark, _ = ray.get(refs[2])
+            deadline = time.monotonic() + 30
             with self.handle.cond:
                 while self.handle.processed < mark:
+                    assert time.monotonic() < deadline, "the source's deltas did not arrive"
                     self.handle.cond.wait(0.05)
         ray.kill(self.actor)
         while True:  # dead before the migration goes on: no later call reaches it
             try:
                 ray.get(self.actor.pid.remote(), timeout=10)
+            except ray.exceptions.GetTimeoutError:
+                continue
             except ray.exceptions.RayActorError:
                 break
         if self.lost:
@@ -354,7 +358,7 @@ def test_migration_whose_source_dies_frees_the_destination(cluster, reference, d
     destination, exact and with no gap (a lost delta must fail it rather than leave a gap)."""
     import ray
 
-    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
 
     async def main():
         q = cluster.submit("orphan", PROMPT, params)
@@ -362,12 +366,14 @@ def test_migration_whose_source_dies_frees_the_destination(cluster, reference, d
         tokens = list(item.token_ids)
         src = cluster._where["orphan"]
         dst = next(h for h in cluster.handles if h is not src)
-        real, src.actor = src.actor, KilledAfter(src, dies_after, lost)
+        with cluster._lock:
+            real, src.actor = src.actor, KilledAfter(src, dies_after, lost)
         try:
-            m = await asyncio.to_thread(cluster.migrate, "orphan", src, dst)
+            m = await asyncio.wait_for(asyncio.to_thread(cluster.migrate, "orphan", src, dst), 60)
         finally:
-            if isinstance(src.actor, KilledAfter):
-                src.actor = real
+            with cluster._lock:  # (unless the source's restart put its successor there already)
+                if isinstance(src.actor, KilledAfter):
+                    src.actor = real
         reserved = (await asyncio.to_thread(ray.get, dst.actor.kv_state.remote()))["reserved"]
         while not isinstance(item, Exception) and not item.finished:
             item = await asyncio.wait_for(q.get(), 60)  # a request nobody rescued fails here, not by hanging

@@ -307,7 +307,8 @@ class ClusterClient(EngineFront):
             _, rid, state, kv = msg
             with self._lock:
                 self._moving.add(rid)
-            self._moves.submit(self._hand_over, h, rid, state, kv)
+                src = Pinned.of(h)  # the instance this poller reads: a successor cannot be, as it stops then
+            self._moves.submit(self._hand_over, src, rid, state, kv)
 
     def _instance_failed(self, h: InstanceHandle, gen: int, reason: str) -> None:
         with self._lock:
@@ -315,8 +316,8 @@ class ClusterClient(EngineFront):
                 return
             h.alive = False
             mine = [rid for rid, where in self._where.items() if where is h and rid not in self._moving]
-        log.error("%s; %d requests were on it", reason, len(mine))
-        self._rescue(mine, reason)
+            log.error("%s; %d requests were on it", reason, len(mine))
+            self._rescue(mine, reason)  # under the lock: a move ending now (_settle) sees them rescued
         self.dispatcher.forget(h.name)
         self.loads[h.name] = Load()
         if not any(x.alive for x in self.handles):
@@ -325,7 +326,7 @@ class ClusterClient(EngineFront):
 
     def _rescue(self, rids: list[str], reason: str) -> None:
         """Requests whose instance died: those that have streamed nothing (and were not aborted meanwhile) run
-        elsewhere from the start, the others fail with EngineDead."""
+        elsewhere from the start, the others fail with EngineDead. Nothing here blocks: callers hold the lock."""
         redo = []
         for rid in rids:
             sub = self._submits.get(rid)
@@ -384,12 +385,10 @@ class ClusterClient(EngineFront):
         h.send(sub)
         return h
 
-    def _hand_over(self, src: InstanceHandle, rid: str, state, kv) -> None:
+    def _hand_over(self, s: Pinned, rid: str, state, kv) -> None:
         """A prefill instance finished a prompt: adopt it on the freest decode instance that has room."""
         import ray
 
-        with self._lock:
-            s = Pinned.of(src)
         try:
             tried = set()
             while True:
@@ -408,37 +407,46 @@ class ClusterClient(EngineFront):
                 self._moved(rid, s, d)
                 return
             ray.get(s.actor.resume.remote(rid, True))  # no decode instance has room: it decodes where it is
-            self._settle(rid, s)
-        except ray.exceptions.RayError as e:
-            with self._lock:
-                self._moving.discard(rid)
-            self._where.pop(rid, None)
-            self._deliver(rid, EngineDead(f"the hand-over of the request failed: {_cause(e)}"))
+            self._settle(rid, s.handle, s)
+        except Exception as e:  # noqa: BLE001 - whatever failed, the request must not stay stuck as moving
+            log.warning("the hand-over of %s failed: %s", rid, _cause(e),
+                        exc_info=not isinstance(e, ray.exceptions.RayError))
+            self._settle(rid, s.handle, s, lost=True)
 
-    def _moved(self, rid: str, s: Pinned, d: Pinned) -> None:
-        """The destination runs it now: route to it, free it on the source."""
+    def _moved(self, rid: str, s: Pinned, d: Pinned) -> bool:
+        """The destination runs it now: route to it, free it on the source. False if the destination died
+        meanwhile (the request was rescued)."""
         import ray
 
-        self._settle(rid, d)
+        lost = self._settle(rid, s.handle, d)
         try:
             ray.get(s.actor.call.remote("handoffs.commit", dict(rid=rid)))
         except ray.exceptions.RayError:
             pass  # the source died: its slots died with it
+        return not lost
 
-    def _settle(self, rid: str, at: Pinned, lost: bool = False) -> None:
-        """A move is over and the request runs at `at`: route it there and pass on an abort that came meanwhile.
-        If `at` died during the move (`lost`: a call to it failed), its failure handling skipped the request,
-        which was moving: it is rescued here."""
+    def _settle(self, rid: str, was: InstanceHandle, at: Pinned, lost: bool = False) -> bool:
+        """A move of a request that ran at `was` is over and the request runs at `at` now: route it there and pass
+        on an abort that came meanwhile. If `at` died during the move (`lost`: a call to it failed), its failure
+        handling skipped the request, which was moving: it is rescued here, under the lock, so that handling
+        cannot take it too. True when it was rescued."""
+        from kestrel.engine.driver import Abort
+
         with self._lock:
             self._moving.discard(rid)
-            if rid in self._where:
-                self._where[rid] = at.handle
-            lost = (lost or at.changed) and rid in self._where
-            if not lost:
-                self._forward_abort(rid, at.handle)
-        if lost:
-            self._rescue([rid], f"instance {at.handle.name} failed while the request was moving")
-            self._aborted.discard(rid)
+            owner = self._where.get(rid)
+            if owner is not was:  # released (ended, or aborted before the move knew of it): stop it at `at` too
+                self._aborted.discard(rid)
+                if owner is not at.handle and not at.changed:
+                    at.handle.send(Abort(rid))  # a no-op for one that finished
+                return False
+            self._where[rid] = at.handle
+            if lost or at.changed:
+                self._rescue([rid], f"instance {at.handle.name} failed while the request was moving")
+                self._aborted.discard(rid)
+                return True
+            self._forward_abort(rid, at.handle)
+            return False
 
     def _forward_abort(self, rid: str, h: InstanceHandle) -> None:
         from kestrel.engine.driver import Abort
@@ -484,6 +492,8 @@ class ClusterClient(EngineFront):
         with self._lock:
             if self._where.get(rid) is not src or rid in self._moving:
                 return self._record(Migration(rid, src.name, dst.name, "gone", queued=queued))
+            if not (src.alive and dst.alive):  # (a dead source's failure handling has its requests)
+                return self._record(Migration(rid, src.name, dst.name, "failed", queued=queued))
             self._moving.add(rid)
             s, d = Pinned.of(src), Pinned.of(dst)
         mid = f"mig-{next(self._mids)}"
@@ -510,13 +520,13 @@ class ClusterClient(EngineFront):
             if not whole:  # the source died holding deltas the client never got: going on would leave a gap
                 raise SourceLost(f"instance {src.name} died before its last deltas of {rid} arrived")
             m.downtime = ray.get(d.actor.adopt.remote(mid, state_ref, start, kv_ref))
-            m.outcome = "done"
-            self._moved(rid, s, d)
-        except (ray.exceptions.RayError, SourceLost) as e:
+            m.outcome = "done" if self._moved(rid, s, d) else "failed"
+        except Exception as e:  # noqa: BLE001 - whatever failed, the request must not stay stuck as moving
             refused = _refusal(e)
             if refused is None:
                 m.outcome = "failed"
-                log.warning("migration of %s from %s to %s failed: %s", rid, src.name, dst.name, _cause(e))
+                log.warning("migration of %s from %s to %s failed: %s", rid, src.name, dst.name, _cause(e),
+                            exc_info=not isinstance(e, (ray.exceptions.RayError, SourceLost)))
             else:  # the request finished or went away first, or the destination had no room
                 m.outcome = "gone" if refused.kind == "gone" else "refused"
             self._undo(rid, s, d, mid, suspended)
@@ -537,7 +547,7 @@ class ClusterClient(EngineFront):
                 ray.get(s.actor.resume.remote(rid))
             except ray.exceptions.RayError:
                 lost = True
-        self._settle(rid, s, lost)
+        self._settle(rid, s.handle, s, lost)
 
     def _record(self, m: Migration) -> Migration:
         with self._lock:
