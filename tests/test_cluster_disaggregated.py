@@ -18,7 +18,7 @@ def reference(tiny_llama_dir):
     return Engine(tiny_llama_dir, disable_radix_cache=True, **ENGINE)
 
 
-def test_disaggregated_prefill_then_decode_is_exact(tiny_llama_dir, reference):
+def test_disaggregated_prefill_then_decode_is_exact(tiny_llama_dir, reference, monkeypatch):
     c = ClusterClient(EngineConfig(model=tiny_llama_dir, **ENGINE),
                       ClusterConfig(prefill_instances=1, decode_instances=1, cpus_per_instance=1))
     try:
@@ -39,6 +39,26 @@ def test_disaggregated_prefill_then_decode_is_exact(tiny_llama_dir, reference):
         assert states["decode-0"]["evictable"] >= len(PROMPT) + 49  # and the decode instance what it decoded
         decode = next(h for h in c.handles if h.role == "decode")
         assert decode.info["role"] == "decode"
+        assert_no_leaks(c)
+
+        # released (its client went away) while its hand-over was on the way: the abort reached the prefill
+        # instance after it had suspended the request, so the decode instance that adopts it is told to stop it
+        from kestrel.engine.driver import Abort
+
+        sent, dispatch, send = [], c._dispatch, decode.send
+
+        def released_first(h, msg):
+            if msg[0] == "handoff" and msg[1] == "gone":
+                c.release("gone", abort=True)
+            dispatch(h, msg)
+        monkeypatch.setattr(c, "_dispatch", released_first)
+        monkeypatch.setattr(decode, "send", lambda cmd: (sent.append(cmd), send(cmd)))
+
+        async def unheard():
+            c.submit("gone", OTHER, SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True))
+            while not any(isinstance(cmd, Abort) and cmd.request_id == "gone" for cmd in sent):
+                await asyncio.sleep(0.01)
+        asyncio.run(asyncio.wait_for(unheard(), 30))
         assert_no_leaks(c)
     finally:
         c.shutdown()
