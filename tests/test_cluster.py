@@ -319,13 +319,14 @@ class KilledAfter:
         attr = getattr(self.actor, name)
         if name != self.method:
             return attr
-        return SimpleNamespace(options=lambda **kw: SimpleNamespace(remote=lambda *a: self._call(attr.options(**kw), a)))
+        return SimpleNamespace(remote=lambda *a: self._call(attr, a),
+                               options=lambda **kw: SimpleNamespace(remote=lambda *a: self._call(attr.options(**kw), a)))
 
     def _call(self, method, args):
         import ray
 
         refs = method.remote(*args)
-        ray.wait(list(refs), num_returns=len(refs))
+        ray.wait(refs if isinstance(refs, list) else [refs], num_returns=len(refs) if isinstance(refs, list) else 1)
         if self.method is None:
             return refs
         method_name, self.method = self.method, None
