@@ -51,6 +51,15 @@ def wait_idle(c: ClusterClient, timeout: float = 30.0) -> dict:
         time.sleep(0.05)
 
 
+def wait_restarted(c: ClusterClient, *handles, timeout: float = 120.0) -> None:
+    """Until the server has restarted every one of `handles` (all of them if none given)."""
+    handles = handles or c.handles
+    deadline = time.monotonic() + timeout
+    while not all(h.alive for h in handles):
+        assert time.monotonic() < deadline, f"not restarted: {[h.name for h in handles if not h.alive]}"
+        time.sleep(0.2)
+
+
 def assert_no_leaks(c: ClusterClient) -> None:
     for name, s in wait_idle(c).items():
         assert s["reserved"] == 0, (name, s)
@@ -76,6 +85,19 @@ async def stream(c: ClusterClient, rid: str, prompt, params, on_token=None, clie
     finally:
         c.release(rid, abort=reason is None)
     return tokens, text, reason
+
+
+async def read_to_end(c: ClusterClient, rid: str, q, tokens: list[int]):
+    """Reads `rid`'s stream until it finishes or fails, adding its tokens to `tokens`, and releases it; returns
+    the last delta or the exception. Each item must come within 60 s: a request nobody rescued fails the test
+    rather than hanging it."""
+    while True:
+        item = await asyncio.wait_for(q.get(), 60)
+        if isinstance(item, Exception) or item.finished:
+            tokens += [] if isinstance(item, Exception) else item.token_ids
+            c.release(rid, abort=False)
+            return item
+        tokens += item.token_ids
 
 
 def mover(c: ClusterClient, rid: str, at: list[int], outcomes: list):
@@ -276,10 +298,7 @@ def test_killed_instance_fails_its_requests_then_comes_back(cluster):
     item, victim, other, tokens, reason = asyncio.run(main())
     assert isinstance(item, EngineDead) and victim.name in str(item)
     assert len(tokens) > 0 and reason in ("stop", "length")
-    deadline = time.monotonic() + 120
-    while not victim.alive:
-        assert time.monotonic() < deadline, "the killed instance was not restarted"
-        time.sleep(0.2)
+    wait_restarted(cluster, victim)
     assert victim.restarts == 1 and cluster.status() == "ok"
     assert_no_leaks(cluster)
 
@@ -299,16 +318,14 @@ def test_migration_whose_destination_dies_leaves_the_request_running(cluster, re
     tokens, _, _ = asyncio.run(stream(cluster, "kept", PROMPT, params, kill_destination_then_move))
     assert outcomes[0].outcome in ("failed", "gone")
     assert tokens == expected(reference, PROMPT, params)
-    deadline = time.monotonic() + 120
-    while not all(h.alive for h in cluster.handles):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_restarted(cluster)
     assert_no_leaks(cluster)
 
 
 class KilledAfter:
     """An instance's actor handle whose actor dies as soon as the first call of `method` has returned its
-    results: after a copy stage ("export_kv") or once the request stopped ("suspend"). After a stop, the router
+    results: after a copy stage ("export_kv") or once the request stopped ("suspend"). The call returns once the
+    router has seen the death, so whatever the move does next meets a known failure. After a stop, the router
     has either received every delta the actor emitted (`lost` False: the kill waits for that) or misses some
     (`lost`: the suspend's mark counts messages that never arrive)."""
 
@@ -345,6 +362,10 @@ class KilledAfter:
                 continue
             except ray.exceptions.RayActorError:
                 break
+        deadline = time.monotonic() + 30
+        while self.handle.alive:  # ... and the router's failure handling has run (it skips a moving request)
+            assert time.monotonic() < deadline, "the router did not notice the instance die"
+            time.sleep(0.01)
         if self.lost:
             mark, end = ray.get(refs[2])
             refs = [refs[0], refs[1], ray.put((mark + 10**6, end))]
@@ -376,12 +397,7 @@ def test_migration_whose_source_dies_frees_the_destination(cluster, reference, d
                 if isinstance(src.actor, KilledAfter):
                     src.actor = real
         reserved = (await asyncio.to_thread(ray.get, dst.actor.kv_state.remote()))["reserved"]
-        while not isinstance(item, Exception) and not item.finished:
-            item = await asyncio.wait_for(q.get(), 60)  # a request nobody rescued fails here, not by hanging
-            if not isinstance(item, Exception):
-                tokens += item.token_ids
-        cluster.release("orphan", abort=False)
-        return m, reserved, item, tokens, src
+        return m, reserved, await read_to_end(cluster, "orphan", q, tokens), tokens, src
     m, reserved, last, tokens, src = asyncio.run(main())
     want = expected(reference, PROMPT, params)
     assert reserved == 0  # freed when the move gave up, not when its reservation expires
@@ -390,10 +406,7 @@ def test_migration_whose_source_dies_frees_the_destination(cluster, reference, d
     else:
         assert m.outcome == "failed" and isinstance(last, EngineDead) and src.name in str(last)
         assert 0 < len(tokens) < len(want) and tokens == want[:len(tokens)]
-    deadline = time.monotonic() + 120
-    while not src.alive:
-        assert time.monotonic() < deadline, "the dead source was not restarted"
-        time.sleep(0.2)
+    wait_restarted(cluster, src)
     assert_no_leaks(cluster)
 
 

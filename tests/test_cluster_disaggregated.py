@@ -4,7 +4,6 @@ a decode instance goes on with the K/V it was handed; the result is the one engi
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -12,24 +11,13 @@ from kestrel import Engine, SamplingParams
 from kestrel.cluster.client import ClusterClient, ClusterConfig
 from kestrel.config import EngineConfig
 from kestrel.server.engine_process import EngineDead
-from tests.test_cluster import ENGINE, OTHER, PROMPT, KilledAfter, assert_no_leaks, expected, stream, wait_idle
+from tests.test_cluster import (ENGINE, OTHER, PROMPT, KilledAfter, assert_no_leaks, expected, read_to_end, stream,
+                                wait_idle, wait_restarted)
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama_dir):
     return Engine(tiny_llama_dir, disable_radix_cache=True, **ENGINE)
-
-
-async def until_failed(c: ClusterClient, rid: str, prompt, params) -> tuple[list[int], object]:
-    """The tokens a request streams until it fails, and what it failed with (or its last delta)."""
-    q = c.submit(rid, prompt, params)
-    tokens = []
-    while True:
-        item = await q.get()
-        if isinstance(item, Exception) or item.finished:
-            c.release(rid, abort=False)
-            return tokens, item
-        tokens += item.token_ids
 
 
 def test_disaggregated_prefill_then_decode_is_exact(tiny_llama_dir, reference, monkeypatch):
@@ -82,17 +70,18 @@ def test_disaggregated_prefill_then_decode_is_exact(tiny_llama_dir, reference, m
         with c._lock:
             real, decode.actor = decode.actor, KilledAfter(decode, "adopt", False)
         try:
-            tokens, last = asyncio.run(asyncio.wait_for(until_failed(c, "orphan", OTHER, params), 60))
+            tokens = []
+
+            async def orphan():  # (submit needs the running loop)
+                return await read_to_end(c, "orphan", c.submit("orphan", OTHER, params), tokens)
+            last = asyncio.run(orphan())
         finally:
             with c._lock:
                 if isinstance(decode.actor, KilledAfter):
                     decode.actor = real
         assert isinstance(last, EngineDead) and decode.name in str(last)
         assert tokens == expected(reference, OTHER, params)[:len(tokens)] and len(tokens) >= 1
-        deadline = time.monotonic() + 120
-        while not decode.alive:
-            assert time.monotonic() < deadline, "the dead decode instance was not restarted"
-            time.sleep(0.2)
+        wait_restarted(c, decode)
         assert_no_leaks(c)
     finally:
         c.shutdown()

@@ -394,9 +394,8 @@ class ClusterClient(EngineFront):
             while True:
                 with self._lock:
                     options = [h for h in self._decode_instances() if h.name not in tried]
-                    if options:
-                        d = Pinned.of(least_loaded(options, self.loads))
-                if not options:
+                    d = Pinned.of(least_loaded(options, self.loads)) if options else None
+                if d is None:
                     break
                 tried.add(d.handle.name)
                 try:
@@ -445,15 +444,10 @@ class ClusterClient(EngineFront):
                 self._rescue([rid], f"instance {at.handle.name} failed while the request was moving")
                 self._aborted.discard(rid)
                 return True
-            self._forward_abort(rid, at.handle)
+            if rid in self._aborted:  # an abort that came while it moved reached the wrong instance
+                self._aborted.discard(rid)
+                at.handle.send(Abort(rid))
             return False
-
-    def _forward_abort(self, rid: str, h: InstanceHandle) -> None:
-        from kestrel.engine.driver import Abort
-
-        if rid in self._aborted:
-            self._aborted.discard(rid)
-            h.send(Abort(rid))
 
     # ---- live migration (Llumnix) -------------------------------------------------------
     def _balance(self) -> None:
