@@ -327,10 +327,12 @@ class KilledAfter:
     results: after a copy stage ("export_kv") or once the request stopped ("suspend"). The call returns once the
     router has seen the death, so whatever the move does next meets a known failure. After a stop, the router
     has either received every delta the actor emitted (`lost` False: the kill waits for that) or misses some
-    (`lost`: the suspend's mark counts messages that never arrive)."""
+    (`lost`: the suspend's mark counts messages that never arrive). With `restarted` it returns only once the
+    server has restarted the instance, so the move's next call meets a successor that never knew the request."""
 
-    def __init__(self, handle, method: str, lost: bool):
-        self.handle, self.actor, self.method, self.lost = handle, handle.actor, method, lost
+    def __init__(self, handle, method: str, lost: bool = False, restarted: bool = False):
+        self.handle, self.actor, self.method, self.lost, self.restarted = handle, handle.actor, method, lost, restarted
+        self.generation = handle.generation
 
     def __getattr__(self, name):
         attr = getattr(self.actor, name)
@@ -366,18 +368,26 @@ class KilledAfter:
         while self.handle.alive:  # ... and the router's failure handling has run (it skips a moving request)
             assert time.monotonic() < deadline, "the router did not notice the instance die"
             time.sleep(0.01)
+        if self.restarted:
+            deadline = time.monotonic() + 120
+            while not (self.handle.alive and self.handle.generation != self.generation):
+                assert time.monotonic() < deadline, "the server did not restart the instance"
+                time.sleep(0.05)
         if self.lost:
             mark, end = ray.get(refs[2])
             refs = [refs[0], refs[1], ray.put((mark + 10**6, end))]
         return refs
 
 
-@pytest.mark.parametrize("dies_after,lost", [("export_kv", False), ("suspend", False), ("suspend", True)])
-def test_migration_whose_source_dies_frees_the_destination(cluster, reference, dies_after, lost):
+@pytest.mark.parametrize("dies_after,lost,restarted", [("export_kv", False, False), ("export_kv", False, True),
+                                                       ("suspend", False, False), ("suspend", True, False)])
+def test_migration_whose_source_dies_frees_the_destination(cluster, reference, dies_after, lost, restarted):
     """The source dies during a migration: after a copy stage (the destination holds part of the K/V), or once
     the request stopped. The destination's reservation is freed at once; the request, which has streamed, fails
     with EngineDead, except when it had stopped and all its deltas had reached the router: then it goes on at the
-    destination, exact and with no gap (a lost delta must fail it rather than leave a gap)."""
+    destination, exact and with no gap (a lost delta must fail it rather than leave a gap). A source restarted
+    before the move's next call fails it the same way: the move keeps calling the actor it began with, where
+    the successor would answer that it never had the request (and the request would wait there for ever)."""
     import ray
 
     params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
@@ -389,9 +399,9 @@ def test_migration_whose_source_dies_frees_the_destination(cluster, reference, d
         src = cluster._where["orphan"]
         dst = next(h for h in cluster.handles if h is not src)
         with cluster._lock:
-            real, src.actor = src.actor, KilledAfter(src, dies_after, lost)
+            real, src.actor = src.actor, KilledAfter(src, dies_after, lost, restarted)
         try:
-            m = await asyncio.wait_for(asyncio.to_thread(cluster.migrate, "orphan", src, dst), 60)
+            m = await asyncio.wait_for(asyncio.to_thread(cluster.migrate, "orphan", src, dst), 240)
         finally:
             with cluster._lock:  # (unless the source's restart put its successor there already)
                 if isinstance(src.actor, KilledAfter):

@@ -68,7 +68,7 @@ def test_disaggregated_prefill_then_decode_is_exact(tiny_llama_dir, reference, m
         # handling sees the death first, rather than waiting forever on an instance that skipped it as moving
         monkeypatch.undo()
         with c._lock:
-            real, decode.actor = decode.actor, KilledAfter(decode, "adopt", False)
+            real, decode.actor = decode.actor, KilledAfter(decode, "adopt")
         try:
             tokens = []
 
