@@ -138,6 +138,49 @@ def test_argmax_rows_matches_torch_argmax(ops):
         ops.argmax_rows(logits.to(torch.bfloat16))
 
 
+def test_int8_rows_mm_matches_its_dequantized_weights(ops):
+    """The int8 head's kernel: x q^T * scale rounded once to bf16, agreeing with PyTorch's int8 kernel on nearly
+    every element (the sums run in another order), each row the same whatever rows run beside it. Shapes: the
+    embedded model's head, and ones with a partial last block of outputs and inputs past the last full vector
+    (PyTorch's kernel crashes on inputs that are not a multiple of 32: there only the reference)."""
+    from kestrel.model.quant import Int8Linear
+
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((49152, 576), (37, 96), (16, 64), (37, 100), (3, 7)):
+        lin = Int8Linear.from_float(torch.randn(n, k, generator=g) * 0.05)
+        x = torch.randn(5, k, generator=g).to(torch.bfloat16)
+        y = ops.int8_rows_mm(x, lin.q, lin.scale)
+        ref = x.float() @ lin.dequantize().t()
+        assert y.dtype == torch.bfloat16 and y.shape == (5, n)
+        torch.testing.assert_close(y.float(), ref, rtol=2 ** -8, atol=1e-5 * ref.abs().max().item())
+        if k % 32 == 0:
+            assert (y == lin(x)).float().mean() > 0.99, (n, k)
+        for m in range(5):
+            assert torch.equal(ops.int8_rows_mm(x[m:m + 1], lin.q, lin.scale), y[m:m + 1])
+    with pytest.raises(RuntimeError, match="bf16"):
+        ops.int8_rows_mm(x.float(), lin.q, lin.scale)
+    with pytest.raises(RuntimeError, match="inputs"):
+        ops.int8_rows_mm(x[:, :5], lin.q, lin.scale)
+
+
+def test_quantized_head_logits_of_a_row_or_two_come_from_the_int8_kernel(tiny_llama_dir):
+    """A quantized model's logits for a step of one or two rows (batch-1 decode): the int8 kernel's, x times the int8
+    head's own dequantized weights to bf16 rounding, each row the same alone as beside another."""
+    from kestrel.model.llama import INT8_KERNEL_ROWS
+
+    engine = Engine(tiny_llama_dir, dtype="float32", quantization="int4", kernels="cpp", device="cpu")
+    model, ops = engine.model, engine.model.kernels
+    head = model._lm_head_small
+    hidden = torch.randn(INT8_KERNEL_ROWS, model.cfg.hidden_size)
+    logits = model.logits(hidden)
+    x = hidden.to(torch.bfloat16)
+    assert torch.equal(logits, ops.int8_rows_mm(x, head.q, head.scale).float())
+    ref = x.float() @ head.dequantize().t()
+    torch.testing.assert_close(logits, ref, rtol=2 ** -8, atol=1e-5 * ref.abs().max().item())
+    for m in range(INT8_KERNEL_ROWS):
+        assert torch.equal(model.logits(hidden[m:m + 1]), logits[m:m + 1])
+
+
 def test_kernels_reject_bad_input_with_a_clear_error(ops):
     q = torch.randn(2, 4, 16)
     cache = torch.randn(10, 2, 16)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from kestrel.model.attention import AttentionMetadata, kernel_attention, paged_attention
 from kestrel.model.linear import Linear, can_prepack
 from kestrel.model.model_config import ModelConfig
-from kestrel.model.quant import Int4Linear, Int8Linear, quantize
+from kestrel.model.quant import COMPUTE, Int4Linear, Int8Linear, quantize
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -53,6 +53,11 @@ QUANTIZED_MAX_ROWS_F32 = 24
 # for all rows. Measured on a 2-core AMX Xeon (benchmarks/bench_dense_rows.py, decode steps at context 300, ms): tiles
 # 7.4/12.6/16.7/23.7/36.9/52.7/67.2 at 1/4/8/16/32/48/64 rows against dense bf16 17.4/20.2/22.5/27.3/41.5/54.1/65.0
 TILES_MAX_ROWS = 48
+
+# an int8 head's logits of up to this many rows come from Kestrel's int8 kernel (kestrel/kernels/cpu_kernels.cpp),
+# more from PyTorch's. Measured on a 2-core AMX Xeon, SmolLM2-135M's head read from memory (ms, PyTorch's against
+# Kestrel's): 1.50/1.11, 1.59/1.48, 2.04/2.62 at 1/2/4 rows; restricted to AVX2: 2.58/1.38, 2.11/2.04, 3.12/3.55
+INT8_KERNEL_ROWS = 2
 
 
 def quantized_max_rows(dtype: torch.dtype, tiles: bool = False) -> int:
@@ -298,12 +303,13 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given hidden rows."""
-        if self._lm_head_small is not None and hidden.shape[0] <= self.head_small_rows:
-            return self._lm_head_small(hidden).float()
-        if self._lm_head is not None:
-            return self._lm_head(hidden).float()
-        head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head).float()
+        rows = hidden.shape[0]
+        head = self._lm_head_small if self._lm_head_small is not None and rows <= self.head_small_rows else self._lm_head
+        if head is None:
+            return F.linear(hidden, self.embed if self.lm_head is None else self.lm_head).float()
+        if rows <= INT8_KERNEL_ROWS and isinstance(head, Int8Linear) and self.kernels is not None:
+            return self.kernels.int8_rows_mm(hidden.to(COMPUTE), head.q, head.scale).float()
+        return head(hidden).float()
 
     @torch.no_grad()
     def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]], skip_linears: bool = False) -> None:
