@@ -715,7 +715,8 @@ void int8_rows_impl(const float* x, int64_t M, int64_t K, const int8_t* q, const
         } else {  // the last, partial block: one output at a time
           for (int64_t j = 0; j < outs; ++j) int8_block<1>(x + m * K, K, q + (n0 + j) * K, sums + j);
         }
-        for (int64_t j = 0; j < outs; ++j) y[m * N + n0 + j] = c10::BFloat16(sums[j] * static_cast<float>(scale[n0 + j]));
+        for (int64_t j = 0; j < outs; ++j)
+          y[m * N + n0 + j] = c10::BFloat16(sums[j] * static_cast<float>(scale[n0 + j]));
       }
     }
   });

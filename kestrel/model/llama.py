@@ -304,7 +304,8 @@ class LlamaForCausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given hidden rows."""
         rows = hidden.shape[0]
-        head = self._lm_head_small if self._lm_head_small is not None and rows <= self.head_small_rows else self._lm_head
+        small = self._lm_head_small is not None and rows <= self.head_small_rows
+        head = self._lm_head_small if small else self._lm_head
         if head is None:
             return F.linear(hidden, self.embed if self.lm_head is None else self.lm_head).float()
         if rows <= INT8_KERNEL_ROWS and isinstance(head, Int8Linear) and self.kernels is not None:
