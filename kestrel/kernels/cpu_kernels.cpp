@@ -668,8 +668,8 @@ void lora_apply(at::Tensor y, at::Tensor x, at::Tensor token_adapter, at::Tensor
 
 // ---- int8 weight-only matmul of a few rows ------------------------------------------------------------------
 // y = x q^T * scale for int8 q [N, K] with a scale per output: a quantized model's int8 output head for steps of a
-// few rows (batch-1 decode above all), where PyTorch's kernel (aten::_weight_int8pack_mm) reads the 28 MB head of
-// SmolLM2-135M in 2.0 ms on 2 cores restricted to AVX2 (14 GB/s, where those cores read 22 GB/s).
+// few rows (batch-1 decode above all), where PyTorch's kernel (aten::_weight_int8pack_mm) reads the head well below
+// memory speed (measured against it: INT8_KERNEL_ROWS in kestrel/model/llama.py).
 // W outputs at a time: their W x K weights (a few KB, in L1 after the first row) serve every row; W accumulators
 // over K, folded into one vector of W sums by row_sums. Each output is its float32 sum times its scale, rounded
 // once to bf16, as PyTorch's kernel rounds it (the sums in another order); a row's result does not depend on the
