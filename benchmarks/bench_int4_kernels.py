@@ -1,6 +1,8 @@
 """The int4 matmul kernels alone: the time of SmolLM2-135M's 120 layer linears (30 layers of qkv, o, gate_up, down;
 random weights), one after another as a decode step runs them, at several row counts: PyTorch's int4 kernel, Kestrel's
-AMX tile kernel (where this CPU has AMX-BF16), and dense bf16 copies packed for oneDNN (where bf16 is native).
+AMX tile kernel (where this CPU has AMX-BF16), Kestrel's AVX2 kernel on the same layout (any CPU with AVX2), and dense
+bf16 copies packed for oneDNN (where bf16 is native). To see the AVX2 kernel against PyTorch's AVX2 path on an AVX-512
+CPU, run with ATEN_CPU_CAPABILITY=avx2 KESTREL_KERNELS_MARCH=haswell KESTREL_KERNELS_CACHE=/tmp/kcache-haswell.
 
     .venv/bin/python benchmarks/bench_int4_kernels.py [--rows 1,2,4,8,16,32,64]
 
@@ -35,18 +37,22 @@ def main() -> None:
     ops = kernels.load()
     torch.manual_seed(0)
     kinds: dict[str, list] = {"PyTorch int4": []}
+    tiled_kinds = {}  # column -> Kestrel's kernel
     if ops is not None and ops.int4_tiles_available():
-        kinds["AMX tiles"] = []
+        tiled_kinds["AMX tiles"] = "amx"
+    if ops is not None and ops.int4_vector_available():
+        tiled_kinds["AVX2 kernel"] = "avx2"
+    kinds.update({name: [] for name in tiled_kinds})
     if cpu_bf16_units() and can_prepack(torch.empty(0, dtype=torch.bfloat16)):
         kinds["dense bf16"] = []
     for _ in range(LAYERS):
         for n, k in SHAPES:
             w = torch.randn(n, k) * 0.02
             kinds["PyTorch int4"].append(Int4Linear.from_float(w))
-            if "AMX tiles" in kinds:
+            for name, kernel in tiled_kinds.items():
                 tiled = Int4Linear.from_float(w)
-                tiled.to_tiles(ops)
-                kinds["AMX tiles"].append(tiled)
+                tiled.to_tiles(ops, kernel)
+                kinds[name].append(tiled)
             if "dense bf16" in kinds:
                 kinds["dense bf16"].append(Linear(kinds["PyTorch int4"][-1].dequantize(torch.bfloat16), None, True))
     print(f"{cpu_name()}, {torch.get_num_threads()} threads: ms for the {len(SHAPES) * LAYERS} linears")

@@ -10,7 +10,7 @@ import torch
 
 from kestrel import Engine, SamplingParams
 from kestrel.model.linear import Linear
-from kestrel.model.quant import Int4Linear, Int8Linear, QuantLinear
+from kestrel.model.quant import Int4Linear, Int8Linear, QuantLinear, int4_kernel
 
 
 @pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
@@ -52,21 +52,29 @@ def tiles_here() -> bool:
     return ops is not None and ops.int4_tiles_available()
 
 
-def test_int4_on_amx_tiles_matches_its_dequantized_weights(embedded_dir):
-    """The tile layout holds the same codes and weights as PyTorch's packing (random and GGUF Q4_1 weights), and the
-    tile kernel computes x W^T to one bf16 rounding at every row count, agreeing with PyTorch's int4 kernel on all but
-    a few elements (summation order). On CPUs without AMX the kernel says so and engines keep PyTorch's."""
+# each of Kestrel's int4 kernels: its entry point, whether it runs here, what its error names when it does not
+INT4_KERNELS = {"amx": ("int4_tiles_mm", "int4_tiles_available", "AMX"),
+                "avx2": ("int4_vector_mm", "int4_vector_available", "AVX2")}
+
+
+@pytest.mark.parametrize("kernel", ["amx", "avx2"])
+def test_int4_in_the_tile_layout_matches_its_dequantized_weights(embedded_dir, kernel):
+    """The tile layout holds the same codes and weights as PyTorch's packing (random and GGUF Q4_1 weights), and each
+    kernel on it (AMX tiles; AVX2) computes x W^T to one bf16 rounding at every row count (each of the AVX2 kernel's
+    blocks of 1-4 rows), agreeing with PyTorch's int4 kernel on all but a few elements (summation order); the AVX2
+    kernel's rows do not depend on each other. On CPUs without it the kernel says so, and engines do not pick it."""
     from kestrel import kernels
     from kestrel.model.gguf_blocks import load_int4_layers
     from kestrel.model.loader import gguf_origin
 
     ops = kernels.load()
-    if not tiles_here():
-        with pytest.raises(RuntimeError, match="AMX"):
-            ops.int4_tiles_mm(torch.randn(2, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 4, 64, dtype=torch.uint8),
-                              torch.zeros(1, 2, 2, 16, dtype=torch.bfloat16))
-        engine = Engine(quantization="int4", device="cpu")
-        assert "AMX tiles" not in engine.describe() and engine.model.layers[0].fast[0].tiles is None
+    entry, available, name = INT4_KERNELS[kernel]
+    mm = getattr(ops, entry)
+    if not getattr(ops, available)():
+        with pytest.raises(RuntimeError, match=name):
+            mm(torch.randn(2, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 4, 64, dtype=torch.uint8),
+               torch.zeros(1, 2, 2, 16, dtype=torch.bfloat16))
+        assert int4_kernel(ops) != kernel
         return
     torch.manual_seed(0)
     layers = load_int4_layers(gguf_origin(embedded_dir)["gguf_file"], cache_dir=embedded_dir)
@@ -75,23 +83,27 @@ def test_int4_on_amx_tiles_matches_its_dequantized_weights(embedded_dir):
     pairs.append((layers[3]["gate_up"], load_int4_layers(gguf_origin(embedded_dir)["gguf_file"],
                                                          cache_dir=embedded_dir)[3]["gate_up"]))
     for torch_kernel, tiled in pairs:
-        tiled.to_tiles(ops)
-        assert tiled.packed is None and tiled.tiles is not None
+        tiled.to_tiles(ops, kernel)
+        assert tiled.packed is None and tiled.tiles is not None and tiled.tiles_kernel == kernel
         assert torch.equal(tiled.codes(), torch_kernel.codes())
         assert torch.equal(tiled.dequantize(), torch_kernel.dequantize())
         w = tiled.dequantize()
         bias = 0 if tiled.bias is None else tiled.bias.float()
-        for rows in (1, 3, 16, 17, 40, 100):
+        for rows in (1, 2, 3, 4, 7, 16, 17, 40, 100):
             x = torch.randn(rows, w.shape[1], dtype=torch.bfloat16)
             y = tiled(x)
             ref = x.float() @ w.t() + bias
             assert y.dtype == torch.bfloat16 and y.shape == ref.shape
             assert torch.allclose(y.float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
             assert (y == torch_kernel(x)).float().mean() > 0.99
+            if kernel == "avx2":  # a row's result is the same whatever rows share its call (lookahead's exactness)
+                assert all(torch.equal(tiled(x[i:i + 1])[0], y[i]) for i in range(min(rows, 9)))
     with pytest.raises(RuntimeError, match="inputs"):
-        ops.int4_tiles_mm(torch.randn(2, 64, dtype=torch.bfloat16), *pairs[0][1].tiles)
+        mm(torch.randn(2, 64, dtype=torch.bfloat16), *pairs[0][1].tiles)
     with pytest.raises(RuntimeError, match="bf16"):
-        ops.int4_tiles_mm(torch.randn(2, 128), *pairs[0][1].tiles)
+        mm(torch.randn(2, 128), *pairs[0][1].tiles)
+    with pytest.raises(ValueError, match="unknown int4 kernel"):
+        Int4Linear.from_float(torch.randn(16, 32)).to_tiles(ops, "avx9")
 
 
 def test_int8_with_inputs_not_a_multiple_of_32():
@@ -144,15 +156,25 @@ def _dequantized_copy(engine: Engine) -> Engine:
     return engine
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_quantized_engine_matches_its_dequantized_reference(chat_prompt_ids, quantization):
+@pytest.mark.parametrize("quantization", ["int8", "int4", "int4-avx2"])
+def test_quantized_engine_matches_its_dequantized_reference(chat_prompt_ids, quantization, monkeypatch):
     """Teacher-forced along the quantized engine's own greedy output, the dense engine running the dequantized
     weights gives nearly the same log-probabilities and next-token choices. Both score through the same prefill
     path, so what differs is the quantized kernels against dense bf16 matmuls on the same weights: bf16 rounding
-    (measured: mean |dlogprob| ~0.035, max ~0.5, top-1 agreement ~0.97); a wrong kernel is off by nats."""
+    (measured: mean |dlogprob| ~0.035, max ~0.5, top-1 agreement ~0.97); a wrong kernel is off by nats.
+    int4-avx2: the engine runs Kestrel's AVX2 int4 kernel, which AVX2-only CPUs pick, wherever this runs."""
+    import kestrel.engine.engine as engine_module
+
+    avx2 = quantization == "int4-avx2"
+    if avx2:
+        quantization = "int4"
+        monkeypatch.setattr(engine_module, "int4_kernel", lambda ops: "avx2")
     params = SamplingParams(max_tokens=24, temperature=0.0)
     quantized = Engine(dtype="bfloat16", quantization=quantization, batch_weights="quantized", device="cpu")
     assert quantized.quantization == quantization
+    if avx2:
+        assert "int4 on Kestrel's AVX2 kernel" in quantized.describe()
+        assert quantized.model.layers[0].fast[0].tiles_kernel == "avx2" and quantized.model.layer_specs() is not None
     outs = quantized.generate(chat_prompt_ids[:6], params)
     seqs = [o.prompt_token_ids + o.token_ids for o in outs]
     score = [SamplingParams(max_tokens=1, prompt_logprobs=1, logprob_start_len=len(o.prompt_token_ids)) for o in outs]
@@ -200,10 +222,11 @@ def test_dense_copies_for_many_token_steps_hold_the_quantized_values(chat_prompt
 def test_float32_dense_copies_for_many_token_steps(chat_prompt_ids):
     """float32 matmuls are fast on every CPU: a float32 model on int4 weights keeps float32 copies for steps of many
     tokens (prefill, large batches) wherever it runs."""
-    from kestrel.model.llama import QUANTIZED_MAX_ROWS_F32, TILES_MAX_ROWS
+    from kestrel import kernels
+    from kestrel.model.llama import QUANTIZED_MAX_ROWS_F32, TILES_MAX_ROWS, VECTOR_MAX_ROWS
 
     hybrid = Engine(dtype="float32", quantization="int4", device="cpu")
-    rows = TILES_MAX_ROWS if tiles_here() else QUANTIZED_MAX_ROWS_F32
+    rows = {"amx": TILES_MAX_ROWS, "avx2": VECTOR_MAX_ROWS, "": QUANTIZED_MAX_ROWS_F32}[int4_kernel(kernels.load())]
     assert f"dense float32 copies for steps of more than {rows} tokens" in hybrid.describe()
     assert hybrid.model.dense_above == rows
     assert_dense_copies_hold_the_quantized_values(hybrid, chat_prompt_ids, torch.float32)

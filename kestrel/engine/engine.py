@@ -32,6 +32,7 @@ from kestrel.engine.hardware import place
 from kestrel import kernels
 from kestrel.lora.manager import LoraManager, describe
 from kestrel.model.model_config import ModelConfig
+from kestrel.model.quant import int4_kernel
 from kestrel.model.loader import (chat_template_ids, load_model, load_tokenizer, resolve_batch_weights,
                                   resolve_model_dir, resolve_quantization)
 
@@ -94,15 +95,17 @@ class Engine:
             cfg.quantization, self.model_dir, cfg.dtype, self.device)
         ops, self.kernels_reason = kernels.resolve(cfg.kernels, self.device, self.dtype,
                                                    ModelConfig.from_dir(self.model_dir).head_dim)
-        # int4 on AMX tiles, where this CPU has them: fast up to dozens of rows, so dense copies start later
-        tiles = self.quantization == "int4" and ops is not None and ops.int4_tiles_available()
+        # int4 on Kestrel's own kernel (AMX tiles, or AVX2), where this CPU runs one: fast up to more rows than
+        # PyTorch's, so dense copies start later
+        int4 = int4_kernel(ops) if self.quantization == "int4" else ""
         self.dense_copies, self.batch_weights_reason = resolve_batch_weights(
-            cfg.batch_weights, self.quantization, self.model_dir, self.dtype, tiles)
+            cfg.batch_weights, self.quantization, self.model_dir, self.dtype, int4)
         self.model = load_model(self.model_dir, self.dtype, self.device, self.quantization, self.dense_copies,
-                                ops if tiles else None)
+                                ops if int4 else None, int4)
         self.model.kernels = ops
-        if self.model.int4_tiles:
-            self.kernels_reason += ", int4 on AMX tiles"
+        if self.model.int4_kernel:
+            self.kernels_reason += {"amx": ", int4 on AMX tiles", "avx2": ", int4 on Kestrel's AVX2 kernel"}[
+                self.model.int4_kernel]
         self.tokenizer = load_tokenizer(self.model_dir)
         mc = self.model.cfg
         self.context_length = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings)

@@ -746,10 +746,10 @@ at::Tensor int8_rows_mm(at::Tensor x, at::Tensor q, at::Tensor scale) {
 
 // ---- the decoder layers in one call ----------------------------------------------------------------------
 // A linear as the Python side describes it: kind 0 dense (weight[, bias]), 1 int8 (q, scale[, bias]), 2 int4 (packed,
-// scales_zeros[, bias]) with its group size, 3 int4 on AMX tiles (codes, scales_zeros[, bias]). The quantized kernels
-// take and return bf16 activations; with a float32 model the kernels around them read and write bf16 directly, which
-// gives exactly what converting would (widening is exact, narrowing rounds to nearest even either way) without a copy
-// per matmul.
+// scales_zeros[, bias]) with its group size, 3 int4 on AMX tiles (codes, scales_zeros[, bias]), 4 the same on AVX2.
+// The quantized kernels take and return bf16 activations; with a float32 model the kernels around them read and write
+// bf16 directly, which gives exactly what converting would (widening is exact, narrowing rounds to nearest even
+// either way) without a copy per matmul.
 struct LinearSpec {
   int64_t kind, group;
   std::vector<at::Tensor> t;
@@ -762,7 +762,8 @@ at::Tensor apply_linear(const LinearSpec& l, const at::Tensor& x) {
   at::Tensor xb = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
   at::Tensor y = l.kind == 1   ? at::_weight_int8pack_mm(xb, l.t[0], l.t[1])
                  : l.kind == 2 ? at::_weight_int4pack_mm_for_cpu(xb, l.t[0], l.group, l.t[1])
-                               : kestrel::int4_tiles_mm(xb, l.t[0], l.t[1]);
+                 : l.kind == 3 ? kestrel::int4_tiles_mm(xb, l.t[0], l.t[1])
+                               : kestrel::int4_vector_mm(xb, l.t[0], l.t[1]);
   if (l.has_bias) y = y + l.t[2];
   return y;
 }
@@ -898,6 +899,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_rows_mm", &int8_rows_mm, "x q^T * scale for int8 q with a scale per output, for a few rows, bf16");
   m.def("int4_tiles_available", &kestrel::int4_tiles_available, "whether int4_tiles_mm runs here (AMX-BF16)");
   m.def("int4_tiles_mm", &kestrel::int4_tiles_mm, "x W^T for int4 W in the tile layout (Int4Linear.to_tiles), bf16");
+  m.def("int4_vector_available", &kestrel::int4_vector_available, "whether int4_vector_mm runs here (AVX2, FMA)");
+  m.def("int4_vector_mm", &kestrel::int4_vector_mm, "int4_tiles_mm's product on AVX2 (CPUs without AMX), bf16");
   m.def("argmax_rows", &argmax_rows, "each row's argmax (first on ties, NaN first), as torch.argmax(dim=-1)");
   m.def("paged_attention", &paged_attention, "attention of each query token over its table row's first lens slots");
 }

@@ -1,4 +1,5 @@
-// int4 weight-only matmul on AMX tiles, for the steps of a few to a few dozen tokens that batched decoding runs.
+// int4 weight-only matmul on AMX tiles, for the steps of a few to a few dozen tokens that batched decoding runs (and,
+// below, the same layout on AVX2 for CPUs without AMX).
 //
 // PyTorch's int4 kernel (aten::_weight_int4pack_mm_for_cpu) dequantizes its weights again for every activation
 // row: on a 2-core AMX Xeon its time grows ~1.2 ms a row over SmolLM2-135M's layers, so from 5 rows on the engine
@@ -24,6 +25,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -199,7 +201,132 @@ void int4_tiles_impl(const c10::BFloat16* x, int64_t M, int64_t K, const uint8_t
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+#define KESTREL_VECTOR_INT4 1
+// The same layout on plain AVX2 (CPUs without AMX, such as AMD EPYC before Zen 4), activations in float32:
+//   y = sum over groups of scale * sum_k x_k q_k + (zero - 8 scale) * sum_k x_k,   q_k the 4-bit code
+// Each 32-bit lane of a 32-byte load holds 8 codes of one output (4 even inputs low, 4 odd inputs high), so a code
+// is read with one AND (the lane's other codes masked off) and one conversion to float; the code then sits
+// multiplied by 16^t (t its nibble), which is undone exactly by multiplying x by 16^-t beforehand (a power of two).
+// The top nibble is shifted down instead (as a signed int32 its code would read negative). That is 2 ops per 8
+// weights before the multiply-adds, which every row of the step shares: PyTorch's AVX2 path looks each weight up
+// in a float table (two permutes and a blend) and scales it, per row.
+inline __m256 widen8(const c10::BFloat16* p) {  // 8 bf16 -> 8 float32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+// 8 float32 -> bf16, rounded to nearest even as PyTorch's conversion; a NaN stays a (quiet) NaN
+inline void store8_bf16(c10::BFloat16* p, __m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+
+// input k % 8 of a chunk's 8 -> the nibble t holding its code (0-3 even inputs, 4-7 odd ones)
+constexpr int nibble_of(int e) { return e % 2 == 0 ? e / 2 : 4 + e / 2; }
+// the nibble t of a chunk's lane -> its input k % 8
+constexpr int input_of(int t) { return t < 4 ? 2 * t : 2 * (t - 4) + 1; }
+
+// R rows of x (scaled per nibble, xs) times one block of 16 outputs. With one or two rows both halves of each
+// 64-byte chunk go together (a pass per half read memory in one and computed in the other); more rows take a pass
+// per half, which keeps their sums in the 16 registers. Two partial sums a row and half (even and odd nibbles), so
+// that the multiply-adds wait less on each other; the same two for every R, so that a row's result does not depend
+// on the rows beside it (lookahead decoding's exactness rests on that). More partial sums for one row were slower.
+template <int R>
+void int4_vector_block(const float* xs, const float* xsum, int64_t K, const uint8_t* cb, const c10::BFloat16* sb,
+                       c10::BFloat16* y, int64_t N) {
+  constexpr int H = R <= 2 ? 2 : 1;  // halves per pass
+  constexpr int A = 2;  // partial sums a row and half
+  const int64_t groups = K / 32;
+  for (int h0 = 0; h0 < 2; h0 += H) {
+    __m256 out[R][H];
+    for (int m = 0; m < R; ++m)
+      for (int h = 0; h < H; ++h) out[m][h] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 part[R][H][A];
+      for (int m = 0; m < R; ++m)
+        for (int h = 0; h < H; ++h)
+          for (int a = 0; a < A; ++a) part[m][h][a] = _mm256_setzero_ps();
+      for (int c = 0; c < 4; ++c) {
+        const uint8_t* chunk = cb + (g * 4 + c) * 64;
+        _mm_prefetch((const char*)chunk + 1024, _MM_HINT_T0);  // 16 chunks on: the prefetcher alone fell behind
+        __m256i v[H];
+        for (int h = 0; h < H; ++h) v[h] = _mm256_loadu_si256((const __m256i*)(chunk + 32 * (h0 + h)));
+        const float* xk = xs + g * 32 + 8 * c;
+        for (int t = 0; t < 8; ++t) {
+          for (int h = 0; h < H; ++h) {
+            const __m256 w = _mm256_cvtepi32_ps(t == 7 ? _mm256_srli_epi32(v[h], 28)
+                                                       : _mm256_and_si256(v[h], _mm256_set1_epi32(0xf << (4 * t))));
+            for (int m = 0; m < R; ++m)
+              part[m][h][t % A] =
+                  _mm256_fmadd_ps(w, _mm256_broadcast_ss(xk + m * K + input_of(t)), part[m][h][t % A]);
+          }
+        }
+      }
+      for (int h = 0; h < H; ++h) {
+        const c10::BFloat16* s = sb + g * 32 + 8 * (h0 + h);
+        const __m256 scale = widen8(s), offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), scale, widen8(s + 16));
+        for (int m = 0; m < R; ++m) {  // + scale * sum + (zero - 8 scale) * sum of x
+          for (int a = A / 2; a > 0; a /= 2)
+            for (int i = 0; i < a; ++i) part[m][h][i] = _mm256_add_ps(part[m][h][i], part[m][h][i + a]);
+          out[m][h] = _mm256_fmadd_ps(part[m][h][0], scale, out[m][h]);
+          out[m][h] = _mm256_fmadd_ps(_mm256_set1_ps(xsum[m * groups + g]), offset, out[m][h]);
+        }
+      }
+    }
+    for (int m = 0; m < R; ++m)
+      for (int h = 0; h < H; ++h) store8_bf16(y + m * N + 8 * (h0 + h), out[m][h]);
+  }
+}
+
+void int4_vector_impl(const c10::BFloat16* x, int64_t M, int64_t K, const uint8_t* codes, const c10::BFloat16* sz,
+                      int64_t N, c10::BFloat16* y) {
+  const int64_t blocks = N / 16, groups = K / 32;
+  // x in float32, each input multiplied by 16^-t for the nibble t its code sits in (exact); each group's plain sum
+  std::vector<float> xs(M * K), xsum(M * groups);
+  float factor[8];
+  for (int e = 0; e < 8; ++e) factor[e] = nibble_of(e) == 7 ? 1.f : std::ldexp(1.f, -4 * nibble_of(e));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.f;
+      for (int64_t k = g * 32; k < g * 32 + 32; ++k) {
+        const float v = static_cast<float>(x[m * K + k]);
+        sum += v;
+        xs[m * K + k] = v * factor[k % 8];
+      }
+      xsum[m * groups + g] = sum;
+    }
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const uint8_t* cb = codes + nb * groups * 256;
+      const c10::BFloat16* sb = sz + nb * groups * 32;
+      int64_t m = 0;  // four rows at a time share each expanded weight; the last one to three together
+      for (; m + 4 <= M; m += 4)
+        int4_vector_block<4>(&xs[m * K], &xsum[m * groups], K, cb, sb, y + m * N + nb * 16, N);
+      const float* xr = xs.data() + m * K;
+      const float* sr = xsum.data() + m * groups;
+      c10::BFloat16* yr = y + m * N + nb * 16;
+      switch (M - m) {
+        case 1: int4_vector_block<1>(xr, sr, K, cb, sb, yr, N); break;
+        case 2: int4_vector_block<2>(xr, sr, K, cb, sb, yr, N); break;
+        case 3: int4_vector_block<3>(xr, sr, K, cb, sb, yr, N); break;
+      }
+    }
+  });
+}
+#endif
+
 }  // namespace
+
+bool int4_vector_available() {
+#ifdef KESTREL_VECTOR_INT4
+  return true;
+#else
+  return false;
+#endif
+}
 
 bool int4_tiles_available() {
 #ifdef KESTREL_TILES
@@ -209,11 +336,12 @@ bool int4_tiles_available() {
 #endif
 }
 
-at::Tensor int4_tiles_mm(at::Tensor x, at::Tensor codes, at::Tensor scales_zeros) {
-  RECORD_FUNCTION("kestrel::int4_tiles_mm", std::vector<c10::IValue>());
-  TORCH_CHECK(int4_tiles_available(), "the int4 tile kernel needs a CPU with AMX-BF16 (and a build for it)");
-  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && scales_zeros.device().is_cpu(),
-              "int4_tiles_mm takes CPU tensors");
+namespace {
+// Checks a call's tensors and runs `impl` on them: y [rows, out] bf16
+template <typename Impl>
+at::Tensor run_int4(const char* name, at::Tensor x, at::Tensor codes, at::Tensor scales_zeros, Impl impl) {
+  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && scales_zeros.device().is_cpu(), name,
+              " takes CPU tensors");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bf16 [rows, in], got ", x.scalar_type(),
               " ", x.sizes());
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 4 && codes.size(2) == 4 && codes.size(3) == 64 &&
@@ -226,12 +354,31 @@ at::Tensor int4_tiles_mm(at::Tensor x, at::Tensor codes, at::Tensor scales_zeros
               "scales_zeros must be contiguous bf16 [out / 16, in / 32, 2, 16]");
   at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
-#ifdef KESTREL_TILES
-  if (M > 0)
-    int4_tiles_impl(xc.data_ptr<c10::BFloat16>(), M, K, codes.data_ptr<uint8_t>(),
-                    scales_zeros.data_ptr<c10::BFloat16>(), N, y.data_ptr<c10::BFloat16>());
-#endif
+  if (M > 0 && N > 0)
+    impl(xc.data_ptr<c10::BFloat16>(), M, K, codes.data_ptr<uint8_t>(), scales_zeros.data_ptr<c10::BFloat16>(), N,
+         y.data_ptr<c10::BFloat16>());
   return y;
+}
+}  // namespace
+
+at::Tensor int4_tiles_mm(at::Tensor x, at::Tensor codes, at::Tensor scales_zeros) {
+  RECORD_FUNCTION("kestrel::int4_tiles_mm", std::vector<c10::IValue>());
+  TORCH_CHECK(int4_tiles_available(), "the int4 tile kernel needs a CPU with AMX-BF16 (and a build for it)");
+#ifdef KESTREL_TILES
+  return run_int4("int4_tiles_mm", x, codes, scales_zeros, int4_tiles_impl);
+#else
+  return at::Tensor();
+#endif
+}
+
+at::Tensor int4_vector_mm(at::Tensor x, at::Tensor codes, at::Tensor scales_zeros) {
+  RECORD_FUNCTION("kestrel::int4_vector_mm", std::vector<c10::IValue>());
+  TORCH_CHECK(int4_vector_available(), "the int4 vector kernel needs a CPU with AVX2 and FMA (and a build for it)");
+#ifdef KESTREL_VECTOR_INT4
+  return run_int4("int4_vector_mm", x, codes, scales_zeros, int4_vector_impl);
+#else
+  return at::Tensor();
+#endif
 }
 
 }  // namespace kestrel

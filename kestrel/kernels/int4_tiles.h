@@ -1,4 +1,4 @@
-// int4 weight-only matmul on AMX tiles (int4_tiles.cpp): the layout and the entry points cpu_kernels.cpp uses.
+// int4 weight-only matmul on AMX tiles or AVX2 (int4_tiles.cpp): the layout and the entry points cpu_kernels.cpp uses.
 #pragma once
 #include <torch/extension.h>
 
@@ -13,5 +13,11 @@ bool int4_tiles_available();
 // W[16 * block + l / 2, 32 * group + 2 p + l % 2] (the B tile's pairs layout).
 // scales_zeros bf16 [N/16, K/32, 2, 16]: each block's 16 scales, then 16 zeros; w = (code - 8) * scale + zero.
 at::Tensor int4_tiles_mm(at::Tensor x, at::Tensor codes, at::Tensor scales_zeros);
+
+// Whether this build has the AVX2 kernel for the same layout (any x86-64 CPU with AVX2 and FMA).
+bool int4_vector_available();
+
+// int4_tiles_mm's product on AVX2 and FMA alone, for CPUs without AMX (activations widened to float32).
+at::Tensor int4_vector_mm(at::Tensor x, at::Tensor codes, at::Tensor scales_zeros);
 
 }  // namespace kestrel

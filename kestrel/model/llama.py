@@ -53,6 +53,10 @@ QUANTIZED_MAX_ROWS_F32 = 24
 # for all rows. Measured on a 2-core AMX Xeon (benchmarks/bench_dense_rows.py, decode steps at context 300, ms): tiles
 # 7.4/12.6/16.7/23.7/36.9/52.7/67.2 at 1/4/8/16/32/48/64 rows against dense bf16 17.4/20.2/22.5/27.3/41.5/54.1/65.0
 TILES_MAX_ROWS = 48
+# ... and with int4 on the AVX2 kernel (same file; float32 copies). Measured on a 2-core Xeon restricted to AVX2
+# (benchmarks/bench_dense_rows.py, decode steps at context 300, ms): 9.4/32.7/61.0/86.6/114.2/167.0/225.3 at
+# 1/8/16/24/32/48/64 rows against dense float32 24.3/62.4/85.1/107.6/120.9/147.0/186.6
+VECTOR_MAX_ROWS = 32
 
 # an int8 head's logits of up to this many rows come from Kestrel's int8 kernel (kestrel/kernels/cpu_kernels.cpp),
 # more from PyTorch's. Measured on a 2-core AMX Xeon, SmolLM2-135M's head read from memory (ms, PyTorch's against
@@ -60,11 +64,13 @@ TILES_MAX_ROWS = 48
 INT8_KERNEL_ROWS = 2
 
 
-def quantized_max_rows(dtype: torch.dtype, tiles: bool = False) -> int:
+def quantized_max_rows(dtype: torch.dtype, int4_kernel: str = "") -> int:
     """Steps of up to this many tokens run on a quantized model's quantized weights, longer ones on its dense copies
-    (`tiles`: its int4 linears run on the AMX tile kernel)."""
-    if tiles:
+    (`int4_kernel`: which of Kestrel's int4 kernels runs its int4 linears, kestrel.model.quant.int4_kernel)."""
+    if int4_kernel == "amx":
         return TILES_MAX_ROWS
+    if int4_kernel == "avx2":
+        return VECTOR_MAX_ROWS
     return QUANTIZED_MAX_ROWS_F32 if dtype == torch.float32 else QUANTIZED_MAX_ROWS
 
 
@@ -111,14 +117,14 @@ class LlamaForCausalLM(nn.Module):
         self._lm_head_small: Int8Linear | None = None  # a quantized model's int8 head, for a row or two (freeze)
         self.dense_above = QUANTIZED_MAX_ROWS  # steps of more tokens run on the dense copies (freeze)
         self.head_small_rows = QUANTIZED_MAX_ROWS  # logits of up to this many rows come from the int8 head (freeze)
-        self.int4_tiles = False  # the int4 linears run on the AMX tile kernel (freeze)
+        self.int4_kernel = ""  # Kestrel's kernel that runs the int4 linears: amx | avx2 (freeze)
         self.kernels = None  # the C++ CPU kernels module (kestrel.kernels), or None: PyTorch ops alone
         self._layer_specs: tuple | None = None  # the layers as decoder_layers() takes them (see layer_specs)
         self._stack: tuple | None = None  # (the KV caches, the kernels' DecoderStack over them): decoder_stack()
 
     @torch.no_grad()
     def freeze(self, quantization: str = "none", prebuilt: dict[int, dict] | None = None,
-               dense_copies: bool = False, tiles=None) -> None:
+               dense_copies: bool = False, tiles=None, tiles_kernel: str = "amx") -> None:
         """Prepare for inference after loading: pre-pack weights where that is exact and faster, or quantize
         them (int8 | int4). The output head of a quantized model is int8; where oneDNN's bf16 path exists
         (native-bf16 CPUs) a dense packed copy serves logits of more than QUANTIZED_MAX_ROWS rows (measured on
@@ -129,8 +135,8 @@ class LlamaForCausalLM(nn.Module):
         from 8 rows on, while up to four rows read a quarter of the bytes with int4; float32 elsewhere), and so do
         the logits. `prebuilt` holds layers' linears already
         quantized (read straight from a GGUF file), by layer index and name. `tiles`: the C++ kernels module, whose
-        AMX tile kernel then runs the int4 linears (Int4Linear.to_tiles), and steps of up to TILES_MAX_ROWS tokens
-        on them.
+        int4 kernel `tiles_kernel` (amx | avx2: quant.int4_kernel) then runs the int4 linears (Int4Linear.to_tiles),
+        and steps of up to `quantized_max_rows` tokens on them.
 
         Packed or quantized weights replace the dense ones (the embedding stays dense for lookups), so the
         model's weights cannot be reloaded afterwards.
@@ -138,7 +144,7 @@ class LlamaForCausalLM(nn.Module):
         packable = can_prepack(self.embed)
         pack = quantization == "none" and packable
         self.dense_above = self.head_small_rows = quantized_max_rows(self.embed.dtype)
-        self.int4_tiles = False
+        self.int4_kernel = ""
         self._layer_specs = self._stack = None
         names = ("qkv", "o", "gate_up", "down")
         for i, layer in enumerate(self.layers):
@@ -156,16 +162,16 @@ class LlamaForCausalLM(nn.Module):
             if tiles is not None:  # before the dense copies: they read the codes back faster from the tile layout
                 for f in fast:
                     if isinstance(f, Int4Linear):
-                        f.to_tiles(tiles)
-                        self.int4_tiles = True
+                        f.to_tiles(tiles, tiles_kernel)
+                        self.int4_kernel = tiles_kernel
             if dense_copies and quantization != "none":
                 dt = self.embed.dtype
                 layer.dense = tuple(Linear(f.dequantize(dt), f.bias, packable) for f in fast)
             for name in names:
                 if pack or quantization != "none" or name in ready:
                     getattr(layer, name).data = torch.empty(0, dtype=self.embed.dtype)
-        if self.int4_tiles:
-            self.dense_above = TILES_MAX_ROWS
+        if self.int4_kernel:
+            self.dense_above = quantized_max_rows(self.embed.dtype, self.int4_kernel)
         head = self.embed if self.lm_head is None else self.lm_head
         self._lm_head_small = None
         if quantization == "none":
@@ -230,8 +236,8 @@ class LlamaForCausalLM(nn.Module):
 
     def layer_specs(self) -> tuple | None:
         """The layers' weights flattened for the C++ decoder_layers(): norms, linear kinds (0 dense, 1 int8,
-        2 int4, 3 int4 on AMX tiles), int4 group sizes, tensors. None when a linear is one it cannot call
-        (oneDNN-packed bf16)."""
+        2 int4, 3 int4 on AMX tiles, 4 int4 in the tile layout on AVX2), int4 group sizes, tensors. None when a
+        linear is one it cannot call (oneDNN-packed bf16)."""
         if self._layer_specs is None:
             norms, kinds, groups, tensors = [], [], [], []
             for layer in self.layers:
@@ -245,7 +251,8 @@ class LlamaForCausalLM(nn.Module):
                     elif lin.kind == "int8":
                         kinds.append(1); groups.append(0); tensors.append([lin.q, lin.scale])
                     elif lin.tiles is not None:
-                        kinds.append(3); groups.append(lin.group); tensors.append(list(lin.tiles))
+                        kinds.append(3 if lin.tiles_kernel == "amx" else 4)
+                        groups.append(lin.group); tensors.append(list(lin.tiles))
                     else:
                         kinds.append(2); groups.append(lin.group); tensors.append([lin.packed, lin.scales_zeros])
                     if lin.bias is not None:

@@ -89,10 +89,10 @@ def dense_copy_bytes(model_dir: str, dtype: torch.dtype = torch.bfloat16) -> int
 
 
 def resolve_batch_weights(requested: str, quantization: str, model_dir: str, dtype: torch.dtype,
-                          tiles: bool = False) -> tuple[bool, str]:
+                          int4_kernel: str = "") -> tuple[bool, str]:
     """Whether a quantized model keeps dense copies (in the model's dtype) for steps of many tokens, and why. Dense
-    matmuls are fast in float32 on every CPU, in bf16 only where the CPU has native bf16. `tiles`: the int4 linears
-    run on the AMX tile kernel (fast up to more rows)."""
+    matmuls are fast in float32 on every CPU, in bf16 only where the CPU has native bf16. `int4_kernel`: Kestrel's
+    kernel that runs the int4 linears (kestrel.model.quant.int4_kernel; fast up to more rows), if any."""
     from kestrel.engine.hardware import cpu_bf16_units
     from kestrel.model.linear import can_prepack
 
@@ -115,15 +115,17 @@ def resolve_batch_weights(requested: str, quantization: str, model_dir: str, dty
                       f"quarter of RAM)"
     from kestrel.model.llama import quantized_max_rows
     name = "bf16" if dtype == torch.bfloat16 else "float32"
-    return True, (f"dense {name} copies for steps of more than {quantized_max_rows(dtype, tiles)} tokens "
+    return True, (f"dense {name} copies for steps of more than {quantized_max_rows(dtype, int4_kernel)} tokens "
                   f"(+{size / 2**20:.0f} MiB)")
 
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device,
-               quantization: str = "none", dense_copies: bool = False, tiles=None) -> LlamaForCausalLM:
+               quantization: str = "none", dense_copies: bool = False, tiles=None,
+               tiles_kernel: str = "amx") -> LlamaForCausalLM:
     """The model, its weights in `dtype` or quantized (int8 | int4). With int4 and a directory converted from a
     GGUF file of Q4_0/Q4_1 layers, the layers' linears come straight from the file's blocks and are never held
-    as floats. `tiles`: the C++ kernels module whose AMX tile kernel runs the int4 linears (LlamaForCausalLM.freeze)."""
+    as floats. `tiles`: the C++ kernels module whose int4 kernel `tiles_kernel` runs the int4 linears
+    (LlamaForCausalLM.freeze)."""
     if quantization != "none" and device.type != "cpu":
         raise ValueError(f"quantization {quantization} runs on CPU kernels; use --quantization none on {device}")
     cfg = ModelConfig.from_dir(model_dir)
@@ -146,7 +148,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device,
         weights = ((n, t) for n, t in weights if not (n.endswith(".weight") and n.split(".")[-2] in skip))
     model.load_hf_weights(weights, skip_linears=bool(skip))
     model = model.to(dtype).eval().requires_grad_(False)
-    model.freeze(quantization, prebuilt, dense_copies, tiles)
+    model.freeze(quantization, prebuilt, dense_copies, tiles, tiles_kernel)
     return model
 
 

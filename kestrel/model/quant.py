@@ -9,7 +9,8 @@ int8 1.8x faster than dense bf16; at 256 rows (prefill) they are 1.4-2.5x slower
 (benchmarks/bench_quant.py).
 
 On CPUs with AMX-BF16 the int4 linears move to Kestrel's own tile kernel (kestrel/kernels/int4_tiles.cpp,
-Int4Linear.to_tiles), which expands each weight once per call for all rows instead of once per row.
+Int4Linear.to_tiles), which expands each weight once per call for all rows instead of once per row; on CPUs where
+PyTorch's kernel runs its AVX2 path, to Kestrel's AVX2 kernel on the same layout (int4_kernel()).
 
 int4 is asymmetric, as GGUF's Q4_1 and PyTorch's kernel: w = (q - 8) * scale + zero with q in 0..15,
 so GGUF Q4_0 (zero = 0) and Q4_1 (zero = min + 8 * scale) blocks load straight in. int8 is symmetric
@@ -87,14 +88,20 @@ class Int4Linear(QuantLinear):
         self.scales_zeros = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(COMPUTE)
         self.bias = None if bias is None else bias.to(COMPUTE)
         self.tiles: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (codes, scales_zeros) in the tile layout
+        self.tiles_kernel = ""  # the kernel that computes on them: amx | avx2
         self._tiles_mm = None
 
-    def to_tiles(self, kernels) -> None:
-        """Move the weights to the layout of the AMX tile kernel (kestrel/kernels/int4_tiles.h) and compute on it
-        (`kernels.int4_tiles_available()` must hold): the same weights, 2-3x faster than PyTorch's kernel from a
-        few rows on. PyTorch's packing is dropped (one copy of the weights)."""
+    def to_tiles(self, kernels, kernel: str = "amx") -> None:
+        """Move the weights to the layout of the AMX tile kernel (kestrel/kernels/int4_tiles.h) and compute on
+        `kernel`: 'amx' (`kernels.int4_tiles_available()` must hold; 2-3x faster than PyTorch's kernel from a few
+        rows on) or 'avx2' (`kernels.int4_vector_available()`). PyTorch's packing is dropped (one copy of the
+        weights)."""
         if self.group != 32:
             raise ValueError(f"the int4 tile kernel takes groups of 32, not {self.group}")
+        mm = {"amx": kernels.int4_tiles_mm, "avx2": kernels.int4_vector_mm}.get(kernel)
+        if mm is None:
+            raise ValueError(f"unknown int4 kernel {kernel!r} (amx, avx2)")
+        self.tiles_kernel, self._tiles_mm = kernel, mm
         if self.tiles is not None:
             return
         n, k = self.shape
@@ -105,7 +112,7 @@ class Int4Linear(QuantLinear):
         lanes = rows[:, :, :, 0] | rows[:, :, :, 1] << 4 | rows[:, :, :, 2] << 8 | rows[:, :, :, 3] << 12
         codes = lanes.to(torch.uint16).contiguous().view(torch.uint8).view(nb, kg, 4, 64)
         sz = self.scales_zeros.view(kg, nb, 16, 2).permute(1, 0, 3, 2).contiguous()
-        self.tiles, self._tiles_mm, self.packed = (codes, sz), kernels.int4_tiles_mm, None
+        self.tiles, self.packed = (codes, sz), None
 
     @staticmethod
     def fits(w: torch.Tensor, group: int = INT4_GROUP) -> bool:
@@ -154,6 +161,21 @@ class Int4Linear(QuantLinear):
         eye = torch.eye(self.shape[1], dtype=torch.float32)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group,
                                                           self.scales_zeros.float()).t().contiguous()
+
+
+def int4_kernel(kernels) -> str:
+    """Which of Kestrel's int4 kernels (both on the tile layout) runs int4 linears here: 'amx' where the CPU has
+    AMX-BF16, 'avx2' where PyTorch's own kernel runs its AVX2 path (no AVX-512), '' for PyTorch's. Measured on a
+    2-core Xeon, SmolLM2-135M's 120 layer linears (benchmarks/bench_int4_kernels.py): restricted to AVX2, the AVX2
+    kernel is 2.0x / 1.7x / 1.4x faster than PyTorch's at 1 / 2 / 4-24 rows; against PyTorch's AVX-512 path it is
+    1.2x faster at one row but 0.8x from four, so AVX-512 CPUs without AMX keep PyTorch's."""
+    if kernels is None:
+        return ""
+    if kernels.int4_tiles_available():
+        return "amx"
+    if kernels.int4_vector_available() and torch.backends.cpu.get_cpu_capability() == "AVX2":
+        return "avx2"
+    return ""
 
 
 def quantize(w: torch.Tensor, bias: Optional[torch.Tensor], kind: str):
