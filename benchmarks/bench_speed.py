@@ -37,7 +37,8 @@ KESTREL_CONFIGS = {  # label -> Engine keyword arguments
 }
 # attention's own matmuls (q.k and p.v) and softmax: the C++ kernel, or SDPA's CPU kernel on PyTorch ops alone
 ATTENTION_OPS = ("kestrel::paged_attention", "aten::_scaled_dot_product_flash_attention_for_cpu")
-MATMUL_OPS = ("aten::_weight_int4pack_mm_for_cpu", "kestrel::int4_tiles_mm", "aten::_weight_int8pack_mm",
+MATMUL_OPS = ("aten::_weight_int4pack_mm_for_cpu", "kestrel::int4_tiles_mm", "kestrel::int4_vector_mm",
+              "aten::_weight_int8pack_mm",
               "kestrel::int8_rows_mm", "mkldnn::_linear_pointwise",
               "aten::addmm", "aten::mm", "aten::linear", "aten::matmul")
 
