@@ -45,6 +45,13 @@ def test_silu_mul(ops, dtype):
     gate_up = torch.randn(7, 2 * 80, dtype=dtype) * 4
     gate, up = gate_up.chunk(2, dim=-1)
     _close(ops.silu_mul(gate_up), F.silu(gate) * up, dtype)
+    # the vectors (the first 32 of a row, with 8 or 16 lanes) and the scalar tail give the same values, bit for bit
+    gate_up = torch.randn(3, 2 * 35, dtype=dtype) * 6
+    gate_up[:, 32:35], gate_up[:, 67:70] = gate_up[:, :3], gate_up[:, 35:38]
+    gate_up[0, :3] = torch.tensor([float("nan"), 100.0, -100.0])
+    gate_up[0, 32:35] = gate_up[0, :3]
+    out = ops.silu_mul(gate_up)
+    assert torch.equal(out[:, 32:35].nan_to_num(7.0), out[:, :3].nan_to_num(7.0)) and out[0, 0].isnan()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

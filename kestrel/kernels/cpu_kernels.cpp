@@ -279,17 +279,37 @@ at::Tensor add_rms_norm(at::Tensor hidden, c10::optional<at::Tensor> delta, at::
 }
 
 // ---- SiLU(gate) * up ---------------------------------------------------------------------------------
+// vexp on W lanes, step for step (the same roundings, so the same results): std::max/std::min's NaN behaviour,
+// and nearbyint as adding and subtracting 1.5 * 2^23 (round half to even, exact for |x| < 2^22)
+inline vec vexpv(vec x) {
+  x = x < splat(-87.3f) ? splat(-87.3f) : x;  // std::max(x, lo): a NaN stays
+  x = splat(88.7f) < x ? splat(88.7f) : x;    // std::min(x, hi)
+  const vec magic = splat(12582912.f);
+  const vec n = (x * splat(1.44269504f) + magic) - magic;
+  const vec r = fmav(n, splat(-6.93145752e-1f), fmav(n, splat(-1.42860677e-6f), x));
+  vec p = splat(1.f / 5040);
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = fmav(p, r, splat(c));
+  return p * (vec)((__builtin_convertvector(n, veci) + 127) << 23);
+}
+
 // computed in the model's dtype T (each step rounded to it, as the reference does); gate_up of type I and the
-// output of type O may be bf16 around quantized matmuls with a float32 T
+// output of type O may be bf16 around quantized matmuls with a float32 T. W lanes at a time in explicit vectors
+// (with bf16 edges the compiler left the loop scalar: 7.7 us a row of SmolLM2 on AVX2), the rest one by one.
 template <typename T, typename I = T, typename O = T>
 void silu_mul_impl(const I* gate_up, O* out, int64_t rows, int64_t inter) {
+  const int64_t body = inter - inter % W;
+  T* const t = nullptr;  // selects roundv's rounding to T
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const I* g = gate_up + r * 2 * inter;
       const I* u = g + inter;
       O* o = out + r * inter;
-#pragma omp simd
-      for (int64_t i = 0; i < inter; ++i) {
+      for (int64_t i = 0; i < body; i += W) {
+        const vec x = loadv(g + i);
+        const vec s = roundv(x / (splat(1.f) + vexpv(-x)), t);
+        storev(o + i, roundv(s * loadv(u + i), t));
+      }
+      for (int64_t i = body; i < inter; ++i) {
         float x = to_f(g[i]);
         float s = to_f(from_f<T>(x / (1.f + vexp(-x))));
         o[i] = narrow<T, O>(s * to_f(u[i]));
