@@ -8,8 +8,9 @@ Figures (embedded SmolLM2-135M-Instruct, its GGUF file for llama.cpp, its conver
 - prefill tok/s: llama-bench pp512 and pp200; Kestrel one 512-token prompt;
 - decode tok/s at contexts of 512, 2k and 8k tokens (Kestrel, with and without its C++ kernels);
 - share of a batch-1 decode step spent outside the matmul kernels (profiler's matmul time against the step's
-  wall time measured without it), outside the matmuls and attention (whose q.k and p.v are the model's other
-  matmuls), and outside the model's forward call (scheduling, tensor building, sampling);
+  wall time measured without it, just before), outside the matmuls and attention (whose q.k and p.v are the
+  model's other matmuls), and outside the model's forward call (scheduling, tensor building, sampling): medians
+  of five such pairs;
 - serving, `kestrel bench` against each server, N requests at --concurrency streams: random 200 -> 64 and
   shared-prefix 4 x 512 + 32 -> 64, output tok/s.
 Writes benchmarks/results/speed.json and speed.png. Peers are run when their builds are present
@@ -43,7 +44,7 @@ MATMUL_OPS = ("aten::_weight_int4pack_mm_for_cpu", "kestrel::int4_tiles_mm", "ke
               "aten::addmm", "aten::mm", "aten::linear", "aten::matmul")
 
 ENGINE = """
-import json, sys, time
+import json, statistics, sys, time
 sys.path.insert(0, {root!r})
 import torch
 from benchmarks.common import batch1_speed
@@ -60,21 +61,27 @@ for ctx in {contexts!r}:
     t = time.perf_counter(); e.generate([prompt], greedy(1)); one = time.perf_counter() - t
     t = time.perf_counter(); e.generate([prompt], greedy(33)); many = time.perf_counter() - t
     at_context[ctx] = 32 / (many - one)
-# a batch-1 decode step: its wall time (no profiler), the time in the forward call, and (profiler) in matmuls
-fresh(); rid = e.add_request(ids[:64], greedy(300))
+# a batch-1 decode step: its wall time (no profiler), the time in the forward call, and (profiler) in matmuls and
+# attention. Five rounds of each in turn, each round's shares from its own pair, medians reported: the machine's
+# speed drifts by the minute, and one wall time against one profile taken a minute apart once gave 26% for ~10%
+fresh(); rid = e.add_request(ids[:64], greedy(460))
 for _ in range(10): e.step()
-forward0, t = e.stats.forward_time, time.perf_counter()
-for _ in range(100): e.step()
-wall, forward = (time.perf_counter() - t) / 100, (e.stats.forward_time - forward0) / 100
 from torch.profiler import profile, ProfilerActivity
-with profile(activities=[ProfilerActivity.CPU]) as prof:
+rounds = []
+for _ in range(5):
+    forward0, t = e.stats.forward_time, time.perf_counter()
     for _ in range(50): e.step()
-self_ms = dict((a.key, a.self_cpu_time_total / 1e3 / 50) for a in prof.key_averages())
-mm, attention = (sum(self_ms.get(k, 0.0) for k in ops) for ops in ({matmul_ops!r}, {attention_ops!r}))
+    wall, forward = (time.perf_counter() - t) / 50, (e.stats.forward_time - forward0) / 50
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(30): e.step()
+    self_ms = dict((a.key, a.self_cpu_time_total / 1e3 / 30) for a in prof.key_averages())
+    mm, attention = (sum(self_ms.get(k, 0.0) for k in ops) for ops in ({matmul_ops!r}, {attention_ops!r}))
+    rounds.append(dict(step_ms=wall * 1e3, matmul_ms=mm, attention_ms=attention, forward_ms=forward * 1e3,
+                       outside_matmul_share=1 - mm / (wall * 1e3),
+                       outside_model_share=1 - (mm + attention) / (wall * 1e3), host_share=1 - forward / wall))
+step = dict((k, statistics.median(r[k] for r in rounds)) for k in rounds[0])
 print("RESULT" + json.dumps(dict(describe=e.describe(), decode_tok_s=decode, prefill512_tok_s=prefill,
-    decode_at_context=at_context, step_ms=wall * 1e3, matmul_ms=mm, attention_ms=attention,
-    forward_ms=forward * 1e3, outside_matmul_share=1 - mm / (wall * 1e3),
-    outside_model_share=1 - (mm + attention) / (wall * 1e3), host_share=1 - forward / wall)))
+    decode_at_context=at_context, **step, outside_model_shares=[r["outside_model_share"] for r in rounds])))
 """
 
 
