@@ -45,7 +45,8 @@ def test_silu_mul(ops, dtype):
     gate_up = torch.randn(7, 2 * 80, dtype=dtype) * 4
     gate, up = gate_up.chunk(2, dim=-1)
     _close(ops.silu_mul(gate_up), F.silu(gate) * up, dtype)
-    # the vectors (the first 32 of a row, with 8 or 16 lanes) and the scalar tail give the same values, bit for bit
+    # the full vectors (the first 32 of a row, with 8 or 16 lanes) and the row's tail (a part of one) give the same
+    # values, bit for bit
     gate_up = torch.randn(3, 2 * 35, dtype=dtype) * 6
     gate_up[:, 32:35], gate_up[:, 67:70] = gate_up[:, :3], gate_up[:, 35:38]
     gate_up[0, :3] = torch.tensor([float("nan"), 100.0, -100.0])

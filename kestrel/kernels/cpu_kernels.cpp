@@ -28,26 +28,6 @@ template <typename T, typename O> inline O narrow(float x) {
   else return from_f<O>(to_f(from_f<T>(x)));
 }
 
-// exp(x) that the compiler vectorizes (libm's expf is a scalar call): x = n ln2 + r with |r| <= ln2 / 2,
-// exp(r) by its degree-7 Taylor polynomial (relative error < 2e-7, about one float ulp), times 2^n.
-inline float vexp(float x) {
-  x = std::min(std::max(x, -87.3f), 88.7f);
-  const float n = std::nearbyint(x * 1.44269504f);
-  const float r = std::fma(n, -6.93145752e-1f, std::fma(n, -1.42860677e-6f, x));
-  float p = 1.f / 5040;
-  p = std::fma(p, r, 1.f / 720);
-  p = std::fma(p, r, 1.f / 120);
-  p = std::fma(p, r, 1.f / 24);
-  p = std::fma(p, r, 1.f / 6);
-  p = std::fma(p, r, 0.5f);
-  p = std::fma(p, r, 1.f);
-  p = std::fma(p, r, 1.f);
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
 }
@@ -192,6 +172,17 @@ inline vec roundv(vec v, double*) { return v; }
 inline void storev(double* p, vec v) {
   for (int l = 0; l < W; ++l) p[l] = v[l];
 }
+// the first n < W elements (a row's tail) through a vector: the rest of the lanes are zeros, and not stored
+template <typename T> inline vec loadv_part(const T* p, int64_t n) {
+  T buf[W] = {};
+  std::copy(p, p + n, buf);
+  return loadv(buf);
+}
+template <typename T> inline void storev_part(T* p, vec v, int64_t n) {
+  T buf[W];
+  storev(buf, v);
+  std::copy(buf, buf + n, p);
+}
 
 // ---- residual add + RMSNorm ------------------------------------------------------------------------
 // hidden += delta (in place, when delta is given), then out = weight * (hidden * rsqrt(mean(hidden^2) + eps)),
@@ -279,8 +270,9 @@ at::Tensor add_rms_norm(at::Tensor hidden, c10::optional<at::Tensor> delta, at::
 }
 
 // ---- SiLU(gate) * up ---------------------------------------------------------------------------------
-// vexp on W lanes, step for step (the same roundings, so the same results): std::max/std::min's NaN behaviour,
-// and nearbyint as adding and subtracting 1.5 * 2^23 (round half to even, exact for |x| < 2^22)
+// exp on W lanes (libm's expf is a scalar call): x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-7 Taylor
+// polynomial (relative error < 2e-7, about one float ulp), times 2^n. The clamp keeps a NaN (as std::max and
+// std::min would); n is x log2(e) rounded half to even by adding and subtracting 1.5 * 2^23 (exact for |x| < 2^22).
 inline vec vexpv(vec x) {
   x = x < splat(-87.3f) ? splat(-87.3f) : x;  // std::max(x, lo): a NaN stays
   x = splat(88.7f) < x ? splat(88.7f) : x;    // std::min(x, hi)
@@ -294,25 +286,21 @@ inline vec vexpv(vec x) {
 
 // computed in the model's dtype T (each step rounded to it, as the reference does); gate_up of type I and the
 // output of type O may be bf16 around quantized matmuls with a float32 T. W lanes at a time in explicit vectors
-// (with bf16 edges the compiler left the loop scalar: 7.7 us a row of SmolLM2 on AVX2), the rest one by one.
+// (with bf16 edges the compiler did not vectorize a plain loop: 7.7 us a row of SmolLM2 on AVX2), the tail too.
 template <typename T, typename I = T, typename O = T>
 void silu_mul_impl(const I* gate_up, O* out, int64_t rows, int64_t inter) {
   const int64_t body = inter - inter % W;
   T* const t = nullptr;  // selects roundv's rounding to T
+  auto silu_mul_v = [t](vec g, vec u) { return roundv(roundv(g / (splat(1.f) + vexpv(-g)), t) * u, t); };
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const I* g = gate_up + r * 2 * inter;
       const I* u = g + inter;
       O* o = out + r * inter;
-      for (int64_t i = 0; i < body; i += W) {
-        const vec x = loadv(g + i);
-        const vec s = roundv(x / (splat(1.f) + vexpv(-x)), t);
-        storev(o + i, roundv(s * loadv(u + i), t));
-      }
-      for (int64_t i = body; i < inter; ++i) {
-        float x = to_f(g[i]);
-        float s = to_f(from_f<T>(x / (1.f + vexp(-x))));
-        o[i] = narrow<T, O>(s * to_f(u[i]));
+      for (int64_t i = 0; i < body; i += W) storev(o + i, silu_mul_v(loadv(g + i), loadv(u + i)));
+      if (body < inter) {
+        const int64_t n = inter - body;
+        storev_part(o + body, silu_mul_v(loadv_part(g + body, n), loadv_part(u + body, n)), n);
       }
     }
   });
@@ -513,8 +501,7 @@ void attention_impl(const T* q, int64_t q_stride, O* out, const T* k_cache, cons
           const float corr = std::exp(mx[g] - new_max);
           mx[g] = new_max;
           float e[TILE];
-#pragma omp simd
-          for (int64_t jj = 0; jj < TILE; ++jj) e[jj] = vexp(scores[jj] - new_max);
+          storev(e, vexpv(scores - splat(new_max)));
           for (int64_t jj = n; jj < TILE; ++jj) e[jj] = 0.f;  // past the context
           sum[g] = sum[g] * corr + sum_lanes(loadv(e));
           vec a[NV > 0 ? NV : MAX_VECS];
