@@ -10,7 +10,7 @@ import torch
 
 from kestrel import Engine, SamplingParams
 from kestrel.model.linear import Linear
-from kestrel.model.quant import Int4Linear, Int8Linear, QuantLinear, int4_kernel
+from kestrel.model.quant import INT4_KERNELS, Int4Linear, Int8Linear, QuantLinear, int4_kernel
 
 
 @pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
@@ -52,9 +52,8 @@ def tiles_here() -> bool:
     return ops is not None and ops.int4_tiles_available()
 
 
-# each of Kestrel's int4 kernels: its entry point, whether it runs here, what its error names when it does not
-INT4_KERNELS = {"amx": ("int4_tiles_mm", "int4_tiles_available", "AMX"),
-                "avx2": ("int4_vector_mm", "int4_vector_available", "AVX2")}
+# each of Kestrel's int4 kernels: whether it runs here, what its error names when it does not
+AVAILABILITY = {"amx": ("int4_tiles_available", "AMX"), "avx2": ("int4_vector_available", "AVX2")}
 
 
 @pytest.mark.parametrize("kernel", ["amx", "avx2"])
@@ -68,8 +67,8 @@ def test_int4_in_the_tile_layout_matches_its_dequantized_weights(embedded_dir, k
     from kestrel.model.loader import gguf_origin
 
     ops = kernels.load()
-    entry, available, name = INT4_KERNELS[kernel]
-    mm = getattr(ops, entry)
+    available, name = AVAILABILITY[kernel]
+    mm = getattr(ops, INT4_KERNELS[kernel].entry)
     if not getattr(ops, available)():
         with pytest.raises(RuntimeError, match=name):
             mm(torch.randn(2, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 4, 64, dtype=torch.uint8),

@@ -32,7 +32,7 @@ from kestrel.engine.hardware import place
 from kestrel import kernels
 from kestrel.lora.manager import LoraManager, describe
 from kestrel.model.model_config import ModelConfig
-from kestrel.model.quant import int4_kernel
+from kestrel.model.quant import INT4_KERNELS, int4_kernel
 from kestrel.model.loader import (chat_template_ids, load_model, load_tokenizer, resolve_batch_weights,
                                   resolve_model_dir, resolve_quantization)
 
@@ -104,8 +104,7 @@ class Engine:
                                 ops if int4 else None, int4)
         self.model.kernels = ops
         if self.model.int4_kernel:
-            self.kernels_reason += {"amx": ", int4 on AMX tiles", "avx2": ", int4 on Kestrel's AVX2 kernel"}[
-                self.model.int4_kernel]
+            self.kernels_reason += ", " + INT4_KERNELS[self.model.int4_kernel].description
         self.tokenizer = load_tokenizer(self.model_dir)
         mc = self.model.cfg
         self.context_length = min(cfg.context_length or mc.max_position_embeddings, mc.max_position_embeddings)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from kestrel.model.attention import AttentionMetadata, kernel_attention, paged_attention
 from kestrel.model.linear import Linear, can_prepack
 from kestrel.model.model_config import ModelConfig
-from kestrel.model.quant import COMPUTE, Int4Linear, Int8Linear, quantize
+from kestrel.model.quant import COMPUTE, INT4_KERNELS, Int4Linear, Int8Linear, quantize
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -251,7 +251,7 @@ class LlamaForCausalLM(nn.Module):
                     elif lin.kind == "int8":
                         kinds.append(1); groups.append(0); tensors.append([lin.q, lin.scale])
                     elif lin.tiles is not None:
-                        kinds.append(3 if lin.tiles_kernel == "amx" else 4)
+                        kinds.append(INT4_KERNELS[lin.tiles_kernel].spec_kind)
                         groups.append(lin.group); tensors.append(list(lin.tiles))
                     else:
                         kinds.append(2); groups.append(lin.group); tensors.append([lin.packed, lin.scales_zeros])

@@ -18,12 +18,23 @@ per output channel (w = q * scale), the only layout PyTorch's int8 kernel takes.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 INT4_GROUP = 32
 COMPUTE = torch.bfloat16  # activation dtype of the quantized kernels
+
+
+class Int4Kernel(NamedTuple):
+    entry: str  # the function in the C++ kernels module
+    spec_kind: int  # the linear's kind for decoder_layers() (cpu_kernels.cpp, LinearSpec)
+    description: str  # as the engine's describe() says it
+
+
+# Kestrel's own int4 kernels, both on the tile layout (Int4Linear.to_tiles), by name (int4_kernel())
+INT4_KERNELS = {"amx": Int4Kernel("int4_tiles_mm", 3, "int4 on AMX tiles"),
+                "avx2": Int4Kernel("int4_vector_mm", 4, "int4 on Kestrel's AVX2 kernel")}
 
 
 class QuantLinear:
@@ -98,10 +109,9 @@ class Int4Linear(QuantLinear):
         weights)."""
         if self.group != 32:
             raise ValueError(f"the int4 tile kernel takes groups of 32, not {self.group}")
-        mm = {"amx": kernels.int4_tiles_mm, "avx2": kernels.int4_vector_mm}.get(kernel)
-        if mm is None:
-            raise ValueError(f"unknown int4 kernel {kernel!r} (amx, avx2)")
-        self.tiles_kernel, self._tiles_mm = kernel, mm
+        if kernel not in INT4_KERNELS:
+            raise ValueError(f"unknown int4 kernel {kernel!r} ({', '.join(INT4_KERNELS)})")
+        self.tiles_kernel, self._tiles_mm = kernel, getattr(kernels, INT4_KERNELS[kernel].entry)
         if self.tiles is not None:
             return
         n, k = self.shape
