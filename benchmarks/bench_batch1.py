@@ -9,15 +9,13 @@ Reports each round's tok/s and ratio, and the median of the ratios. Nothing else
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import RESULTS, batch1_speed, cpu_name, save_results  # noqa: E402
+from benchmarks.common import RESULTS, batch1_speed, cpu_name, llama_bench, save_results  # noqa: E402
 
 
 def main() -> None:
@@ -32,8 +30,7 @@ def main() -> None:
     from kestrel.model.loader import embedded_model_path
 
     bin_dir = os.path.join(args.peers_home, "llama.cpp", "bin")
-    exe = os.path.join(bin_dir, "llama-bench")
-    if not os.path.exists(exe):
+    if not os.path.exists(os.path.join(bin_dir, "llama-bench")):
         sys.exit(f"no llama-bench in {bin_dir}: build it with ../shared/peers/build-llama-cpp.sh or set PEERS_HOME")
     threads = torch.get_num_threads()
     engine = Engine()
@@ -42,11 +39,10 @@ def main() -> None:
     rounds = []
     for _ in range(args.rounds):
         kestrel = batch1_speed(engine, ids, 128, 512)[0]
-        out = subprocess.run([exe, "-m", embedded_model_path(), "-t", str(threads), "-p", "0", "-n", "128", "-r", "3",
-                              "-o", "json"], capture_output=True, text=True, env=dict(os.environ, LD_LIBRARY_PATH=bin_dir))
-        if out.returncode:
-            sys.exit(f"llama-bench failed: {out.stderr[-2000:]}")
-        llama = json.loads(out.stdout)[0]["avg_ts"]
+        figures = llama_bench(bin_dir, embedded_model_path(), threads, prompts="0", repetitions=3)
+        if figures is None:
+            sys.exit("llama-bench failed (above)")
+        llama = figures["tg128"]
         rounds.append(dict(kestrel=kestrel, llama_cpp=llama, ratio=kestrel / llama))
         print(f"kestrel {kestrel:6.1f} tok/s   llama.cpp {llama:6.1f} tok/s   ratio {kestrel / llama:.2f}", flush=True)
     ratio = statistics.median(r["ratio"] for r in rounds)

@@ -26,7 +26,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import (RESULTS, cpu_name, exit_status, run_for_result, save_results,  # noqa: E402
+from benchmarks.common import (RESULTS, cpu_name, llama_bench, run_for_result, save_results,  # noqa: E402
                                serve_process, stop_process)
 
 KESTREL_CONFIGS = {  # label -> Engine keyword arguments
@@ -95,24 +95,6 @@ def kestrel_engine(args) -> dict:
         rows[label] = run_for_result(sys.executable, code, dict(os.environ, HF_HUB_OFFLINE="1"))
         print(f"   {rows[label]}", flush=True)
     return rows
-
-
-def llama_bench(bin_dir: str, gguf: str, threads: int) -> dict | None:
-    exe = os.path.join(bin_dir, "llama-bench")
-    if not os.path.exists(exe):
-        return None
-    env = dict(os.environ, LD_LIBRARY_PATH=bin_dir)
-    out = subprocess.run([exe, "-m", gguf, "-t", str(threads), "-p", "200,512", "-n", "128", "-o", "json"],
-                         capture_output=True, text=True, env=env)
-    if out.returncode:
-        print(f"llama-bench failed ({exit_status(out.returncode)}):", out.stderr[-2000:])
-        return None
-    res = {}
-    for r in json.loads(out.stdout):
-        key = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
-        res[key] = r["avg_ts"]
-    print(f"== llama-bench: {res}", flush=True)
-    return res
 
 
 def serving(name: str, cmd: list[str], env: dict, port: int, args) -> dict | None:
@@ -185,6 +167,8 @@ def main() -> None:
                "kestrel": {} if args.skip_engine else kestrel_engine(args)}
     llama_bin = os.path.join(args.peers_home, "llama.cpp", "bin")
     results["llama_bench"] = None if args.skip_engine else llama_bench(llama_bin, gguf, threads)
+    if results["llama_bench"] is not None:
+        print(f"== llama-bench: {results['llama_bench']}", flush=True)
     serve = {}
     if not args.skip_serving:
         env = dict(os.environ, HF_HUB_OFFLINE="1")

@@ -75,6 +75,28 @@ def exit_status(code: int) -> str:
         return str(code)
 
 
+def llama_bench(bin_dir: str, gguf: str, threads: int, prompts: str = "200,512",
+                repetitions: Optional[int] = None) -> Optional[dict]:
+    """llama.cpp's own figures for `gguf` from the llama-bench in `bin_dir`: tok/s by test ("pp200", "tg128"...),
+    prefills of each length in `prompts` ("0": none) and a 128-token decode; None where there is no build or it
+    fails (it says why)."""
+    exe = os.path.join(bin_dir, "llama-bench")
+    if not os.path.exists(exe):
+        return None
+    cmd = [exe, "-m", gguf, "-t", str(threads), "-p", prompts, "-n", "128", "-o", "json"]
+    if repetitions is not None:
+        cmd += ["-r", str(repetitions)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, LD_LIBRARY_PATH=bin_dir))
+    if out.returncode:
+        print(f"llama-bench failed ({exit_status(out.returncode)}):", out.stderr[-2000:])
+        return None
+    res = {}
+    for r in json.loads(out.stdout):
+        key = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+        res[key] = r["avg_ts"]
+    return res
+
+
 def serve_process(cmd: list[str], port: int, env: dict, timeout: float = 600) -> subprocess.Popen:
     """Start a server (its own process group) and wait until its /health answers 200."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
