@@ -32,6 +32,27 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
 }
 
+// The activations of one decoder_layers() call: a buffer per use, made at the first layer and reused by the others
+// (the shapes repeat layer after layer). A new tensor for every op's output was ~250 allocations and frees a batch-1
+// decode step, about 3% of it. Each use's buffer is read before the next layer writes it again.
+class StepBuffers {
+ public:
+  enum Use { NORM_IN, NORM_POST, QKV, Q, ATTN, O, GATE_UP, ACT, DOWN, USES };
+  at::Tensor get(Use use, at::IntArrayRef sizes, const at::TensorOptions& options) {
+    at::Tensor& b = bufs_[use];
+    if (!b.defined() || b.scalar_type() != options.dtype() || b.sizes() != sizes) b = at::empty(sizes, options);
+    return b;
+  }
+
+ private:
+  at::Tensor bufs_[USES];
+};
+
+// the output of an op: the step's buffer for `use` inside decoder_layers(), a new tensor for a call from Python
+at::Tensor new_output(StepBuffers* bufs, StepBuffers::Use use, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return bufs ? bufs->get(use, sizes, options) : at::empty(sizes, options);
+}
+
 // ---- vectors of W floats (GCC/Clang vector extensions): one zmm register with AVX-512, one ymm with AVX2 --------
 #if defined(__AVX512F__)
 #define W 16
@@ -228,8 +249,9 @@ inline bool bf16_edges(at::ScalarType t, at::ScalarType a, at::ScalarType b) {
 }
 
 // out_dtype: the output's dtype (hidden's, or bf16 for a float32 hidden); delta may be bf16 for a float32 hidden
-at::Tensor add_rms_norm_to(at::Tensor hidden, c10::optional<at::Tensor> delta, at::Tensor weight, double eps,
-                           at::ScalarType out_dtype) {
+at::Tensor add_rms_norm_to(const at::Tensor& hidden, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
+                           double eps, at::ScalarType out_dtype, StepBuffers* bufs = nullptr,
+                           StepBuffers::Use use = StepBuffers::NORM_IN) {
   RECORD_FUNCTION("kestrel::add_rms_norm", std::vector<c10::IValue>());
   check_cpu(hidden, "hidden");
   TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be a contiguous [tokens, dim] tensor");
@@ -244,7 +266,7 @@ at::Tensor add_rms_norm_to(at::Tensor hidden, c10::optional<at::Tensor> delta, a
   TORCH_CHECK((dt == t && out_dtype == t) || bf16_edges(t, dt, out_dtype),
               "delta and the output must be in hidden's dtype (or bf16 with a float32 hidden)");
   at::Tensor w = weight.contiguous();
-  at::Tensor out = at::empty(hidden.sizes(), hidden.options().dtype(out_dtype));
+  at::Tensor out = new_output(bufs, use, hidden.sizes(), hidden.options().dtype(out_dtype));
   const int64_t rows = hidden.size(0), dim = hidden.size(1);
   if (t == at::kFloat && (dt != t || out_dtype != t)) {
     using BF = c10::BFloat16;
@@ -306,7 +328,8 @@ void silu_mul_impl(const I* gate_up, O* out, int64_t rows, int64_t inter) {
   });
 }
 
-at::Tensor silu_mul_to(at::Tensor gate_up, at::ScalarType model_dtype, at::ScalarType out_dtype) {
+at::Tensor silu_mul_to(const at::Tensor& gate_up, at::ScalarType model_dtype, at::ScalarType out_dtype,
+                       StepBuffers* bufs = nullptr) {
   RECORD_FUNCTION("kestrel::silu_mul", std::vector<c10::IValue>());
   check_cpu(gate_up, "gate_up");
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
@@ -315,7 +338,7 @@ at::Tensor silu_mul_to(at::Tensor gate_up, at::ScalarType model_dtype, at::Scala
   TORCH_CHECK((it == model_dtype && out_dtype == model_dtype) || bf16_edges(model_dtype, it, out_dtype),
               "gate_up and the output must be in the model's dtype (or bf16 with a float32 model)");
   int64_t inter = gate_up.size(1) / 2, rows = gate_up.size(0);
-  at::Tensor out = at::empty({rows, inter}, gate_up.options().dtype(out_dtype));
+  at::Tensor out = new_output(bufs, StepBuffers::ACT, {rows, inter}, gate_up.options().dtype(out_dtype));
   using BF = c10::BFloat16;
   if (model_dtype == at::kFloat && it == at::kBFloat16 && out_dtype == at::kBFloat16)
     silu_mul_impl<float, BF, BF>(gate_up.data_ptr<BF>(), out.data_ptr<BF>(), rows, inter);
@@ -369,8 +392,9 @@ void rope_store_impl(const I* qkv, T* q_out, int64_t q_stride, const int64_t* po
 
 // Returns the rotated q heads as [T, nh, D]: a view into qkv (rotated in place) when qkv is in the caches' dtype,
 // a new tensor in that dtype when qkv is bf16 and the caches float32. qkv's k and v parts are left as they were.
-at::Tensor rope_store(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
-                      at::Tensor v_cache, at::Tensor slots, int64_t nh, int64_t nkv) {
+at::Tensor rope_store_to(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots, int64_t nh,
+                         int64_t nkv, StepBuffers* bufs = nullptr) {
   RECORD_FUNCTION("kestrel::rope_store", std::vector<c10::IValue>());
   const auto dtype = k_cache.scalar_type();
   for (auto* t : {&qkv, &cos, &sin, &k_cache, &v_cache}) {
@@ -386,7 +410,7 @@ at::Tensor rope_store(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::
   TORCH_CHECK(d <= MAX_ROPE_HEAD, "head size at most ", MAX_ROPE_HEAD);
   auto pos = positions.contiguous(), sl = slots.contiguous();
   if (qkv.scalar_type() != dtype) {  // bf16 qkv, float32 caches
-    at::Tensor q = at::empty({tokens, nh, d}, k_cache.options());
+    at::Tensor q = new_output(bufs, StepBuffers::Q, {tokens, nh, d}, k_cache.options());
     rope_store_impl<float, c10::BFloat16>(qkv.data_ptr<c10::BFloat16>(), q.data_ptr<float>(), nh * d,
                                           pos.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
                                           k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), sl.data_ptr<int64_t>(),
@@ -399,7 +423,12 @@ at::Tensor rope_store(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::
                                         k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
                                         sl.data_ptr<int64_t>(), tokens, nh, nkv, d);
   });
-  return qkv.view({tokens, nh + 2 * nkv, d}).narrow(1, 0, nh);
+  return qkv.as_strided({tokens, nh, d}, {qkv.size(1), d, 1});
+}
+
+at::Tensor rope_store(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
+                      at::Tensor v_cache, at::Tensor slots, int64_t nh, int64_t nkv) {
+  return rope_store_to(qkv, positions, cos, sin, k_cache, v_cache, slots, nh, nkv);
 }
 
 // ---- attention through the req-to-token table ----------------------------------------------------------
@@ -561,8 +590,9 @@ void attention_impl(const T* q, int64_t q_stride, O* out, const T* k_cache, cons
 
 // q: [T, nh, D] (rows may be strided, e.g. a view into the fused qkv); returns [T, nh * D] in out_dtype (q's, or
 // bf16 for a float32 q).
-at::Tensor paged_attention_to(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor table, at::Tensor rows,
-                              at::Tensor lens, double scale, at::ScalarType out_dtype) {
+at::Tensor paged_attention_to(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens, double scale,
+                              at::ScalarType out_dtype, StepBuffers* bufs = nullptr) {
   RECORD_FUNCTION("kestrel::paged_attention", std::vector<c10::IValue>());
   check_cpu(q, "q");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [T, heads, D] with dense heads");
@@ -578,7 +608,7 @@ at::Tensor paged_attention_to(at::Tensor q, at::Tensor k_cache, at::Tensor v_cac
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "attention takes float32 or bfloat16");
   TORCH_CHECK(out_dtype == q.scalar_type() || bf16_edges(q.scalar_type(), q.scalar_type(), out_dtype),
               "the output must be in q's dtype (or bf16 for a float32 q)");
-  at::Tensor out = at::empty({tokens, nh * d}, q.options().dtype(out_dtype));
+  at::Tensor out = new_output(bufs, StepBuffers::ATTN, {tokens, nh * d}, q.options().dtype(out_dtype));
   if (tokens == 0) return out;
   if (out_dtype != q.scalar_type()) {
     using BF = c10::BFloat16;
@@ -763,14 +793,21 @@ struct LinearSpec {
   bool has_bias;
 };
 
-// y = x W^T (+ bias): in x's dtype for a dense linear, bf16 for a quantized one
-at::Tensor apply_linear(const LinearSpec& l, const at::Tensor& x) {
+// y = x W^T (+ bias): in x's dtype for a dense linear, bf16 for a quantized one. Kestrel's int4 kernels write into
+// the step's buffer for `use`.
+at::Tensor apply_linear(const LinearSpec& l, const at::Tensor& x, StepBuffers& bufs, StepBuffers::Use use) {
   if (l.kind == 0) return at::linear(x, l.t[0], l.has_bias ? c10::optional<at::Tensor>(l.t[1]) : c10::nullopt);
   at::Tensor xb = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
-  at::Tensor y = l.kind == 1   ? at::_weight_int8pack_mm(xb, l.t[0], l.t[1])
-                 : l.kind == 2 ? at::_weight_int4pack_mm_for_cpu(xb, l.t[0], l.group, l.t[1])
-                 : l.kind == 3 ? kestrel::int4_tiles_mm(xb, l.t[0], l.t[1])
-                               : kestrel::int4_vector_mm(xb, l.t[0], l.t[1]);
+  at::Tensor y;
+  if (l.kind == 1) {
+    y = at::_weight_int8pack_mm(xb, l.t[0], l.t[1]);
+  } else if (l.kind == 2) {
+    y = at::_weight_int4pack_mm_for_cpu(xb, l.t[0], l.group, l.t[1]);
+  } else {
+    at::Tensor out = bufs.get(use, {xb.size(0), l.t[0].size(0) * 16}, xb.options());
+    y = kestrel::int4_mm(l.kind == 3 ? kestrel::Int4Kernel::tiles : kestrel::Int4Kernel::vector, xb, l.t[0], l.t[1],
+                         &out);
+  }
   if (l.has_bias) y = y + l.t[2];
   return y;
 }
@@ -822,9 +859,12 @@ at::Tensor decoder_layers(const DecoderStack& stack, at::Tensor hidden, at::Tens
   auto input_dtype = [&](int64_t layer, int64_t site) {
     return lora || linears[4 * layer + site].kind == 0 ? model : at::kBFloat16;
   };
+  StepBuffers bufs;
+  static constexpr StepBuffers::Use outputs[4] = {StepBuffers::QKV, StepBuffers::O, StepBuffers::GATE_UP,
+                                                  StepBuffers::DOWN};
   // y = linear(x), plus the batch's LoRA updates of that layer's site (0 qkv, 1 o, 2 gate_up, 3 down)
   auto linear = [&](int64_t layer, int64_t site, const at::Tensor& x) {
-    at::Tensor y = apply_linear(linears[4 * layer + site], x).contiguous();
+    at::Tensor y = apply_linear(linears[4 * layer + site], x, bufs, outputs[site]).contiguous();
     if (lora) {
       y = y.to(model);
       lora_apply(y, x.contiguous(), *lora_tokens, *lora_table, layer, site);
@@ -833,12 +873,14 @@ at::Tensor decoder_layers(const DecoderStack& stack, at::Tensor hidden, at::Tens
   };
   c10::optional<at::Tensor> delta;
   for (int64_t i = 0; i < layers; ++i) {
-    at::Tensor x = add_rms_norm_to(hidden, delta, norms[2 * i], eps, input_dtype(i, 0));
+    at::Tensor x = add_rms_norm_to(hidden, delta, norms[2 * i], eps, input_dtype(i, 0), &bufs, StepBuffers::NORM_IN);
     // q rotated in the model's dtype (reading a quantized matmul's bf16 output directly), k and v into the pool
-    at::Tensor q = rope_store(linear(i, 0, x), positions, cos, sin, k_caches[i], v_caches[i], slots, nh, nkv);
-    at::Tensor attn = paged_attention_to(q, k_caches[i], v_caches[i], table, rows, lens, scale, input_dtype(i, 1));
-    x = add_rms_norm_to(hidden, linear(i, 1, attn), norms[2 * i + 1], eps, input_dtype(i, 2));
-    at::Tensor act = silu_mul_to(linear(i, 2, x), model, input_dtype(i, 3));
+    at::Tensor q = rope_store_to(linear(i, 0, x), positions, cos, sin, k_caches[i], v_caches[i], slots, nh, nkv, &bufs);
+    at::Tensor attn =
+        paged_attention_to(q, k_caches[i], v_caches[i], table, rows, lens, scale, input_dtype(i, 1), &bufs);
+    x = add_rms_norm_to(hidden, linear(i, 1, attn), norms[2 * i + 1], eps, input_dtype(i, 2), &bufs,
+                        StepBuffers::NORM_POST);
+    at::Tensor act = silu_mul_to(linear(i, 2, x), model, input_dtype(i, 3), &bufs);
     delta = linear(i, 3, act);
   }
   return add_rms_norm(hidden, delta, stack.final_norm, eps);

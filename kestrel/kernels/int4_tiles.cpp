@@ -336,10 +336,13 @@ bool int4_tiles_available() {
 #endif
 }
 
-namespace {
-// Checks a call's tensors and runs `impl` on them: y [rows, out] bf16
-template <typename Impl>
-at::Tensor run_int4(const char* name, at::Tensor x, at::Tensor codes, at::Tensor scales_zeros, Impl impl) {
+at::Tensor int4_mm(Int4Kernel kernel, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales_zeros,
+                   at::Tensor* out) {
+  const bool tiles = kernel == Int4Kernel::tiles;
+  RECORD_FUNCTION(tiles ? "kestrel::int4_tiles_mm" : "kestrel::int4_vector_mm", std::vector<c10::IValue>());
+  const char* name = tiles ? "int4_tiles_mm" : "int4_vector_mm";
+  TORCH_CHECK(tiles ? int4_tiles_available() : int4_vector_available(), name,
+              tiles ? " needs a CPU with AMX-BF16 (and a build for it)" : " needs a CPU with AVX2 and FMA (and a build for it)");
   TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && scales_zeros.device().is_cpu(), name,
               " takes CPU tensors");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bf16 [rows, in], got ", x.scalar_type(),
@@ -353,32 +356,29 @@ at::Tensor run_int4(const char* name, at::Tensor x, at::Tensor codes, at::Tensor
                   scales_zeros.sizes() == at::IntArrayRef({codes.size(0), codes.size(1), 2, 16}),
               "scales_zeros must be contiguous bf16 [out / 16, in / 32, 2, 16]");
   at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M > 0 && N > 0)
-    impl(xc.data_ptr<c10::BFloat16>(), M, K, codes.data_ptr<uint8_t>(), scales_zeros.data_ptr<c10::BFloat16>(), N,
-         y.data_ptr<c10::BFloat16>());
+  at::Tensor y = out ? *out : at::empty({M, N}, x.options());
+  TORCH_CHECK(y.scalar_type() == at::kBFloat16 && y.is_contiguous() && y.sizes() == at::IntArrayRef({M, N}),
+              "out must be contiguous bf16 [", M, ", ", N, "]");
+  if (M == 0 || N == 0) return y;
+  auto* xp = xc.data_ptr<c10::BFloat16>();
+  auto* cp = codes.data_ptr<uint8_t>();
+  auto* sp = scales_zeros.data_ptr<c10::BFloat16>();
+  auto* yp = y.data_ptr<c10::BFloat16>();
+#ifdef KESTREL_TILES
+  if (tiles) int4_tiles_impl(xp, M, K, cp, sp, N, yp);
+#endif
+#ifdef KESTREL_VECTOR_INT4
+  if (!tiles) int4_vector_impl(xp, M, K, cp, sp, N, yp);
+#endif
   return y;
 }
-}  // namespace
 
 at::Tensor int4_tiles_mm(at::Tensor x, at::Tensor codes, at::Tensor scales_zeros) {
-  RECORD_FUNCTION("kestrel::int4_tiles_mm", std::vector<c10::IValue>());
-  TORCH_CHECK(int4_tiles_available(), "the int4 tile kernel needs a CPU with AMX-BF16 (and a build for it)");
-#ifdef KESTREL_TILES
-  return run_int4("int4_tiles_mm", x, codes, scales_zeros, int4_tiles_impl);
-#else
-  return at::Tensor();
-#endif
+  return int4_mm(Int4Kernel::tiles, x, codes, scales_zeros);
 }
 
 at::Tensor int4_vector_mm(at::Tensor x, at::Tensor codes, at::Tensor scales_zeros) {
-  RECORD_FUNCTION("kestrel::int4_vector_mm", std::vector<c10::IValue>());
-  TORCH_CHECK(int4_vector_available(), "the int4 vector kernel needs a CPU with AVX2 and FMA (and a build for it)");
-#ifdef KESTREL_VECTOR_INT4
-  return run_int4("int4_vector_mm", x, codes, scales_zeros, int4_vector_impl);
-#else
-  return at::Tensor();
-#endif
+  return int4_mm(Int4Kernel::vector, x, codes, scales_zeros);
 }
 
 }  // namespace kestrel

@@ -20,4 +20,11 @@ bool int4_vector_available();
 // int4_tiles_mm's product on AVX2 and FMA alone, for CPUs without AMX (activations widened to float32).
 at::Tensor int4_vector_mm(at::Tensor x, at::Tensor codes, at::Tensor scales_zeros);
 
+enum class Int4Kernel { tiles, vector };
+
+// The product on either kernel, written into `out` (bf16 [M, N], contiguous) when it is given: the decoder layers
+// reuse one output buffer per linear across their layers.
+at::Tensor int4_mm(Int4Kernel kernel, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales_zeros,
+                   at::Tensor* out = nullptr);
+
 }  // namespace kestrel
