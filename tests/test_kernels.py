@@ -165,6 +165,7 @@ def test_int8_rows_mm_matches_its_dequantized_weights(ops):
             assert (y == lin(x)).float().mean() > 0.99, (n, k)
         for m in range(5):
             assert torch.equal(ops.int8_rows_mm(x[m:m + 1], lin.q, lin.scale), y[m:m + 1])
+        assert torch.equal(ops.int8_rows_mm(x, lin.q, lin.scale, float_out=True), y.float())
     with pytest.raises(RuntimeError, match="bf16"):
         ops.int8_rows_mm(x.float(), lin.q, lin.scale)
     with pytest.raises(RuntimeError, match="inputs"):

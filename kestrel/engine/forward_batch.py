@@ -134,11 +134,13 @@ def build(decode: list[Sequence], prefill: list[tuple[Sequence, int]], req_to_to
                 n = seq.draft.num_tokens
                 columns[first:first + n] = torch.arange(seq.num_computed, seq.num_computed + n)
         slot_mapping = table[token_rows, columns]
+    if table.device != device:
+        pos_t, slot_mapping, rows_t = pos_t.to(device), slot_mapping.to(device), rows_t.to(device)
     batch = ForwardBatch(
         input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-        positions=pos_t.to(device),
-        slot_mapping=slot_mapping.to(device),
-        kv_rows=rows_t.to(device),
+        positions=pos_t,
+        slot_mapping=slot_mapping,
+        kv_rows=rows_t,
         kv_lens=kv_lens,
         q_starts=q_starts,
         num_decode=len(plain),

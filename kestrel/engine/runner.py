@@ -62,7 +62,7 @@ class ModelRunner:
         first_multi = nd
         if self.model.kernels is not None:
             first_multi = self._kernel_rows(fb, meta)
-        kv_rows = fb.kv_rows.tolist()
+        kv_rows = fb.kv_rows.tolist() if first_multi < fb.num_rows else []
         for i, r in enumerate(range(first_multi, fb.num_rows), start=first_multi - nd):
             meta.multi.append(MultiTokenRow(fb.q_starts[r], fb.q_starts[r + 1], table[kv_rows[r], :fb.kv_lens[r]],
                                             fb.masks[i]))
@@ -94,7 +94,7 @@ class ModelRunner:
             first = fb.kv_lens[r] - q_lens[r] + 1
             lens.extend(range(first, first + q_lens[r]))
         meta.table = self.table.table
-        rows = fb.kv_rows[:end]
+        rows = fb.kv_rows if end == fb.num_rows else fb.kv_rows[:end]
         meta.token_rows = torch.repeat_interleave(rows, torch.tensor(q_lens)) if end > nd else rows
         meta.token_lens = torch.tensor(lens, dtype=torch.int64)
         next_scratch = self.table.scratch_start

@@ -740,8 +740,9 @@ inline void int8_block(const float* x, int64_t K, const int8_t* q, float* sums) 
   }
 }
 
+template <typename O>  // bf16, or float32 holding the bf16-rounded value
 void int8_rows_impl(const float* x, int64_t M, int64_t K, const int8_t* q, const c10::BFloat16* scale, int64_t N,
-                    c10::BFloat16* y) {
+                    O* y) {
   at::parallel_for(0, (N + W - 1) / W, 64, [&](int64_t begin, int64_t end) {
     float sums[W];
     for (int64_t b = begin; b < end; ++b) {
@@ -753,14 +754,15 @@ void int8_rows_impl(const float* x, int64_t M, int64_t K, const int8_t* q, const
           for (int64_t j = 0; j < outs; ++j) int8_block<1>(x + m * K, K, q + (n0 + j) * K, sums + j);
         }
         for (int64_t j = 0; j < outs; ++j)
-          y[m * N + n0 + j] = c10::BFloat16(sums[j] * static_cast<float>(scale[n0 + j]));
+          y[m * N + n0 + j] = static_cast<O>(c10::BFloat16(sums[j] * static_cast<float>(scale[n0 + j])));
       }
     }
   });
 }
 
-// x [M, K] bf16, q int8 [N, K], scale bf16 [N] -> bf16 [M, N]
-at::Tensor int8_rows_mm(at::Tensor x, at::Tensor q, at::Tensor scale) {
+// x [M, K] bf16, q int8 [N, K], scale bf16 [N] -> bf16 [M, N]; with float_out the same values in float32 (logits
+// for the sampler, without a pass converting them)
+at::Tensor int8_rows_mm(at::Tensor x, at::Tensor q, at::Tensor scale, bool float_out) {
   RECORD_FUNCTION("kestrel::int8_rows_mm", std::vector<c10::IValue>());
   check_cpu(x, "x");
   check_cpu(q, "q");
@@ -774,10 +776,15 @@ at::Tensor int8_rows_mm(at::Tensor x, at::Tensor q, at::Tensor scale) {
               "scale must be contiguous bf16 [out]");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M > 0 && N > 0)
-    int8_rows_impl(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), scale.data_ptr<c10::BFloat16>(), N,
-                   y.data_ptr<c10::BFloat16>());
+  at::Tensor y = at::empty({M, N}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
+  if (M > 0 && N > 0) {
+    if (float_out)
+      int8_rows_impl(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), scale.data_ptr<c10::BFloat16>(), N,
+                     y.data_ptr<float>());
+    else
+      int8_rows_impl(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), scale.data_ptr<c10::BFloat16>(), N,
+                     y.data_ptr<c10::BFloat16>());
+  }
   return y;
 }
 
@@ -945,7 +952,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("k_caches"), py::arg("v_caches"));
   m.def("decoder_layers", &decoder_layers, "all decoder layers for a step whose attention the table serves");
   m.def("lora_apply", &lora_apply, "y += each token's adapter's low-rank update (B A x) at one layer's site, in place");
-  m.def("int8_rows_mm", &int8_rows_mm, "x q^T * scale for int8 q with a scale per output, for a few rows, bf16");
+  m.def("int8_rows_mm", &int8_rows_mm, "x q^T * scale for int8 q with a scale per output, for a few rows, bf16 "
+        "(float32 holding the bf16 values with float_out)", py::arg("x"), py::arg("q"), py::arg("scale"),
+        py::arg("float_out") = false);
   m.def("int4_tiles_available", &kestrel::int4_tiles_available, "whether int4_tiles_mm runs here (AMX-BF16)");
   m.def("int4_tiles_mm", &kestrel::int4_tiles_mm, "x W^T for int4 W in the tile layout (Int4Linear.to_tiles), bf16");
   m.def("int4_vector_available", &kestrel::int4_vector_available, "whether int4_vector_mm runs here (AVX2, FMA)");
