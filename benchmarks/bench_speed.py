@@ -10,7 +10,7 @@ Figures (embedded SmolLM2-135M-Instruct, its GGUF file for llama.cpp, its conver
 - share of a batch-1 decode step spent outside the matmul kernels (profiler's matmul time against the step's
   wall time measured without it, just before), outside the matmuls and attention (whose q.k and p.v are the
   model's other matmuls), and outside the model's forward call (scheduling, tensor building, sampling): medians
-  of five such pairs;
+  of nine such pairs;
 - serving, `kestrel bench` against each server, N requests at --concurrency streams: random 200 -> 64 and
   shared-prefix 4 x 512 + 32 -> 64, output tok/s.
 Writes benchmarks/results/speed.json and speed.png. Peers are run when their builds are present
@@ -62,23 +62,28 @@ for ctx in {contexts!r}:
     t = time.perf_counter(); e.generate([prompt], greedy(33)); many = time.perf_counter() - t
     at_context[ctx] = 32 / (many - one)
 # a batch-1 decode step: its wall time (no profiler), the time in the forward call, and (profiler) in matmuls and
-# attention. Five rounds of each in turn, each round's shares from its own pair, medians reported: the machine's
-# speed drifts by the minute, and one wall time against one profile taken a minute apart once gave 26% for ~10%
-fresh(); rid = e.add_request(ids[:64], greedy(460))
+# attention. Nine rounds of each in turn, each round's shares from its own pair, medians reported: the machine's
+# speed drifts by the minute (one wall time against one profile taken a minute apart once gave 26% for ~10%; five
+# rounds of 50 and 30 steps still ranged 7-23%)
+fresh(); rid = e.add_request(ids[:64], greedy(600))
 for _ in range(10): e.step()
 from torch.profiler import profile, ProfilerActivity
 rounds = []
-for _ in range(5):
+for _ in range(9):
     forward0, t = e.stats.forward_time, time.perf_counter()
-    for _ in range(50): e.step()
-    wall, forward = (time.perf_counter() - t) / 50, (e.stats.forward_time - forward0) / 50
+    for _ in range(30): e.step()
+    wall, forward = (time.perf_counter() - t) / 30, (e.stats.forward_time - forward0) / 30
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
         for _ in range(30): e.step()
+        profiled = (time.perf_counter() - t) / 30
     self_ms = dict((a.key, a.self_cpu_time_total / 1e3 / 30) for a in prof.key_averages())
     mm, attention = (sum(self_ms.get(k, 0.0) for k in ops) for ops in ({matmul_ops!r}, {attention_ops!r}))
     rounds.append(dict(step_ms=wall * 1e3, matmul_ms=mm, attention_ms=attention, forward_ms=forward * 1e3,
                        outside_matmul_share=1 - mm / (wall * 1e3),
-                       outside_model_share=1 - (mm + attention) / (wall * 1e3), host_share=1 - forward / wall))
+                       outside_model_share=1 - (mm + attention) / (wall * 1e3), host_share=1 - forward / wall,
+                       # the same steps' wall time, the profiler's own cost included: an upper bound without the drift
+                       profiled_step_ms=profiled * 1e3, outside_model_share_bound=1 - (mm + attention) / (profiled * 1e3)))
 step = dict((k, statistics.median(r[k] for r in rounds)) for k in rounds[0])
 print("RESULT" + json.dumps(dict(describe=e.describe(), decode_tok_s=decode, prefill512_tok_s=prefill,
     decode_at_context=at_context, **step, outside_model_shares=[r["outside_model_share"] for r in rounds])))

@@ -146,6 +146,19 @@ def test_argmax_rows_matches_torch_argmax(ops):
         ops.argmax_rows(logits.to(torch.bfloat16))
 
 
+def test_embed_rows_are_the_embedding_lookup(ops):
+    """A step's embedding rows, copied by the kernel: exactly F.embedding's, repeated ids included; an id outside
+    the vocabulary is an error that names it."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        table = torch.randn(1000, 96, generator=g).to(dtype)
+        ids = torch.tensor([0, 999, 5, 5, 123])
+        assert torch.equal(ops.embed_rows(table, ids), torch.nn.functional.embedding(ids, table))
+        assert ops.embed_rows(table, ids[:0]).shape == (0, 96)
+    with pytest.raises(RuntimeError, match="1000 is outside the vocabulary"):
+        ops.embed_rows(table, torch.tensor([3, 1000]))
+
+
 def test_int8_rows_mm_matches_its_dequantized_weights(ops):
     """The int8 head's kernel: x q^T * scale rounded once to bf16, agreeing with PyTorch's int8 kernel on nearly
     every element (the sums run in another order), each row the same whatever rows run beside it. Shapes: the

@@ -893,6 +893,26 @@ at::Tensor decoder_layers(const DecoderStack& stack, at::Tensor hidden, at::Tens
   return add_rms_norm(hidden, delta, stack.final_norm, eps);
 }
 
+// ---- embedding rows ------------------------------------------------------------------------------------
+// table[ids] for a step's few tokens: row copies, without the index_select path (whose code runs cold each step,
+// after the layers have streamed the weights through the caches: ~30 us for one row).
+at::Tensor embed_rows(at::Tensor table, at::Tensor ids) {
+  check_cpu(table, "table");
+  TORCH_CHECK(table.dim() == 2 && table.is_contiguous(), "table must be a contiguous [vocab, hidden] tensor");
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong, "ids must be int64 [tokens]");
+  const int64_t tokens = ids.size(0), vocab = table.size(0), row = table.size(1) * table.element_size();
+  at::Tensor out = at::empty({tokens, table.size(1)}, table.options());
+  const auto id = ids.contiguous();
+  const int64_t* ip = id.data_ptr<int64_t>();
+  const char* src = static_cast<const char*>(table.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(ip[t] >= 0 && ip[t] < vocab, "token id ", ip[t], " is outside the vocabulary of ", vocab);
+    std::memcpy(dst + t * row, src + ip[t] * row, row);
+  }
+  return out;
+}
+
 // ---- greedy picks --------------------------------------------------------------------------------------
 // The index of each row's largest value, the first one on ties, NaN above everything (as torch.argmax): one
 // vectorized pass for the maximum, one for its first position.
@@ -959,6 +979,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_tiles_mm", &kestrel::int4_tiles_mm, "x W^T for int4 W in the tile layout (Int4Linear.to_tiles), bf16");
   m.def("int4_vector_available", &kestrel::int4_vector_available, "whether int4_vector_mm runs here (AVX2, FMA)");
   m.def("int4_vector_mm", &kestrel::int4_vector_mm, "int4_tiles_mm's product on AVX2 (CPUs without AMX), bf16");
+  m.def("embed_rows", &embed_rows, "table[ids]: the embedding rows of a step's tokens");
   m.def("argmax_rows", &argmax_rows, "each row's argmax (first on ties, NaN first), as torch.argmax(dim=-1)");
   m.def("paged_attention", &paged_attention, "attention of each query token over its table row's first lens slots");
 }

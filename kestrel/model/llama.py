@@ -278,7 +278,7 @@ class LlamaForCausalLM(nn.Module):
         nh, nkv, eps = cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps
         num_tokens = input_ids.shape[0]
         cos_table, sin_table = self.rope_tables()
-        hidden = F.embedding(input_ids, self.embed)
+        hidden = ops.embed_rows(self.embed, input_ids)
         # the quantized weights as the C++ loop takes them, unless this step runs on dense copies
         dense = self.dense_step(num_tokens)
         specs = None if dense else self.layer_specs()
