@@ -189,15 +189,16 @@ def test_seeded_sampling_gives_plain_sampling_tokens(plain, spec, tokenizer):
     params = [SamplingParams(max_tokens=24, temperature=t, top_k=k, top_p=q, min_p=m, seed=s, ignore_eos=True,
                              repetition_penalty=r)
               for s, (t, k, q, m, r) in enumerate([(1.0, 3, 1.0, 0.0, 1.0), (0.7, 0, 0.9, 0.0, 1.0),
-                                                   (1.3, 0, 1.0, 0.05, 1.1), (0.5, 5, 0.95, 0.0, 1.0)] * 3)]
+                                                   (1.3, 0, 1.0, 0.05, 1.1), (0.5, 5, 0.95, 0.0, 1.0)] * 12)]
     want = plain.generate([p] * len(params), params)
     got = spec.generate([p] * len(params), params)
     same = sum(g.token_ids == w.token_ids for g, w in zip(got, want))
-    # a tree row's float32 logits differ from a one-token row's in the last bits (as a batch's do from a lone
-    # request's), which can move a uniform across a CDF boundary: rarely, and only after a long common prefix
-    assert same >= len(params) - 2
-    assert all(g.token_ids[:8] == w.token_ids[:8] for g, w in zip(got, want))
-    assert sum(o.accepted_draft_tokens for o in got) > 5  # drafts were accepted while sampling
+    # A tree row's float32 logits differ from a one-token row's in the last bits (as a batch's do from a lone
+    # request's), which can move a uniform across a CDF boundary, at any token: measured 3 and 5 requests in 100
+    # over 24 tokens (AMX Xeon; the same restricted to AVX2). Lookahead drawing from the wrong uniforms would make
+    # nearly every request differ from its first accepted draft on; a quarter differing is ~1e-6 likely at 5%.
+    assert same >= 0.75 * len(params), f"{len(params) - same} of {len(params)} requests differ"
+    assert sum(o.accepted_draft_tokens for o in got) > 20  # drafts were accepted while sampling
 
 
 def test_sampling_with_lookahead_follows_plain_sampling(plain, spec, tokenizer):
