@@ -10,7 +10,8 @@ Figures (embedded SmolLM2-135M-Instruct, its GGUF file for llama.cpp, its conver
 - share of a batch-1 decode step spent outside the matmul kernels (profiler's matmul time against the step's
   wall time measured without it, just before), outside the matmuls and attention (whose q.k and p.v are the
   model's other matmuls), and outside the model's forward call (scheduling, tensor building, sampling): medians
-  of nine such pairs;
+  of nine such pairs; and outside_model_share_bound, the matmuls and attention against the profiled steps' own
+  wall time (the profiler's cost counts as outside: an upper bound, free of the drift between the two windows);
 - serving, `kestrel bench` against each server, N requests at --concurrency streams: random 200 -> 64 and
   shared-prefix 4 x 512 + 32 -> 64, output tok/s.
 Writes benchmarks/results/speed.json and speed.png. Peers are run when their builds are present
