@@ -747,6 +747,13 @@ void int8_rows_impl(const float* x, int64_t M, int64_t K, const int8_t* q, const
     float sums[W];
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * W, outs = std::min<int64_t>(W, N - n0);
+      // the block after next, into the caches while this one computes: the hardware prefetcher follows one row's
+      // stream, not the block's W. A batch-1 decode step of SmolLM2 (2-core Xeon, alternated runs): 4.2-5.0 ms
+      // against 4.7-5.3 without, and 5.4-6.0 against 6.1-7.0 restricted to AVX2
+      if (b + 2 < end) {
+        const char* next = reinterpret_cast<const char*>(q + (n0 + 2 * W) * K);
+        for (int64_t off = 0; off < W * K; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+      }
       for (int64_t m = 0; m < M; ++m) {
         if (outs == W) {
           int8_block<W>(x + m * K, K, q + n0 * K, sums);
