@@ -784,14 +784,10 @@ at::Tensor int8_rows_mm(at::Tensor x, at::Tensor q, at::Tensor scale, bool float
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
-  if (M > 0 && N > 0) {
-    if (float_out)
-      int8_rows_impl(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), scale.data_ptr<c10::BFloat16>(), N,
-                     y.data_ptr<float>());
-    else
-      int8_rows_impl(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), scale.data_ptr<c10::BFloat16>(), N,
-                     y.data_ptr<c10::BFloat16>());
-  }
+  auto run = [&](auto* out) {
+    int8_rows_impl(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), scale.data_ptr<c10::BFloat16>(), N, out);
+  };
+  if (M > 0 && N > 0) float_out ? run(y.data_ptr<float>()) : run(y.data_ptr<c10::BFloat16>());
   return y;
 }
 

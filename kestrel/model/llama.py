@@ -118,7 +118,6 @@ class LlamaForCausalLM(nn.Module):
         self.dense_above = QUANTIZED_MAX_ROWS  # steps of more tokens run on the dense copies (freeze)
         self.head_small_rows = QUANTIZED_MAX_ROWS  # logits of up to this many rows come from the int8 head (freeze)
         self.int4_kernel = ""  # Kestrel's kernel that runs the int4 linears: amx | avx2 (freeze)
-        self.has_dense_copies = False  # the layers have dense copies of quantized linears (freeze)
         self.kernels = None  # the C++ CPU kernels module (kestrel.kernels), or None: PyTorch ops alone
         self._layer_specs: tuple | None = None  # the layers as decoder_layers() takes them (see layer_specs)
         self._stack: tuple | None = None  # (the KV caches, the kernels' DecoderStack over them): decoder_stack()
@@ -173,7 +172,6 @@ class LlamaForCausalLM(nn.Module):
                     getattr(layer, name).data = torch.empty(0, dtype=self.embed.dtype)
         if self.int4_kernel:
             self.dense_above = quantized_max_rows(self.embed.dtype, self.int4_kernel)
-        self.has_dense_copies = self.layers[0].dense is not None
         head = self.embed if self.lm_head is None else self.lm_head
         self._lm_head_small = None
         if quantization == "none":
@@ -304,7 +302,7 @@ class LlamaForCausalLM(nn.Module):
     @property
     def dense_split(self) -> int:
         """Steps of more tokens than this run on the layers' dense copies (a quantized model's); 0: it has none."""
-        return self.dense_above if self.has_dense_copies else 0
+        return self.dense_above if self.layers[0].dense is not None else 0
 
     def dense_step(self, num_tokens: int) -> bool:
         """Whether a step of `num_tokens` tokens runs on the layers' dense copies."""
