@@ -31,9 +31,13 @@ def server(tmp_path_factory, tiny_llama_dir):
     assert srv.stop() == 0
 
 
+def _client(server) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+    with _client(server) as c:
         yield c
 
 
@@ -108,9 +112,12 @@ def test_fifty_concurrent_voters_lose_no_vote(http, server):
     before = store.count()
 
     def vote(k: int):
+        # a client per voter, as 50 browsers would be: httpcore 1.0.9's shared pool can close a connection that
+        # another thread has just been given once more than 20 are open (EBADF on its read)
         winner = ["model_a", "model_b", "tie", "tie (bothbad)"][k % 4]
-        first = http.post(f"/arena/api/battles/{battles[k]}/vote", json={"winner": winner}).status_code
-        second = http.post(f"/arena/api/battles/{battles[k]}/vote", json={"winner": winner}).status_code
+        with _client(server) as voter:
+            first = voter.post(f"/arena/api/battles/{battles[k]}/vote", json={"winner": winner}).status_code
+            second = voter.post(f"/arena/api/battles/{battles[k]}/vote", json={"winner": winner}).status_code
         return first, second
     with ThreadPoolExecutor(50) as pool:
         codes = list(pool.map(vote, range(50)))
