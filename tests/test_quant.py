@@ -252,3 +252,53 @@ def assert_dense_copies_hold_the_quantized_values(hybrid, chat_prompt_ids, dtype
     errors = [abs(a.logprob - b.logprob) for d, q, o in zip(dense, quantized, outs)
               for a, b in zip(d.prompt_logprobs[len(o.prompt_token_ids):], q.prompt_logprobs[len(o.prompt_token_ids):])]
     assert sum(errors) / len(errors) < 0.05 and max(errors) < 1.0, (sum(errors) / len(errors), max(errors))
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The kernel's flags of the mapping holding `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise LookupError(hex(address))
+
+
+def test_streamed_weights_move_into_huge_pages():
+    """What a quantized decode step streams (int4 layer weights, the int8 head) sits side by side in one mapping
+    advised MADV_HUGEPAGE (kestrel.model.huge_pages), equal to what it replaced; the engine computes on it (the
+    exactness tests above run on such engines)."""
+    import mmap
+
+    from kestrel.model.huge_pages import HUGE_PAGE, into_huge_pages
+
+    originals = [torch.randn(3, 5), torch.randint(0, 255, (1000,), dtype=torch.uint8), torch.randn(7, 64).bfloat16(),
+                 torch.empty(0)]
+    copies = into_huge_pages(originals)
+    assert hasattr(mmap, "MADV_HUGEPAGE") == (copies is not None)
+    if copies is None:  # no such advice on this OS: the weights stay where they are
+        return
+    assert all(torch.equal(c, o) and c.dtype == o.dtype and c.is_contiguous() for c, o in zip(copies, originals))
+    assert copies[0].data_ptr() % HUGE_PAGE == 0 and copies[1].data_ptr() - copies[0].data_ptr() == 64
+    assert "hg" in _vm_flags(copies[0].data_ptr())
+    copies[0] += 1
+    assert not torch.equal(copies[0], originals[0])  # copies, not views of the originals
+    with pytest.raises(ValueError, match="contiguous"):
+        into_huge_pages([torch.randn(4, 4).t()])
+
+    e = Engine(max_total_tokens=256, device="cpu")  # int4 layers from the embedded GGUF file, an int8 head
+    model = e.model
+    linears = [f for layer in model.layers for f in layer.fast] + [model._lm_head_small or model._lm_head]
+    assert all(isinstance(lin, QuantLinear) for lin in linears)
+    tensors = [t for lin in linears for name in lin.streamed()
+               for t in (getattr(lin, name) if isinstance(getattr(lin, name), tuple) else (getattr(lin, name),))]
+    starts = sorted(t.data_ptr() for t in tensors)
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    assert starts[0] % HUGE_PAGE == 0 and starts[-1] - starts[0] < size + 64 * len(tensors)  # side by side
+    assert "hg" in _vm_flags(starts[0]) and "hg" in _vm_flags(starts[-1])
+    out = e.generate(["The capital of France is"], SamplingParams(max_tokens=4, temperature=0.0))[0]
+    assert out.output_tokens == 4

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from kestrel.model.attention import AttentionMetadata, kernel_attention, paged_attention
 from kestrel.model.linear import Linear, can_prepack
 from kestrel.model.model_config import ModelConfig
-from kestrel.model.quant import COMPUTE, INT4_KERNELS, Int4Linear, Int8Linear, quantize
+from kestrel.model.huge_pages import into_huge_pages
+from kestrel.model.quant import COMPUTE, INT4_KERNELS, Int4Linear, Int8Linear, QuantLinear, quantize
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -183,6 +184,23 @@ class LlamaForCausalLM(nn.Module):
             self._lm_head = Int8Linear.from_float(head)
         if quantization != "none" and self.lm_head is not None:
             self.lm_head.data = torch.empty(0, dtype=self.embed.dtype)
+        if quantization != "none" and self.embed.device.type == "cpu":
+            self._streamed_into_huge_pages()
+
+    def _streamed_into_huge_pages(self) -> None:
+        """Move what a decode step reads of the quantized linears and the int8 head into huge pages (see
+        kestrel.model.huge_pages)."""
+        linears = [f for layer in self.layers for f in layer.fast if isinstance(f, QuantLinear)]
+        linears += [h for h in (self._lm_head_small, self._lm_head) if isinstance(h, QuantLinear)]
+        slots = [(lin, name) for lin in linears for name in lin.streamed()]
+        values = [getattr(lin, name) for lin, name in slots]
+        flat = [t for v in values for t in (v if isinstance(v, tuple) else (v,))]
+        copies = into_huge_pages(flat)
+        if copies is None:
+            return
+        it = iter(copies)
+        for (lin, name), v in zip(slots, values):
+            setattr(lin, name, tuple(next(it) for _ in v) if isinstance(v, tuple) else next(it))
 
     def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for every position, computed in float32 as HF does, then cast to the model dtype."""

@@ -58,9 +58,16 @@ class QuantLinear:
         """The float weight the kernel computes with, in `dtype`."""
         raise NotImplementedError
 
+    def streamed(self) -> tuple[str, ...]:
+        """The attributes holding what every call reads (tensors, or tuples of them)."""
+        raise NotImplementedError
+
 
 class Int8Linear(QuantLinear):
     kind = "int8"
+
+    def streamed(self) -> tuple[str, ...]:
+        return "q", "scale"
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None):
         self.q = q.contiguous()  # [N, K] int8
@@ -101,6 +108,9 @@ class Int4Linear(QuantLinear):
         self.tiles: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (codes, scales_zeros) in the tile layout
         self.tiles_kernel = ""  # the kernel that computes on them: amx | avx2
         self._tiles_mm = None
+
+    def streamed(self) -> tuple[str, ...]:
+        return ("tiles",) if self.tiles is not None else ("packed", "scales_zeros")
 
     def to_tiles(self, kernels, kernel: str = "amx") -> None:
         """Move the weights to the layout of the AMX tile kernel (kestrel/kernels/int4_tiles.h) and compute on
