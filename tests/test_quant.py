@@ -270,11 +270,11 @@ def _vm_flags(address: int) -> list[str]:
 
 def test_streamed_weights_move_into_huge_pages():
     """What a quantized decode step streams (int4 layer weights, the int8 head) sits side by side in one mapping
-    advised MADV_HUGEPAGE (kestrel.model.huge_pages), equal to what it replaced; the engine computes on it (the
+    advised MADV_HUGEPAGE (kestrel.huge_pages), equal to what it replaced; the engine computes on it (the
     exactness tests above run on such engines)."""
     import mmap
 
-    from kestrel.model.huge_pages import HUGE_PAGE, into_huge_pages
+    from kestrel.huge_pages import HUGE_PAGE, into_huge_pages
 
     originals = [torch.randn(3, 5), torch.randint(0, 255, (1000,), dtype=torch.uint8), torch.randn(7, 64).bfloat16(),
                  torch.empty(0)]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from kestrel.model.attention import AttentionMetadata, kernel_attention, paged_attention
 from kestrel.model.linear import Linear, can_prepack
 from kestrel.model.model_config import ModelConfig
-from kestrel.model.huge_pages import into_huge_pages
+from kestrel.huge_pages import into_huge_pages
 from kestrel.model.quant import COMPUTE, INT4_KERNELS, Int4Linear, Int8Linear, QuantLinear, quantize
 
 
@@ -189,7 +189,7 @@ class LlamaForCausalLM(nn.Module):
 
     def _streamed_into_huge_pages(self) -> None:
         """Move what a decode step reads of the quantized linears and the int8 head into huge pages (see
-        kestrel.model.huge_pages)."""
+        kestrel.huge_pages)."""
         linears = [f for layer in self.layers for f in layer.fast if isinstance(f, QuantLinear)]
         linears += [h for h in (self._lm_head_small, self._lm_head) if isinstance(h, QuantLinear)]
         slots = [(lin, name) for lin in linears for name in lin.streamed()]

@@ -1,4 +1,4 @@
-"""Weights that every decode step streams, moved into memory backed by transparent huge pages.
+"""Memory backed by transparent huge pages, for the weights that every decode step streams.
 
 A batch-1 decode step reads all of a quantized model's layer weights once (SmolLM2-135M: ~66 MB of int4 codes,
 scales and zeros, and a 28 MB int8 head). On 4 KB pages that is a TLB miss every 4 KB of every stream; on 2 MB
