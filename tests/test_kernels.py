@@ -187,9 +187,10 @@ def test_int8_rows_mm_matches_its_dequantized_weights(ops):
         ops.int8_rows_mm(x[:, :5], lin.q, lin.scale)
 
 
-def test_quantized_head_logits_of_a_row_or_two_come_from_the_int8_kernel(tiny_llama_dir):
-    """A quantized model's logits for a step of one or two rows (batch-1 decode): the int8 kernel's, x times the int8
-    head's own dequantized weights to bf16 rounding, each row the same alone as beside another."""
+def test_quantized_head_logits_of_a_few_rows_come_from_the_int8_kernel(tiny_llama_dir):
+    """A quantized model's logits for a step of up to INT8_KERNEL_ROWS rows (batch-1 decode, small batches, lookahead
+    trees): the int8 kernel's, x times the int8 head's own dequantized weights to bf16 rounding, each row the same
+    alone as beside the others."""
     from kestrel.model.llama import INT8_KERNEL_ROWS
 
     engine = Engine(tiny_llama_dir, dtype="float32", quantization="int4", kernels="cpp", device="cpu")

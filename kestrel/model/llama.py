@@ -60,9 +60,11 @@ TILES_MAX_ROWS = 48
 VECTOR_MAX_ROWS = 32
 
 # an int8 head's logits of up to this many rows come from Kestrel's int8 kernel (kestrel/kernels/cpu_kernels.cpp),
-# more from PyTorch's. Measured on a 2-core AMX Xeon, SmolLM2-135M's head read from memory (ms, PyTorch's against
-# Kestrel's): 1.50/1.11, 1.59/1.48, 2.04/2.62 at 1/2/4 rows; restricted to AVX2: 2.58/1.38, 2.11/2.04, 3.12/3.55
-INT8_KERNEL_ROWS = 2
+# more from PyTorch's. Measured on a 2-core AMX Xeon, SmolLM2-135M's head (ms, PyTorch's against Kestrel's, which
+# widens each weight once for up to four rows): 0.94/0.55, 1.14/0.66, 1.60/0.94, 3.24/1.96, 9.68/5.73 at 1/2/4/8/24
+# rows; restricted to AVX2: 1.17/0.63, 1.44/0.91, 2.30/1.78, 4.76/3.31, 13.87/10.12. 24 rows: a float32 model's
+# int8 head serves up to that many (QUANTIZED_MAX_ROWS_F32)
+INT8_KERNEL_ROWS = 24
 
 
 def quantized_max_rows(dtype: torch.dtype, int4_kernel: str = "") -> int:
