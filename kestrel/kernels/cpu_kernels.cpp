@@ -729,15 +729,12 @@ inline vec loadq(const int8_t* p) {  // W int8 widened to float (the vector-exte
 #endif
 }
 
-// `ahead`, where given: a block of W x K weights to bring into the caches meanwhile, W * W bytes an iteration
-template <int OUTS>  // W, or fewer for the last block
-inline void int8_block(const float* x, int64_t K, const int8_t* q, float* sums, const char* ahead = nullptr) {
+template <int OUTS>  // outputs of the last, partial block (full blocks: int8_rows_block)
+inline void int8_block(const float* x, int64_t K, const int8_t* q, float* sums) {
   const int64_t body = K - K % W;
   vec acc[W];
   for (int j = 0; j < W; ++j) acc[j] = splat(0.f);
   for (int64_t k = 0; k < body; k += W) {
-    if (ahead)
-      for (int c = 0; c < W * W / 64; ++c) _mm_prefetch(ahead + k * W + 64 * c, _MM_HINT_T0);
     const vec xv = loadv(x + k);
     for (int j = 0; j < OUTS; ++j) acc[j] = fmav(loadq(q + j * K + k), xv, acc[j]);
   }
@@ -749,20 +746,22 @@ inline void int8_block(const float* x, int64_t K, const int8_t* q, float* sums, 
   }
 }
 
-// R rows at once over a full block of W outputs, W / R outputs a pass: each weight vector is widened once for the R
-// rows, and the pass's W accumulators (R rows x W / R outputs) fold into W sums with one row_sums. Per row and output
-// the same multiply-adds in the same order as int8_block, and row_sums folds every vector alike: the same sums.
-// sums: [R][W].
+// R rows (1, 2 or 4) at once over a full block of W outputs, W / R outputs a pass: each weight vector is widened once
+// for the R rows, and the pass's W accumulators (R rows x W / R outputs) fold into W sums with one row_sums. Per row
+// and output the same multiply-adds in the same order whatever R, and row_sums folds every vector alike: a row's
+// sums do not depend on the rows beside it. sums: [R][W]. `ahead`, where given: a block of W x K weights to bring
+// into the caches meanwhile, spread evenly over the iterations (W * W / R bytes each).
 template <int R>
 inline void int8_rows_block(const float* x, int64_t K, const int8_t* q, float* sums, const char* ahead) {
   constexpr int P = W / R;
   const int64_t body = K - K % W;
+  int64_t due = 0, fetched = 0;  // bytes of `ahead` to have prefetched by now, and prefetched
   for (int p0 = 0; p0 < W; p0 += P) {
     vec acc[W];
     for (int a = 0; a < W; ++a) acc[a] = splat(0.f);
     for (int64_t k = 0; k < body; k += W) {
-      if (ahead && k % 64 == 0)  // the block after next, a line of each of this pass's rows at a time
-        for (int j = 0; j < P; ++j) _mm_prefetch(ahead + (p0 + j) * K + k, _MM_HINT_T0);
+      if (ahead)
+        for (due += W * W / R; fetched < due; fetched += 64) _mm_prefetch(ahead + fetched, _MM_HINT_T0);
       vec xv[R];
       for (int r = 0; r < R; ++r) xv[r] = loadv(x + r * K + k);
       for (int j = 0; j < P; ++j) {
@@ -801,7 +800,7 @@ void int8_rows_impl(const float* x, int64_t M, int64_t K, const int8_t* q, const
         } else if (rows == 2) {
           int8_rows_block<2>(x + m * K, K, q + n0 * K, sums, pf);
         } else if (outs == W) {
-          int8_block<W>(x + m * K, K, q + n0 * K, sums, pf);
+          int8_rows_block<1>(x + m * K, K, q + n0 * K, sums, pf);
         } else {
           for (int64_t j = 0; j < outs; ++j) int8_block<1>(x + m * K, K, q + (n0 + j) * K, sums + j);
         }
