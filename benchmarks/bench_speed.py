@@ -27,7 +27,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import (RESULTS, cpu_name, llama_bench, run_for_result, save_results,  # noqa: E402
+from benchmarks.common import (RESULTS, cpu_name, exit_status, llama_bench, run_for_result, save_results,  # noqa: E402
                                serve_process, stop_process)
 
 KESTREL_CONFIGS = {  # label -> Engine keyword arguments
@@ -120,6 +120,9 @@ def serving(name: str, cmd: list[str], env: dict, port: int, args) -> dict | Non
                                   str(args.num_requests), "--request-rate", "inf", "--max-concurrency",
                                   str(args.concurrency), "--output-len", "64", *extra, "--output", path],
                                  capture_output=True, text=True)
+            if run.returncode and proc.poll() is not None:  # the server itself crashed: no figures from it
+                print(f"== {name}: the server died ({exit_status(proc.returncode)}) during {workload}", flush=True)
+                return None
             if run.returncode:  # say why and go on with the other servers
                 print(f"== {name} {workload}: kestrel bench failed ({run.returncode}):\n{run.stdout[-1500:]}"
                       f"{run.stderr[-1500:]}", flush=True)
@@ -183,11 +186,14 @@ def main() -> None:
             serve[label] = serving(label, [os.path.join(ROOT, ".venv/bin/kestrel"), "serve", "--port", str(args.port),
                                            *extra], env, args.port, args)
         if os.path.exists(os.path.join(llama_bin, "llama-server")):
-            ctx = args.concurrency * 1024
-            serve["llama-server"] = serving("llama-server", [
-                os.path.join(llama_bin, "llama-server"), "-m", gguf, "--port", str(args.port), "-t", str(threads),
-                "-np", str(args.concurrency), "-c", str(ctx), "--alias", "default"],
-                dict(env, LD_LIBRARY_PATH=llama_bin), args.port, args)
+            cmd = [os.path.join(llama_bin, "llama-server"), "-m", gguf, "--port", str(args.port), "-t", str(threads),
+                   "-np", str(args.concurrency), "-c", str(args.concurrency * 1024), "--alias", "default"]
+            llama_env = dict(env, LD_LIBRARY_PATH=llama_bin)
+            serve["llama-server"] = serving("llama-server", cmd, llama_env, args.port, args)
+            if serve["llama-server"] is None:  # its repacked (AMX) batch path crashes on some KVM guests
+                del serve["llama-server"]
+                serve["llama-server --no-repack"] = serving("llama-server --no-repack", cmd + ["--no-repack"],
+                                                            llama_env, args.port, args)
         vllm_python = os.path.join(args.peers_home, "vllm", "bin", "python")
         if os.path.exists(vllm_python):
             for dtype in ("float32", "bfloat16"):
@@ -199,11 +205,15 @@ def main() -> None:
     results["serving"] = serve
     k = results["kestrel"]
     lb = results["llama_bench"] or {}
+
+    def llama(test: str) -> str:  # a figure's name, saying where llama.cpp ran without its default repacking
+        return f"llama.cpp {test}" + (" --repack 0" if test in lb.get("without_repack", []) else "")
+
     table = {
         "batch-1 decode tok/s": {**{n: r["decode_tok_s"] for n, r in k.items() if r},
-                                 **({"llama.cpp tg128": lb["tg128"]} if "tg128" in lb else {})},
+                                 **({llama("tg128"): lb["tg128"]} if "tg128" in lb else {})},
         "prefill tok/s": {**{n + " (512)": r["prefill512_tok_s"] for n, r in k.items() if r},
-                          **{f"llama.cpp {p}": lb[p] for p in ("pp200", "pp512") if p in lb}},
+                          **{llama(p): lb[p] for p in ("pp200", "pp512") if p in lb}},
         "serving random 200->64": {n: r["random"] for n, r in serve.items() if r},
         "serving shared-prefix 4x512+32->64": {n: r["shared-prefix"] for n, r in serve.items() if r},
     }
@@ -211,10 +221,10 @@ def main() -> None:
     best = max((r["decode_tok_s"] for r in k.values() if r), default=None)
     ratios = {}
     if best and "tg128" in lb:
-        ratios["batch-1 decode vs llama.cpp tg128"] = best / lb["tg128"]
+        ratios[f"batch-1 decode vs {llama('tg128')}"] = best / lb["tg128"]
     prefill = max((r["prefill512_tok_s"] for r in k.values() if r), default=None)
     if prefill and "pp512" in lb:
-        ratios["prefill vs llama.cpp pp512"] = prefill / lb["pp512"]
+        ratios[f"prefill vs {llama('pp512')}"] = prefill / lb["pp512"]
     for label in ("kestrel default", "kestrel quantized batches", "kestrel unquantized"):
         mine = serve.get(label) or {}
         for peer in [p for p in serve if not p.startswith("kestrel") and serve[p]]:
