@@ -16,6 +16,8 @@ Figures (embedded SmolLM2-135M-Instruct, its GGUF file for llama.cpp, its conver
   shared-prefix 4 x 512 + 32 -> 64, output tok/s.
 Writes benchmarks/results/speed.json and speed.png. Peers are run when their builds are present
 (../shared/peers/build-llama-cpp.sh, ../shared/peers/install-vllm-cpu.sh). Nothing else should run meanwhile.
+Where llama.cpp's default weight repacking crashes (its AMX kernels die with SIGILL or SIGSEGV on some KVM guests
+with AMX), its figures come from `--repack 0` / `--no-repack` and are labelled so.
 """
 from __future__ import annotations
 
