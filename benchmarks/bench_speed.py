@@ -7,11 +7,12 @@ Figures (embedded SmolLM2-135M-Instruct, its GGUF file for llama.cpp, its conver
 - batch-1 decode tok/s: llama-bench tg128; Kestrel one request, 128 tokens;
 - prefill tok/s: llama-bench pp512 and pp200; Kestrel one 512-token prompt;
 - decode tok/s at contexts of 512, 2k and 8k tokens (Kestrel, with and without its C++ kernels);
-- share of a batch-1 decode step spent outside the matmul kernels (profiler's matmul time against the step's
-  wall time measured without it, just before), outside the matmuls and attention (whose q.k and p.v are the
-  model's other matmuls), and outside the model's forward call (scheduling, tensor building, sampling): medians
-  of nine such pairs; and outside_model_share_bound, the matmuls and attention against the profiled steps' own
-  wall time (the profiler's cost counts as outside: an upper bound, free of the drift between the two windows);
+- share of a batch-1 decode step (per token) spent outside the matmul kernels, outside the matmuls and attention
+  (whose q.k and p.v are the model's other matmuls), and outside the model's forward call (scheduling, tensor
+  building, sampling): medians of nine rounds. Where the head runs on the int8 kernel (the default engines), the
+  kernels' own clock (kestrel.kernels' kernel_clock) times them in the same window as the wall time; elsewhere the
+  profiler does, in a window just after (and outside_model_share_bound sets them against the profiled window's own
+  wall time, the profiler's cost counted as outside: an upper bound free of the drift between the two windows);
 - serving, `kestrel bench` against each server, N requests at --concurrency streams: random 200 -> 64 and
   shared-prefix 4 x 512 + 32 -> 64, output tok/s.
 Writes benchmarks/results/speed.json and speed.png. Peers are run when their builds are present
@@ -64,32 +65,48 @@ for ctx in {contexts!r}:
     t = time.perf_counter(); e.generate([prompt], greedy(1)); one = time.perf_counter() - t
     t = time.perf_counter(); e.generate([prompt], greedy(33)); many = time.perf_counter() - t
     at_context[ctx] = 32 / (many - one)
-# a batch-1 decode step: its wall time (no profiler), the time in the forward call, and (profiler) in matmuls and
-# attention. Nine rounds of each in turn, each round's shares from its own pair, medians reported: the machine's
-# speed drifts by the minute (one wall time against one profile taken a minute apart once gave 26% for ~10%; five
-# rounds of 50 and 30 steps still ranged 7-23%)
-fresh(); rid = e.add_request(ids[:64], greedy(600))
+# a batch-1 decode step (a token: multi-step bursts run several in one call): its wall time, the time in the
+# forward call, and in matmuls and attention. Where the engine's head runs on the int8 kernel, the kernels' own clock
+# counts the latter in the same window as the wall time (the profiler's cost per op would count as outside it);
+# otherwise the profiler does, in a window of its own just after: nine rounds of each, each round's shares from its
+# own pair, medians reported (the machine's speed drifts by the minute: one wall time against one profile taken a
+# minute apart once gave 26% for ~10%)
+fresh(); rid = e.add_request(ids[:64], greedy(3000)); seq = e._requests[rid][0]
 for _ in range(10): e.step()
+
+def tokens(n):
+    n0, f0, t = len(seq.output_ids), e.stats.forward_time, time.perf_counter()
+    while len(seq.output_ids) < n0 + n: e.step()
+    return time.perf_counter() - t, len(seq.output_ids) - n0, e.stats.forward_time - f0
+
+head = e.model.burst_head(1)
+clock = e.model.kernels.kernel_clock if head is not None and len(head) == 2 else None
 from torch.profiler import profile, ProfilerActivity
 rounds = []
 for _ in range(9):
-    forward0, t = e.stats.forward_time, time.perf_counter()
-    for _ in range(30): e.step()
-    wall, forward = (time.perf_counter() - t) / 30, (e.stats.forward_time - forward0) / 30
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t = time.perf_counter()
-        for _ in range(30): e.step()
-        profiled = (time.perf_counter() - t) / 30
-    self_ms = dict((a.key, a.self_cpu_time_total / 1e3 / 30) for a in prof.key_averages())
-    mm, attention = (sum(self_ms.get(k, 0.0) for k in ops) for ops in ({matmul_ops!r}, {attention_ops!r}))
-    rounds.append(dict(step_ms=wall * 1e3, matmul_ms=mm, attention_ms=attention, forward_ms=forward * 1e3,
-                       outside_matmul_share=1 - mm / (wall * 1e3),
-                       outside_model_share=1 - (mm + attention) / (wall * 1e3), host_share=1 - forward / wall,
-                       # the same steps' wall time, the profiler's own cost included: an upper bound without the drift
-                       profiled_step_ms=profiled * 1e3, outside_model_share_bound=1 - (mm + attention) / (profiled * 1e3)))
+    if clock is not None:
+        clock(True)
+        wall, n, forward = tokens(64)
+        mm, attention = (ns / 1e6 / n for ns in clock(False))
+        profiled = None
+    else:
+        wall, n, forward = tokens(64)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            profiled, pn, _ = tokens(64)
+        self_ms = dict((a.key, a.self_cpu_time_total / 1e3 / pn) for a in prof.key_averages())
+        mm, attention = (sum(self_ms.get(k, 0.0) for k in ops) for ops in ({matmul_ops!r}, {attention_ops!r}))
+        profiled /= pn
+    wall, forward = wall / n, forward / n
+    r = dict(step_ms=wall * 1e3, matmul_ms=mm, attention_ms=attention, forward_ms=forward * 1e3,
+             outside_matmul_share=1 - mm / (wall * 1e3), outside_model_share=1 - (mm + attention) / (wall * 1e3),
+             host_share=1 - forward / wall)
+    if profiled is not None:  # the same steps' wall time, the profiler's own cost included: a bound without the drift
+        r.update(profiled_step_ms=profiled * 1e3, outside_model_share_bound=1 - (mm + attention) / (profiled * 1e3))
+    rounds.append(r)
 step = dict((k, statistics.median(r[k] for r in rounds)) for k in rounds[0])
 print("RESULT" + json.dumps(dict(describe=e.describe(), decode_tok_s=decode, prefill512_tok_s=prefill,
-    decode_at_context=at_context, **step, outside_model_shares=[r["outside_model_share"] for r in rounds])))
+    decode_at_context=at_context, **step, share_from="kernel clock" if clock else "profiler",
+    outside_model_shares=[r["outside_model_share"] for r in rounds])))
 """
 
 
@@ -243,7 +260,7 @@ def main() -> None:
         if r:
             print(f"{n}: outside matmuls {r['outside_matmul_share']:.1%}, outside matmuls and attention "
                   f"{r['outside_model_share']:.1%}, outside the forward "
-                  f"{r['host_share']:.0%} of a {r['step_ms']:.2f} ms step; decode at "
+                  f"{r['host_share']:.0%} of a {r['step_ms']:.2f} ms step ({r.get('share_from', 'profiler')}); decode at "
                   + ", ".join(f"{c}: {v:.1f}" for c, v in r.get("decode_at_context", {}).items()))
     for n, v in ratios.items():
         print(f"  {n}: {v:.2f}x")

@@ -70,6 +70,14 @@ class EngineConfig:
                                                                 "from a Jacobi window and the prompt, verified in "
                                                                 "the same forward; used on a step only when it is "
                                                                 "expected to pay)"})
+    num_scheduler_steps: int = field(default=8, metadata={"help": "decode steps one scheduling decision may run in "
+                                                                   "one C++ call, when every running sequence "
+                                                                   "decodes greedily (no logprobs, penalties, "
+                                                                   "grammar, stop strings, adapter or lookahead) and "
+                                                                   "nothing waits: the host's per-step work is paid "
+                                                                   "once per burst (vLLM's multi-step scheduling). A "
+                                                                   "burst lasts ~30 ms at most and ends at a stop "
+                                                                   "token; outputs are the same. 1: off"})
     lookahead_window: Optional[int] = field(default=None, metadata={"help": "lookahead: Jacobi window columns W, 0 for "
                                                                              "candidates from the prompt and output "
                                                                              "only (default: 4 on CPU, 15 on GPU)"})
@@ -111,7 +119,8 @@ class EngineConfig:
             raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.dtype not in ("auto", "bfloat16", "float32", "float16"):
             raise ValueError(f"dtype must be auto, bfloat16, float32 or float16, got {self.dtype!r}")
-        for name in ("max_running_requests", "chunked_prefill_size", "clip_max_new_tokens", "in_batch_prefix_tokens"):
+        for name in ("max_running_requests", "chunked_prefill_size", "clip_max_new_tokens", "in_batch_prefix_tokens",
+                     "num_scheduler_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.vtc_input_weight < 0 or self.vtc_output_weight < 0:

@@ -99,6 +99,23 @@ class ReqToTokenTable:
             return torch.from_numpy(self._host[rows, columns])
         return self.table[torch.tensor(rows, device=self.table.device), torch.tensor(columns, device=self.table.device)]
 
+    def extend_rows(self, rows: list[int], starts: list[int], slots: list[int]) -> torch.Tensor:
+        """Row i gets len(slots) / len(rows) more slots (slots in row-major order) in the columns after starts[i];
+        returns each row's slots from column starts[i] on, the new ones included, as int64 [columns, rows] on the
+        CPU (what several decode steps in a row write to)."""
+        n = len(rows)
+        extra = len(slots) // n
+        if self._host is not None:  # NumPy: one fancy-index write and read, no torch ops (see __init__)
+            r = np.asarray(rows)[:, None]
+            cols = np.asarray(starts)[:, None] + np.arange(extra + 1)
+            self._host[r, cols[:, 1:]] = np.asarray(slots, dtype=np.int64).reshape(n, extra)
+            return torch.from_numpy(np.ascontiguousarray(self._host[r, cols].T))
+        new = torch.tensor(slots, dtype=torch.int64).view(n, extra)
+        for row, start, row_slots in zip(rows, starts, new):
+            self.write(row, start + 1, row_slots)
+        first = self.read_cells(rows, starts).cpu()
+        return torch.cat((first.view(n, 1), new), dim=1).t().contiguous()
+
     def write(self, row: int, start: int, slots) -> None:
         if len(slots):
             if not isinstance(slots, torch.Tensor):

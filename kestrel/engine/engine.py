@@ -20,6 +20,7 @@ from kestrel.engine.lookahead import (LookaheadSizes, LookaheadState, StepCost, 
 from kestrel.engine.output_processor import OutputProcessor
 from kestrel.engine.policy import make_policy
 from kestrel.engine.handoff import Handoffs
+from kestrel.engine.multistep import Bursts
 from kestrel.engine.request import CompletionOutput, RequestOutput, Sequence, Status, TokenLogprob
 from kestrel.engine.runner import ModelRunner
 from kestrel.engine.sampler import Sampler
@@ -72,6 +73,7 @@ class EngineStats:
     cached_tokens: int = 0
     output_tokens: int = 0
     forced_tokens: int = 0  # output tokens appended by jump-forward, without a forward step each
+    burst_steps: int = 0  # decode steps run inside multi-step bursts (counted in steps too)
     spec_steps: int = 0  # sequence-steps that verified a lookahead draft
     spec_tokens: int = 0  # output tokens those gave (one each plus the accepted draft tokens)
     spec_histogram: dict = field(default_factory=dict)  # tokens a lookahead step gave -> sequence-steps
@@ -145,6 +147,7 @@ class Engine:
         self._ids = itertools.count()
         self.stats = EngineStats()
         self.step_log = StepLog()
+        self.bursts = Bursts(self)
         for name, path in cfg.lora_modules.items():
             self.load_lora(name, path)
 
@@ -158,8 +161,11 @@ class Engine:
                     f"where it pays; step cost measured: {self.step_cost(4) / self.step_cost(1):.2f}x at 4 tokens, "
                     f"{self.step_cost(16) / self.step_cost(1):.2f}x at 16")
             spec = f", lookahead decoding (W={z.window}, N={z.ngram}, G={z.pool}; {when})"
+        burst = ""
+        if self.config.num_scheduler_steps > 1 and self.runner.can_burst(1):
+            burst = f", greedy decoding in bursts of up to {self.config.num_scheduler_steps} steps"
         return (f"{self.placement.describe()}, weights {self.quantization} ({self.quantization_reason}){batches}, "
-                f"{self.kernels_reason}, KV pool {self.pool.size} tokens{spec}")
+                f"{self.kernels_reason}, KV pool {self.pool.size} tokens{spec}{burst}")
 
     def _calibrate(self) -> StepCost:
         """Time forwards of 1..CALIBRATION_MAX_TOKENS tokens (one row over CALIBRATION_CONTEXT positions of
@@ -338,12 +344,16 @@ class Engine:
         if batch.empty:
             return failed
         touched = {s.request_id for s in batch.sequences} | failed
+        if self.bursts.run(batch, t0):
+            return touched
         shape = batch_shape(batch)
         self._run(batch)
         self.stats.steps += 1
         now = time.perf_counter()
         self.stats.step_time += now - t0
         self.step_log.ran(shape, t0, now, self.has_unfinished())
+        if not batch.prefill:
+            self.bursts.decode_seconds[len(batch.decode)] = now - t0
         return touched
 
     def step_profile(self) -> dict:

@@ -36,6 +36,7 @@ from kestrel.engine.policy import arrival_key
 from kestrel.engine.request import Sequence, Status
 
 RESERVATION_TTL = 30.0  # seconds an idle reservation lives before its slots are freed
+EXPORT_QUIET = 1.0  # seconds after a request's last K/V export that its move counts as over (or given up)
 
 
 def clock_shift(state: RequestState) -> float:
@@ -79,6 +80,7 @@ class Handoffs:
         self.engine = engine
         self.suspended: dict[str, Sequence] = {}
         self.reservations: dict[str, Reservation] = {}
+        self.exported: dict[str, float] = {}  # request -> time.monotonic() of its last K/V export (a move's stage)
         self.moved_out = 0
         self.moved_in = 0
 
@@ -106,6 +108,7 @@ class Handoffs:
         """K/V of the request's tokens [start, end) with end = what is computed now; the request runs on."""
         seq = self._movable(rid)
         end = seq.num_computed
+        self.exported[rid] = time.monotonic()
         return end, self._read(seq.row, start, end)
 
     def suspend(self, rid: str, start: int, queued: bool = False) -> tuple[RequestState, torch.Tensor]:
@@ -122,6 +125,7 @@ class Handoffs:
             kv = self._read(seq.row, start, end)
             s.running.remove(seq)
         del self.engine._requests[rid]
+        self.exported.pop(rid, None)
         self.suspended[rid] = seq
         gen = seq.generator.get_state() if seq.generator is not None else None
         plain = dataclasses.replace(seq, lora=None, prefix_node=None, row=None, generator=None, grammar=None,
@@ -272,6 +276,13 @@ class Handoffs:
             return False
         self.engine.pool.free(r.slots)
         return True
+
+    def moving(self) -> bool:
+        """Whether a request is moving out of or into this engine (exported lately, suspended, or reserved for)."""
+        if self.exported:
+            now = time.monotonic()
+            self.exported = {rid: t for rid, t in self.exported.items() if now - t < EXPORT_QUIET}
+        return bool(self.exported or self.suspended or self.reservations)
 
     def expire(self) -> None:
         now = time.monotonic()

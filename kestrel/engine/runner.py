@@ -121,6 +121,19 @@ class ModelRunner:
         meta.token_lens[q0 + tree] = ctx + sub.sum(dim=1)
         return scratch + k
 
+    def can_burst(self, rows: int) -> bool:
+        """Whether decode_burst runs for a batch of `rows` one-token rows on this model and machine."""
+        return self.model.burst_head(rows) is not None
+
+    def decode_burst(self, fb: ForwardBatch, slots: torch.Tensor, stop_ids: torch.Tensor,
+                     max_seconds: float) -> torch.Tensor:
+        """Greedy decode steps of `fb` (one-token rows, no adapters) in one call: each row's argmax fed back at the
+        next position, step s's K/V into slots[s]. Stops after slots.shape[0] steps, a step that picks one of
+        `stop_ids`, or the first step that ends past `max_seconds`; returns the picks, [steps run, rows]. Like
+        forward(), it changes only the K/V of those slots."""
+        return self.model.decode_burst(self.model.burst_head(fb.num_rows), fb.input_ids, fb.positions,
+                                       self.attention_metadata(fb), self.pool.caches, slots, stop_ids, max_seconds)
+
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Run one step: float32 logits for the batch's logit_index tokens (empty if none), and for its

@@ -276,6 +276,31 @@ class Scheduler:
         seq.num_slots = seq.num_computed
         self._account(seq, samples=False)
 
+    def reserve_burst(self, decode: list[Sequence], extra: int) -> torch.Tensor | None:
+        """Slots for up to `extra` more decode steps of these sequences, after the step schedule() gave them, written
+        to the table columns that follow; from free slots alone (a burst never evicts, retracts or waits, and may
+        end early). Returns every step's slots, int64 [steps, rows] (at least 2 steps), or None."""
+        n = len(decode)
+        extra = min(extra, self.pool.num_free // n)
+        if extra < 1:
+            return None
+        slots = self.table.extend_rows([s.row for s in decode], [s.num_computed for s in decode],
+                                       self.pool.alloc(n * extra))
+        for seq in decode:
+            seq.num_slots += extra
+        return slots
+
+    def end_burst(self, decode: list[Sequence], steps: int, keep: int = 0) -> None:
+        """After a burst that ran `steps` steps: free the slots it reserved and did not use (all but `keep` past each
+        sequence's computed tokens: 1 when the burst failed and its first step runs again as a plain one), and age
+        the admission reserve as that many schedule() calls would have."""
+        for seq in decode:
+            if seq.row is not None and seq.num_slots > seq.num_computed + keep:
+                self.pool.free(self.table.table[seq.row, seq.num_computed + keep:seq.num_slots].cpu())
+                seq.num_slots = seq.num_computed + keep
+        self.new_token_ratio = max(BASE_NEW_TOKEN_RATIO,
+                                   self.new_token_ratio - NEW_TOKEN_RATIO_DECAY * max(steps - 1, 0))
+
     def _free_uncomputed(self, seq: Sequence) -> None:
         """Free the slots the sequence holds past its computed tokens (a step's that failed, a draft's that was
         not accepted): they hold no K/V anyone keeps."""

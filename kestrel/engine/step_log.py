@@ -43,6 +43,13 @@ class StepLog:
             self.samples.append((*shape, now - start))
             self._open = None
 
+    def ran_burst(self, shapes: list[tuple[int, int, int]], start: float, now: float, more: bool) -> None:
+        """Steps of these shapes ran in one call from `start` to `now` (a multi-step burst): each gets an even share."""
+        share = (now - start) / len(shapes)
+        for i, shape in enumerate(shapes[:-1]):
+            self.samples.append((*shape, share))
+        self.ran(shapes[-1], now - share, now, more)
+
     def ran(self, shape: tuple[int, int, int], start: float, now: float, more: bool) -> None:
         """A step of `shape` ran from `start` to `now`; `more`: the engine has work left (the next call closes it)."""
         if more:

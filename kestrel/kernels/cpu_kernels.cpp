@@ -616,6 +616,7 @@ at::Tensor paged_attention_to(const at::Tensor& q, const at::Tensor& k_cache, co
               "the output must be in q's dtype (or bf16 for a float32 q)");
   at::Tensor out = new_output(bufs, StepBuffers::ATTN, {tokens, nh * d}, q.options().dtype(out_dtype));
   if (tokens == 0) return out;
+  kestrel::KernelTimer timer(kestrel::KernelWork::attention);
   if (out_dtype != q.scalar_type()) {
     using BF = c10::BFloat16;
     auto run = [&](auto impl) {
@@ -831,6 +832,7 @@ at::Tensor int8_rows_mm(at::Tensor x, at::Tensor q, at::Tensor scale, bool float
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(float_out ? at::kFloat : at::kBFloat16));
+  kestrel::KernelTimer timer(kestrel::KernelWork::matmul);
   auto run = [&](auto* out) {
     int8_rows_impl(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), scale.data_ptr<c10::BFloat16>(), N, out);
   };
@@ -853,14 +855,19 @@ struct LinearSpec {
 // y = x W^T (+ bias): in x's dtype for a dense linear, bf16 for a quantized one. Kestrel's int4 kernels write into
 // the step's buffer for `use`.
 at::Tensor apply_linear(const LinearSpec& l, const at::Tensor& x, StepBuffers& bufs, StepBuffers::Use use) {
-  if (l.kind == 0) return at::linear(x, l.t[0], l.has_bias ? c10::optional<at::Tensor>(l.t[1]) : c10::nullopt);
+  if (l.kind == 0) {
+    kestrel::KernelTimer timer(kestrel::KernelWork::matmul);
+    return at::linear(x, l.t[0], l.has_bias ? c10::optional<at::Tensor>(l.t[1]) : c10::nullopt);
+  }
   at::Tensor xb = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
   at::Tensor y;
   if (l.kind == 1) {
+    kestrel::KernelTimer timer(kestrel::KernelWork::matmul);
     y = at::_weight_int8pack_mm(xb, l.t[0], l.t[1]);
   } else if (l.kind == 2) {
+    kestrel::KernelTimer timer(kestrel::KernelWork::matmul);
     y = at::_weight_int4pack_mm_for_cpu(xb, l.t[0], l.group, l.t[1]);
-  } else {
+  } else {  // (int4_mm times itself)
     at::Tensor out = bufs.get(use, {xb.size(0), l.t[0].size(0) * 16}, xb.options());
     y = kestrel::int4_mm(l.kind == 3 ? kestrel::Int4Kernel::tiles : kestrel::Int4Kernel::vector, xb, l.t[0], l.t[1],
                          &out);
@@ -1009,6 +1016,63 @@ at::Tensor argmax_rows(at::Tensor logits) {
   return out;
 }
 
+// ---- greedy decode steps in one call ----------------------------------------------------------------------
+// Up to `steps` decode steps of a batch of one-token rows whose every pick is the argmax of the raw logits (the
+// engine's multi-step decoding): each step runs the layers (decoder_layers), the head and the argmax, exactly as a
+// step from Python does, then feeds each row's pick back in at the next position, into the slot the caller reserved
+// for it (slots[step, row], already written to the row's table columns). It stops early after a step that picks
+// any of `stop_ids` (EOS, stop tokens) in any row, so the caller can end that sequence, or once `max_seconds` have
+// passed (a bound on what the caller's callers wait, whatever the steps cost). head: {int8 q, bf16 scale}
+// (int8_rows_mm, the caller's choice for few rows) or {dense weight} (x W^T in the model's dtype, then float32).
+// Returns the picks, int64 [steps run, rows].
+at::Tensor decode_burst(const DecoderStack& stack, at::Tensor embed, std::vector<at::Tensor> head, at::Tensor ids,
+                        at::Tensor positions, at::Tensor cos, at::Tensor sin, at::Tensor slots, at::Tensor table,
+                        at::Tensor rows, at::Tensor lens, int64_t nh, int64_t nkv, double eps, at::Tensor stop_ids,
+                        double max_seconds) {
+  const auto start = std::chrono::steady_clock::now();
+  TORCH_CHECK(head.size() == 1 || head.size() == 2, "head: {weight} or {int8 q, scale}");
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong, "ids must be int64 [rows]");
+  const int64_t n = ids.size(0);
+  TORCH_CHECK(slots.dim() == 2 && slots.size(1) == n && slots.scalar_type() == at::kLong, "slots must be int64 [steps, rows]");
+  TORCH_CHECK(positions.numel() == n && lens.numel() == n && rows.numel() == n, "one position, length and row per row");
+  TORCH_CHECK(stop_ids.scalar_type() == at::kLong, "stop_ids must be int64");
+  at::Tensor next = ids.contiguous(), all_slots = slots.contiguous(), stops = stop_ids.contiguous();
+  // the step's positions and lengths move on by one after each step: own copies, changed in place
+  at::Tensor pos = positions.to(at::kLong).clone().contiguous(), len = lens.to(at::kLong).clone().contiguous();
+  int64_t* pp = pos.data_ptr<int64_t>();
+  int64_t* lp = len.data_ptr<int64_t>();
+  const int64_t* sp = stops.data_ptr<int64_t>();
+  const int64_t num_stops = stops.numel();
+  std::vector<at::Tensor> picks;
+  for (int64_t step = 0; step < all_slots.size(0); ++step) {
+    at::Tensor h = decoder_layers(stack, embed_rows(embed, next), pos, cos, sin, all_slots[step], table, rows, len, nh,
+                                  nkv, eps, c10::nullopt, c10::nullopt);
+    at::Tensor logits;
+    if (head.size() == 2) {
+      logits = int8_rows_mm(h.scalar_type() == at::kBFloat16 ? h : h.to(at::kBFloat16), head[0], head[1], true);
+    } else {
+      kestrel::KernelTimer timer(kestrel::KernelWork::matmul);
+      logits = at::linear(h, head[0]);
+    }
+    next = argmax_rows(logits.to(at::kFloat));
+    picks.push_back(next);
+    const int64_t* np = next.data_ptr<int64_t>();
+    bool stop = false;
+    for (int64_t r = 0; r < n && !stop; ++r)
+      for (int64_t i = 0; i < num_stops && !stop; ++i) stop = np[r] == sp[i];
+    if (stop || std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() >= max_seconds) break;
+    for (int64_t r = 0; r < n; ++r) ++pp[r], ++lp[r];
+  }
+  return at::stack(picks);
+}
+
+// Switch the kernel clock (int4_tiles.h) on or off; returns the [matmul, attention] nanoseconds counted since the
+// last call, and starts counting from zero.
+std::vector<int64_t> kernel_clock(bool on) {
+  kestrel::kernel_clock_on.store(on, std::memory_order_relaxed);
+  return {kestrel::kernel_clock_ns[0].exchange(0), kestrel::kernel_clock_ns[1].exchange(0)};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1032,4 +1096,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("embed_rows", &embed_rows, "table[ids]: the embedding rows of a step's tokens");
   m.def("argmax_rows", &argmax_rows, "each row's argmax (first on ties, NaN first), as torch.argmax(dim=-1)");
   m.def("paged_attention", &paged_attention, "attention of each query token over its table row's first lens slots");
+  // without the GIL: other threads of the process (a Ray actor's method calls, callers queueing requests) go on
+  m.def("decode_burst", &decode_burst, "greedy decode steps in one call: layers, head and argmax, each pick fed back",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("kernel_clock", &kernel_clock, "switch the clock of the matmul and attention kernels on or off; returns the "
+        "[matmul, attention] nanoseconds counted since the last call", py::arg("on"));
 }

@@ -369,6 +369,7 @@ at::Tensor int4_mm(Int4Kernel kernel, const at::Tensor& x, const at::Tensor& cod
   auto* cp = codes.data_ptr<uint8_t>();
   auto* sp = scales_zeros.data_ptr<c10::BFloat16>();
   auto* yp = y.data_ptr<c10::BFloat16>();
+  KernelTimer timer(KernelWork::matmul);
 #ifdef KESTREL_TILES
   if (tiles) int4_tiles_impl(xp, M, K, cp, sp, N, yp);
 #endif

@@ -2,7 +2,36 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <atomic>
+#include <chrono>
+
 namespace kestrel {
+
+// Time spent in the kernels that do a step's arithmetic (matmuls, attention), summed while switched on
+// (kernel_clock in cpu_kernels.cpp): a benchmark's measure of what a step spends outside them, read in the same
+// window as the step's wall time and without a profiler's cost per op. Off, it costs one relaxed load per call.
+enum class KernelWork { matmul = 0, attention = 1 };
+inline std::atomic<bool> kernel_clock_on{false};
+inline std::atomic<int64_t> kernel_clock_ns[2]{};
+
+class KernelTimer {
+ public:
+  explicit KernelTimer(KernelWork work)
+      : work_(static_cast<int>(work)), on_(kernel_clock_on.load(std::memory_order_relaxed)) {
+    if (on_) start_ = std::chrono::steady_clock::now();
+  }
+  ~KernelTimer() {
+    if (on_)
+      kernel_clock_ns[work_].fetch_add((std::chrono::steady_clock::now() - start_).count(), std::memory_order_relaxed);
+  }
+  KernelTimer(const KernelTimer&) = delete;
+  KernelTimer& operator=(const KernelTimer&) = delete;
+
+ private:
+  int work_;
+  bool on_;
+  std::chrono::steady_clock::time_point start_;
+};
 
 // Whether this build has the AMX-BF16 kernel and the OS lets this process use the tiles.
 bool int4_tiles_available();

@@ -6,7 +6,7 @@ Q/K/V and gate/up projections are fused so a layer is a handful of large ops.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -328,11 +328,42 @@ class LlamaForCausalLM(nn.Module):
         """Whether a step of `num_tokens` tokens runs on the layers' dense copies."""
         return 0 < self.dense_split < num_tokens
 
+    def _head_for(self, rows: int):
+        small = self._lm_head_small is not None and rows <= self.head_small_rows
+        return self._lm_head_small if small else self._lm_head
+
+    def burst_head(self, rows: int) -> Optional[list[torch.Tensor]]:
+        """The head as the kernels' decode_burst takes it for `rows` rows, computing what logits() does: [int8 q,
+        scale] (int8_rows_mm) or [dense weight]; None where no burst can run (PyTorch ops alone, a step on the
+        layers' dense copies, a layer or head the C++ loop does not call)."""
+        if self.kernels is None or self.dense_step(rows) or self.layer_specs() is None:
+            return None
+        head = self._head_for(rows)
+        if head is None:
+            return [self.embed if self.lm_head is None else self.lm_head]
+        if rows <= INT8_KERNEL_ROWS and isinstance(head, Int8Linear):
+            return [head.q, head.scale]
+        if isinstance(head, Linear) and not head.packed and head.bias is None:
+            return [head.weight]
+        return None
+
+    @torch.inference_mode()
+    def decode_burst(self, head: list[torch.Tensor], input_ids: torch.Tensor, positions: torch.Tensor, meta,
+                     kv_caches, slots: torch.Tensor, stop_ids: torch.Tensor, max_seconds: float) -> torch.Tensor:
+        """Greedy decode steps in one C++ call (kernels' decode_burst): from one-token rows described by `meta`
+        (their table rows and lengths), each row's argmax fed back at the next position into slots[step, row].
+        Stops after slots.shape[0] steps, a step that picks one of `stop_ids`, or the first step that ends past
+        `max_seconds`; returns the picks [steps, rows]."""
+        cfg = self.cfg
+        cos_table, sin_table = self.rope_tables()
+        return self.kernels.decode_burst(self.decoder_stack(kv_caches), self.embed, head, input_ids, positions,
+                                         cos_table, sin_table, slots, meta.table, meta.token_rows, meta.token_lens,
+                                         cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, stop_ids, max_seconds)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the given hidden rows."""
         rows = hidden.shape[0]
-        small = self._lm_head_small is not None and rows <= self.head_small_rows
-        head = self._lm_head_small if small else self._lm_head
+        head = self._head_for(rows)
         if head is None:
             return F.linear(hidden, self.embed if self.lm_head is None else self.lm_head).float()
         if rows <= INT8_KERNEL_ROWS and isinstance(head, Int8Linear) and self.kernels is not None:
