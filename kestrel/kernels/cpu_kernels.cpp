@@ -249,14 +249,14 @@ inline bool bf16_edges(at::ScalarType t, at::ScalarType a, at::ScalarType b) {
 }
 
 // out_dtype: the output's dtype (hidden's, or bf16 for a float32 hidden); delta may be bf16 for a float32 hidden
-at::Tensor add_rms_norm_to(const at::Tensor& hidden, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
-                           double eps, at::ScalarType out_dtype, StepBuffers* bufs = nullptr,
-                           StepBuffers::Use use = StepBuffers::NORM_IN) {
+// weight: hidden.size(1) values in hidden's dtype, checked by the caller (add_rms_norm_to, or the decoder layers'
+// stack once: reading a weight tensor's metadata on every call costs a cache miss after the weights streamed by)
+at::Tensor add_rms_norm_ptr(const at::Tensor& hidden, const c10::optional<at::Tensor>& delta, const void* weight,
+                            double eps, at::ScalarType out_dtype, StepBuffers* bufs, StepBuffers::Use use) {
   RECORD_FUNCTION("kestrel::add_rms_norm", std::vector<c10::IValue>());
   check_cpu(hidden, "hidden");
   TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be a contiguous [tokens, dim] tensor");
   const auto t = hidden.scalar_type();
-  TORCH_CHECK(weight.scalar_type() == t, "weight and hidden must have one dtype");
   at::Tensor d;
   if (delta) {
     d = delta->contiguous();
@@ -265,13 +265,12 @@ at::Tensor add_rms_norm_to(const at::Tensor& hidden, const c10::optional<at::Ten
   const auto dt = delta ? d.scalar_type() : t;
   TORCH_CHECK((dt == t && out_dtype == t) || bf16_edges(t, dt, out_dtype),
               "delta and the output must be in hidden's dtype (or bf16 with a float32 hidden)");
-  at::Tensor w = weight.contiguous();
   at::Tensor out = new_output(bufs, use, hidden.sizes(), hidden.options().dtype(out_dtype));
   const int64_t rows = hidden.size(0), dim = hidden.size(1);
   if (t == at::kFloat && (dt != t || out_dtype != t)) {
     using BF = c10::BFloat16;
     float* h = hidden.data_ptr<float>();
-    const float* wp = w.data_ptr<float>();
+    const float* wp = static_cast<const float*>(weight);
     if (dt == at::kBFloat16 && out_dtype == at::kBFloat16)
       rms_norm_impl<float, BF, BF>(h, delta ? d.data_ptr<BF>() : nullptr, wp, out.data_ptr<BF>(), rows, dim, eps);
     else if (dt == at::kBFloat16)
@@ -282,9 +281,18 @@ at::Tensor add_rms_norm_to(const at::Tensor& hidden, const c10::optional<at::Ten
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, t, "add_rms_norm", [&] {
     rms_norm_impl<scalar_t>(hidden.data_ptr<scalar_t>(), delta ? d.data_ptr<scalar_t>() : nullptr,
-                            w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, dim, eps);
+                            static_cast<const scalar_t*>(weight), out.data_ptr<scalar_t>(), rows, dim, eps);
   });
   return out;
+}
+
+at::Tensor add_rms_norm_to(const at::Tensor& hidden, const c10::optional<at::Tensor>& delta, const at::Tensor& weight,
+                           double eps, at::ScalarType out_dtype, StepBuffers* bufs = nullptr,
+                           StepBuffers::Use use = StepBuffers::NORM_IN) {
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "weight and hidden must have one dtype");
+  TORCH_CHECK(hidden.dim() == 2 && weight.numel() == hidden.size(1), "weight must have one value per hidden column");
+  at::Tensor w = weight.contiguous();
+  return add_rms_norm_ptr(hidden, delta, w.data_ptr(), eps, out_dtype, bufs, use);
 }
 
 at::Tensor add_rms_norm(at::Tensor hidden, c10::optional<at::Tensor> delta, at::Tensor weight, double eps) {
@@ -850,6 +858,10 @@ struct LinearSpec {
   int64_t kind, group;
   std::vector<at::Tensor> t;
   bool has_bias;
+  // Kestrel's int4 kernels (kinds 3, 4): the weights' pointers and shape, checked once when the stack is built
+  const uint8_t* codes = nullptr;
+  const c10::BFloat16* scales_zeros = nullptr;
+  int64_t n = 0, k = 0;
 };
 
 // y = x W^T (+ bias): in x's dtype for a dense linear, bf16 for a quantized one. Kestrel's int4 kernels write into
@@ -867,10 +879,13 @@ at::Tensor apply_linear(const LinearSpec& l, const at::Tensor& x, StepBuffers& b
   } else if (l.kind == 2) {
     kestrel::KernelTimer timer(kestrel::KernelWork::matmul);
     y = at::_weight_int4pack_mm_for_cpu(xb, l.t[0], l.group, l.t[1]);
-  } else {  // (int4_mm times itself)
-    at::Tensor out = bufs.get(use, {xb.size(0), l.t[0].size(0) * 16}, xb.options());
-    y = kestrel::int4_mm(l.kind == 3 ? kestrel::Int4Kernel::tiles : kestrel::Int4Kernel::vector, xb, l.t[0], l.t[1],
-                         &out);
+  } else {  // (int4_mm_raw times itself)
+    if (!xb.is_contiguous()) xb = xb.contiguous();
+    TORCH_CHECK(xb.size(1) == l.k, "x has ", xb.size(1), " inputs, the weights ", l.k);
+    y = bufs.get(use, {xb.size(0), l.n}, xb.options());
+    kestrel::int4_mm_raw(l.kind == 3 ? kestrel::Int4Kernel::tiles : kestrel::Int4Kernel::vector,
+                         xb.data_ptr<c10::BFloat16>(), xb.size(0), l.k, l.codes, l.scales_zeros, l.n,
+                         y.data_ptr<c10::BFloat16>());
   }
   if (l.has_bias) y = y + l.t[2];
   return y;
@@ -884,6 +899,9 @@ struct DecoderStack {
   at::Tensor final_norm;
   std::vector<LinearSpec> linears;
   std::vector<at::Tensor> k_caches, v_caches;
+  std::vector<const void*> norm_weights;  // norms' data, checked once (add_rms_norm_ptr)
+  at::ScalarType norm_dtype;
+  int64_t norm_dim;
 
   DecoderStack(std::vector<at::Tensor> norms_, at::Tensor final_norm_, std::vector<int64_t> kinds,
                std::vector<int64_t> groups, std::vector<std::vector<at::Tensor>> weights,
@@ -894,11 +912,26 @@ struct DecoderStack {
     TORCH_CHECK(layers > 0 && norms.size() == 2 * layers && kinds.size() == 4 * layers &&
                     groups.size() == 4 * layers && weights.size() == 4 * layers && v_caches.size() == layers,
                 "per-layer lists disagree in length");
+    norm_dtype = final_norm.scalar_type();
+    norm_dim = final_norm.numel();
+    for (const auto& n : norms) {
+      TORCH_CHECK(n.is_contiguous() && n.scalar_type() == norm_dtype && n.numel() == norm_dim,
+                  "the norms' weights must be contiguous, of one dtype and size");
+      norm_weights.push_back(n.data_ptr());
+    }
+    TORCH_CHECK(final_norm.is_contiguous(), "the final norm's weight must be contiguous");
     linears.reserve(4 * layers);
     for (size_t i = 0; i < 4 * layers; ++i) {
       const size_t need = kinds[i] == 0 ? 1 : 2;
       TORCH_CHECK(weights[i].size() == need || weights[i].size() == need + 1, "linear ", i, ": wrong tensor count");
       linears.push_back({kinds[i], groups[i], weights[i], weights[i].size() == need + 1});
+      LinearSpec& l = linears.back();
+      if (l.kind == 3 || l.kind == 4) {
+        kestrel::int4_check_weights(l.kind == 3 ? kestrel::Int4Kernel::tiles : kestrel::Int4Kernel::vector, l.t[0],
+                                    l.t[1], &l.n, &l.k);
+        l.codes = l.t[0].data_ptr<uint8_t>();
+        l.scales_zeros = l.t[1].data_ptr<c10::BFloat16>();
+      }
     }
   }
 };
@@ -910,7 +943,6 @@ at::Tensor decoder_layers(const DecoderStack& stack, at::Tensor hidden, at::Tens
                           int64_t nh, int64_t nkv, double eps, c10::optional<at::Tensor> lora_tokens,
                           c10::optional<at::Tensor> lora_table) {
   RECORD_FUNCTION("kestrel::decoder_layers", std::vector<c10::IValue>());
-  const auto& norms = stack.norms;
   const auto& linears = stack.linears;
   const auto& k_caches = stack.k_caches;
   const auto& v_caches = stack.v_caches;
@@ -935,15 +967,18 @@ at::Tensor decoder_layers(const DecoderStack& stack, at::Tensor hidden, at::Tens
     }
     return y;
   };
+  TORCH_CHECK(hidden.dim() == 2 && hidden.scalar_type() == stack.norm_dtype && hidden.size(1) == stack.norm_dim,
+              "hidden must be [tokens, ", stack.norm_dim, "] in the norms' dtype");
+  const auto& norm = stack.norm_weights;
   c10::optional<at::Tensor> delta;
   for (int64_t i = 0; i < layers; ++i) {
-    at::Tensor x = add_rms_norm_to(hidden, delta, norms[2 * i], eps, input_dtype(i, 0), &bufs, StepBuffers::NORM_IN);
+    at::Tensor x = add_rms_norm_ptr(hidden, delta, norm[2 * i], eps, input_dtype(i, 0), &bufs, StepBuffers::NORM_IN);
     // q rotated in the model's dtype (reading a quantized matmul's bf16 output directly), k and v into the pool
     at::Tensor q = rope_store_to(linear(i, 0, x), positions, cos, sin, k_caches[i], v_caches[i], slots, nh, nkv, &bufs);
     at::Tensor attn =
         paged_attention_to(q, k_caches[i], v_caches[i], table, rows, lens, scale, input_dtype(i, 1), &bufs);
-    x = add_rms_norm_to(hidden, linear(i, 1, attn), norms[2 * i + 1], eps, input_dtype(i, 2), &bufs,
-                        StepBuffers::NORM_POST);
+    x = add_rms_norm_ptr(hidden, linear(i, 1, attn), norm[2 * i + 1], eps, input_dtype(i, 2), &bufs,
+                         StepBuffers::NORM_POST);
     at::Tensor act = silu_mul_to(linear(i, 2, x), model, input_dtype(i, 3), &bufs);
     delta = linear(i, 3, act);
   }

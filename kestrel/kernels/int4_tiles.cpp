@@ -341,41 +341,52 @@ bool int4_tiles_available() {
 #endif
 }
 
-at::Tensor int4_mm(Int4Kernel kernel, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales_zeros,
-                   at::Tensor* out) {
+void int4_check_weights(Int4Kernel kernel, const at::Tensor& codes, const at::Tensor& scales_zeros, int64_t* N,
+                        int64_t* K) {
   const bool tiles = kernel == Int4Kernel::tiles;
-  RECORD_FUNCTION(tiles ? "kestrel::int4_tiles_mm" : "kestrel::int4_vector_mm", std::vector<c10::IValue>());
   const char* name = tiles ? "int4_tiles_mm" : "int4_vector_mm";
   TORCH_CHECK(tiles ? int4_tiles_available() : int4_vector_available(), name,
               tiles ? " needs a CPU with AMX-BF16 (and a build for it)" : " needs a CPU with AVX2 and FMA (and a build for it)");
-  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && scales_zeros.device().is_cpu(), name,
-              " takes CPU tensors");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bf16 [rows, in], got ", x.scalar_type(),
-              " ", x.sizes());
+  TORCH_CHECK(codes.device().is_cpu() && scales_zeros.device().is_cpu(), name, " takes CPU tensors");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 4 && codes.size(2) == 4 && codes.size(3) == 64 &&
                   codes.is_contiguous(),
               "codes must be contiguous uint8 [out / 16, in / 32, 4, 64], got ", codes.sizes());
-  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0) * 16;
-  TORCH_CHECK(codes.size(1) * 32 == K, "x has ", K, " inputs, the weights ", codes.size(1) * 32);
   TORCH_CHECK(scales_zeros.scalar_type() == at::kBFloat16 && scales_zeros.is_contiguous() &&
                   scales_zeros.sizes() == at::IntArrayRef({codes.size(0), codes.size(1), 2, 16}),
               "scales_zeros must be contiguous bf16 [out / 16, in / 32, 2, 16]");
+  *N = codes.size(0) * 16;
+  *K = codes.size(1) * 32;
+}
+
+void int4_mm_raw(Int4Kernel kernel, const c10::BFloat16* x, int64_t M, int64_t K, const uint8_t* codes,
+                 const c10::BFloat16* scales_zeros, int64_t N, c10::BFloat16* y) {
+  if (M == 0 || N == 0) return;
+  RECORD_FUNCTION(kernel == Int4Kernel::tiles ? "kestrel::int4_tiles_mm" : "kestrel::int4_vector_mm",
+                  std::vector<c10::IValue>());
+  KernelTimer timer(KernelWork::matmul);
+#ifdef KESTREL_TILES
+  if (kernel == Int4Kernel::tiles) int4_tiles_impl(x, M, K, codes, scales_zeros, N, y);
+#endif
+#ifdef KESTREL_VECTOR_INT4
+  if (kernel == Int4Kernel::vector) int4_vector_impl(x, M, K, codes, scales_zeros, N, y);
+#endif
+}
+
+at::Tensor int4_mm(Int4Kernel kernel, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales_zeros,
+                   at::Tensor* out) {
+  int64_t N, K;
+  int4_check_weights(kernel, codes, scales_zeros, &N, &K);
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "x must be bf16 [rows, in], got ", x.scalar_type(),
+              " ", x.sizes());
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " inputs, the weights ", K);
+  const int64_t M = x.size(0);
   at::Tensor xc = x.contiguous();
   at::Tensor y = out ? *out : at::empty({M, N}, x.options());
   TORCH_CHECK(y.scalar_type() == at::kBFloat16 && y.is_contiguous() && y.sizes() == at::IntArrayRef({M, N}),
               "out must be contiguous bf16 [", M, ", ", N, "]");
-  if (M == 0 || N == 0) return y;
-  auto* xp = xc.data_ptr<c10::BFloat16>();
-  auto* cp = codes.data_ptr<uint8_t>();
-  auto* sp = scales_zeros.data_ptr<c10::BFloat16>();
-  auto* yp = y.data_ptr<c10::BFloat16>();
-  KernelTimer timer(KernelWork::matmul);
-#ifdef KESTREL_TILES
-  if (tiles) int4_tiles_impl(xp, M, K, cp, sp, N, yp);
-#endif
-#ifdef KESTREL_VECTOR_INT4
-  if (!tiles) int4_vector_impl(xp, M, K, cp, sp, N, yp);
-#endif
+  int4_mm_raw(kernel, xc.data_ptr<c10::BFloat16>(), M, K, codes.data_ptr<uint8_t>(),
+              scales_zeros.data_ptr<c10::BFloat16>(), N, y.data_ptr<c10::BFloat16>());
   return y;
 }
 

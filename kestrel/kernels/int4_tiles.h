@@ -56,4 +56,15 @@ enum class Int4Kernel { tiles, vector };
 at::Tensor int4_mm(Int4Kernel kernel, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales_zeros,
                    at::Tensor* out = nullptr);
 
+// Checks int4_mm's weights once: throws unless the kernel runs here and codes / scales_zeros are in its layout for
+// an N x K weight (N and K returned).
+void int4_check_weights(Int4Kernel kernel, const at::Tensor& codes, const at::Tensor& scales_zeros, int64_t* N,
+                        int64_t* K);
+
+// int4_mm on raw pointers, for a caller that checked the weights once (int4_check_weights) and owns x (bf16 [M, K],
+// contiguous) and y (bf16 [M, N]): a decode step's linears skip the checks that read each weight tensor's metadata
+// (cold in the caches after the weights stream through them, ~0.3 us a linear).
+void int4_mm_raw(Int4Kernel kernel, const c10::BFloat16* x, int64_t M, int64_t K, const uint8_t* codes,
+                 const c10::BFloat16* scales_zeros, int64_t N, c10::BFloat16* y);
+
 }  // namespace kestrel
