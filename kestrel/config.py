@@ -70,13 +70,13 @@ class EngineConfig:
                                                                 "from a Jacobi window and the prompt, verified in "
                                                                 "the same forward; used on a step only when it is "
                                                                 "expected to pay)"})
-    num_scheduler_steps: int = field(default=8, metadata={"help": "decode steps one scheduling decision may run in "
+    num_scheduler_steps: int = field(default=16, metadata={"help": "decode steps one scheduling decision may run in "
                                                                    "one C++ call, when every running sequence "
                                                                    "decodes greedily (no logprobs, penalties, "
                                                                    "grammar, stop strings, adapter or lookahead) and "
                                                                    "nothing waits: the host's per-step work is paid "
                                                                    "once per burst (vLLM's multi-step scheduling). A "
-                                                                   "burst lasts ~30 ms at most and ends at a stop "
+                                                                   "burst lasts ~50 ms at most and ends at a stop "
                                                                    "token; outputs are the same. 1: off"})
     lookahead_window: Optional[int] = field(default=None, metadata={"help": "lookahead: Jacobi window columns W, 0 for "
                                                                              "candidates from the prompt and output "

@@ -144,6 +144,14 @@ def test_argmax_rows_matches_torch_argmax(ops):
     logits[3] = float("-inf")
     assert torch.equal(ops.argmax_rows(logits), logits.argmax(dim=-1))
     assert torch.equal(ops.argmax_rows(logits[:, :999]), logits[:, :999].argmax(dim=-1))  # strided rows
+    # one row (a batch-1 step): its columns are split between the threads, and the parts' picks combined
+    for where, value in (([100, 40000], 9.0), ([45000, 46000], 9.0), ([30000, 2], float("nan")),
+                         ([49151], 9.0), ([0], float("-inf"))):
+        row = torch.randn(1, 49152, generator=g)
+        row[0, where] = value
+        assert torch.equal(ops.argmax_rows(row), row.argmax(dim=-1)), (where, value)
+        assert torch.equal(ops.argmax_rows(row[:, :49001]), row[:, :49001].argmax(dim=-1)), (where, value)
+    assert ops.argmax_rows(torch.full((1, 49152), float("-inf"))).item() == 0
     with pytest.raises(RuntimeError, match="float32"):
         ops.argmax_rows(logits.to(torch.bfloat16))
 

@@ -105,11 +105,13 @@ class ReqToTokenTable:
         CPU (what several decode steps in a row write to)."""
         n = len(rows)
         extra = len(slots) // n
-        if self._host is not None:  # NumPy: one fancy-index write and read, no torch ops (see __init__)
-            r = np.asarray(rows)[:, None]
-            cols = np.asarray(starts)[:, None] + np.arange(extra + 1)
-            self._host[r, cols[:, 1:]] = np.asarray(slots, dtype=np.int64).reshape(n, extra)
-            return torch.from_numpy(np.ascontiguousarray(self._host[r, cols].T))
+        if self._host is not None:  # NumPy slices, no torch ops (see __init__)
+            out = np.empty((extra + 1, n), dtype=np.int64)
+            for i, (row, start) in enumerate(zip(rows, starts)):
+                cells = self._host[row, start:start + extra + 1]
+                cells[1:] = slots[i * extra:(i + 1) * extra]
+                out[:, i] = cells
+            return torch.from_numpy(out)
         new = torch.tensor(slots, dtype=torch.int64).view(n, extra)
         for row, start, row_slots in zip(rows, starts, new):
             self.write(row, start + 1, row_slots)

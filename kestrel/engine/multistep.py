@@ -18,7 +18,9 @@ from kestrel.engine.scheduler import ScheduledBatch
 from kestrel.engine.step_log import batch_shape
 
 log = logging.getLogger("kestrel.engine")
-BURST_SECONDS = 0.03  # a burst runs about this long at most: what an arriving request, an abort or a call waits
+# a burst runs about this long at most: what an arriving request, an abort or a call waits. At batch 1 on a 2-core
+# AMX Xeon (4 ms steps) 0.05 s gave 9.7% of a token's time outside matmuls and attention, 0.03 s 10.5%
+BURST_SECONDS = 0.05
 
 
 class Bursts:

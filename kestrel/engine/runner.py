@@ -41,6 +41,7 @@ class ModelRunner:
         self.table = table
         self.device = device
         self.shared_prefix_steps = 0  # decode steps that used cascade attention over a shared prefix
+        self._burst_heads: dict[int, Optional[list[torch.Tensor]]] = {}  # by rows (the model's weights do not change)
 
     def attention_metadata(self, fb: ForwardBatch) -> AttentionMetadata:
         """Where each row's keys and values are in the pool, read from the req-to-token table."""
@@ -121,9 +122,15 @@ class ModelRunner:
         meta.token_lens[q0 + tree] = ctx + sub.sum(dim=1)
         return scratch + k
 
+    def burst_head(self, rows: int) -> Optional[list[torch.Tensor]]:
+        """The model's head as decode_burst takes it for `rows` rows (None: no burst runs), looked up once per size."""
+        if rows not in self._burst_heads:
+            self._burst_heads[rows] = self.model.burst_head(rows)
+        return self._burst_heads[rows]
+
     def can_burst(self, rows: int) -> bool:
         """Whether decode_burst runs for a batch of `rows` one-token rows on this model and machine."""
-        return self.model.burst_head(rows) is not None
+        return self.burst_head(rows) is not None
 
     def decode_burst(self, fb: ForwardBatch, slots: torch.Tensor, stop_ids: torch.Tensor,
                      max_seconds: float) -> torch.Tensor:
@@ -131,7 +138,7 @@ class ModelRunner:
         next position, step s's K/V into slots[s]. Stops after slots.shape[0] steps, a step that picks one of
         `stop_ids`, or the first step that ends past `max_seconds`; returns the picks, [steps run, rows]. Like
         forward(), it changes only the K/V of those slots."""
-        return self.model.decode_burst(self.model.burst_head(fb.num_rows), fb.input_ids, fb.positions,
+        return self.model.decode_burst(self.burst_head(fb.num_rows), fb.input_ids, fb.positions,
                                        self.attention_metadata(fb), self.pool.caches, slots, stop_ids, max_seconds)
 
     @torch.inference_mode()

@@ -1008,46 +1008,78 @@ at::Tensor embed_rows(at::Tensor table, at::Tensor ids) {
 // ---- greedy picks --------------------------------------------------------------------------------------
 // The index of each row's largest value, the first one on ties, NaN above everything (as torch.argmax): one
 // vectorized pass for the maximum, one for its first position.
+// The first maximum of x[0, n), or its first NaN if it has one (then nan is set).
+struct SpanMax {
+  int64_t at;
+  float best;
+  bool nan;
+};
+
+SpanMax argmax_span(const float* x, int64_t n) {
+  const int64_t body = n - n % W;
+  vec m = splat(-HUGE_VALF);
+  veci nan = (veci)splat(0.f);
+  for (int64_t i = 0; i < body; i += W) {
+    const vec v = loadv(x + i);
+    m = maxv(m, v);
+    nan |= (veci)(v != v);
+  }
+  float best = max_lanes(m);
+  bool any_nan = false;
+  for (int l = 0; l < W; ++l) any_nan |= nan[l] != 0;
+  for (int64_t i = body; i < n; ++i) {
+    any_nan |= x[i] != x[i];
+    best = std::max(best, x[i]);
+  }
+  int64_t at = -1;
+  if (!any_nan) {
+    const vec b = splat(best);
+    for (int64_t i = 0; i < body && at < 0; i += W) {
+      const unsigned hits = lanes_set((veci)(loadv(x + i) == b));
+      if (hits) at = i + __builtin_ctz(hits);
+    }
+  }
+  for (int64_t i = any_nan ? 0 : body; i < n && at < 0; ++i)
+    if (any_nan ? x[i] != x[i] : x[i] == best) at = i;
+  return {at, best, any_nan};
+}
+
 at::Tensor argmax_rows(at::Tensor logits) {
   RECORD_FUNCTION("kestrel::argmax_rows", std::vector<c10::IValue>());
   check_cpu(logits, "logits");
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.stride(1) == 1,
               "logits must be float32 [rows, vocab] with dense rows");
-  const int64_t rows = logits.size(0), n = logits.size(1), stride = logits.stride(0), body = n - n % W;
+  const int64_t rows = logits.size(0), n = logits.size(1), stride = logits.stride(0);
   TORCH_CHECK(n > 0, "logits must have a vocabulary");
   at::Tensor out = at::empty({rows}, logits.options().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
   const float* base = logits.data_ptr<float>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* x = base + r * stride;
-      vec m = splat(-HUGE_VALF);
-      veci nan = (veci)splat(0.f);
-      for (int64_t i = 0; i < body; i += W) {
-        const vec v = loadv(x + i);
-        m = maxv(m, v);
-        nan |= (veci)(v != v);
-      }
-      float best = max_lanes(m);
-      bool any_nan = false;
-      for (int l = 0; l < W; ++l) any_nan |= nan[l] != 0;
-      for (int64_t i = body; i < n; ++i) {
-        any_nan |= x[i] != x[i];
-        best = std::max(best, x[i]);
-      }
-      int64_t at = -1;
-      if (!any_nan) {
-        const vec b = splat(best);
-        for (int64_t i = 0; i < body && at < 0; i += W) {
-          const unsigned hits = lanes_set((veci)(loadv(x + i) == b));
-          if (hits) at = i + __builtin_ctz(hits);
-        }
-      }
-      for (int64_t i = any_nan ? 0 : body; i < n && at < 0; ++i)
-        if (any_nan ? x[i] != x[i] : x[i] == best) at = i;
-      o[r] = at;
+  // fewer rows than threads (a batch-1 step): each row in one span per thread, then the spans' picks combined in
+  // order (the first NaN, else the first maximum). The head wrote each thread's columns from its own core, whose
+  // cache still holds them: one thread reading them all waited on the other core's cache.
+  const int64_t threads = at::get_num_threads();
+  const int64_t spans = rows < threads ? std::min<int64_t>(threads, std::max<int64_t>(1, n / (64 * W))) : 1;
+  const int64_t span = (n / spans + W - 1) / W * W;
+  std::vector<SpanMax> part(rows * spans);
+  at::parallel_for(0, rows * spans, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / spans, s0 = (i % spans) * span, len = std::min(n, s0 + span) - s0;
+      part[i] = len > 0 ? argmax_span(base + r * stride + s0, len) : SpanMax{-1, -HUGE_VALF, false};
+      if (part[i].at >= 0) part[i].at += s0;
     }
   });
+  for (int64_t r = 0; r < rows; ++r) {
+    const SpanMax* p = &part[r * spans];
+    int64_t pick = -1;
+    for (int64_t s = 0; s < spans && pick < 0; ++s)
+      if (p[s].nan) pick = p[s].at;
+    if (pick < 0) {
+      float best = -HUGE_VALF;
+      for (int64_t s = 0; s < spans; ++s)
+        if (p[s].at >= 0 && (pick < 0 || p[s].best > best)) pick = p[s].at, best = p[s].best;
+    }
+    o[r] = pick;
+  }
   return out;
 }
 
