@@ -400,12 +400,29 @@ void rope_store_impl(const I* qkv, T* q_out, int64_t q_stride, const int64_t* po
 
 // Returns the rotated q heads as [T, nh, D]: a view into qkv (rotated in place) when qkv is in the caches' dtype,
 // a new tensor in that dtype when qkv is bf16 and the caches float32. qkv's k and v parts are left as they were.
-at::Tensor rope_store_to(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
-                         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots, int64_t nh,
-                         int64_t nkv, StepBuffers* bufs = nullptr) {
+// One layer's K and V pool caches, [slots, nkv, d] each, contiguous, in one dtype: checked once (kv_layer), so a
+// decode step's ops need not read the cache tensors' metadata (cold after the weights streamed through the caches).
+struct KVLayer {
+  void* k;
+  void* v;
+  at::ScalarType dtype;
+  int64_t nkv, d;
+};
+
+KVLayer kv_layer(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  check_cpu(k_cache, "k_cache");
+  check_cpu(v_cache, "v_cache");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "the K and V caches must be contiguous [slots, kv heads, head size] tensors of one dtype and shape");
+  return {k_cache.data_ptr(), v_cache.data_ptr(), k_cache.scalar_type(), k_cache.size(1), k_cache.size(2)};
+}
+
+at::Tensor rope_store_kv(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                         const KVLayer& kv, const at::Tensor& slots, int64_t nh, int64_t nkv, StepBuffers* bufs = nullptr) {
   RECORD_FUNCTION("kestrel::rope_store", std::vector<c10::IValue>());
-  const auto dtype = k_cache.scalar_type();
-  for (auto* t : {&qkv, &cos, &sin, &k_cache, &v_cache}) {
+  const auto dtype = kv.dtype;
+  for (auto* t : {&qkv, &cos, &sin}) {
     check_cpu(*t, "tensors");
     const bool bf16_qkv = t == &qkv && bf16_edges(dtype, dtype, qkv.scalar_type());  // float32 caches
     TORCH_CHECK(t->is_contiguous() && (t->scalar_type() == dtype || bf16_qkv),
@@ -413,22 +430,22 @@ at::Tensor rope_store_to(const at::Tensor& qkv, const at::Tensor& positions, con
                 "(qkv may be bf16 for float32 caches)");
   }
   TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "positions and slots: int64");
-  const int64_t d = k_cache.size(2), tokens = qkv.size(0);
-  TORCH_CHECK(qkv.size(1) == (nh + 2 * nkv) * d && k_cache.size(1) == nkv && cos.size(1) == d, "shapes disagree");
+  const int64_t d = kv.d, tokens = qkv.size(0);
+  TORCH_CHECK(qkv.size(1) == (nh + 2 * nkv) * d && kv.nkv == nkv && cos.size(1) == d, "shapes disagree");
   TORCH_CHECK(d <= MAX_ROPE_HEAD, "head size at most ", MAX_ROPE_HEAD);
   auto pos = positions.contiguous(), sl = slots.contiguous();
   if (qkv.scalar_type() != dtype) {  // bf16 qkv, float32 caches
-    at::Tensor q = new_output(bufs, StepBuffers::Q, {tokens, nh, d}, k_cache.options());
+    at::Tensor q = new_output(bufs, StepBuffers::Q, {tokens, nh, d}, qkv.options().dtype(dtype));
     rope_store_impl<float, c10::BFloat16>(qkv.data_ptr<c10::BFloat16>(), q.data_ptr<float>(), nh * d,
                                           pos.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
-                                          k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), sl.data_ptr<int64_t>(),
+                                          static_cast<float*>(kv.k), static_cast<float*>(kv.v), sl.data_ptr<int64_t>(),
                                           tokens, nh, nkv, d);
     return q;
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "rope_store", [&] {
     rope_store_impl<scalar_t, scalar_t>(qkv.data_ptr<scalar_t>(), qkv.data_ptr<scalar_t>(), qkv.size(1),
                                         pos.data_ptr<int64_t>(), cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(),
-                                        k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                                        static_cast<scalar_t*>(kv.k), static_cast<scalar_t*>(kv.v),
                                         sl.data_ptr<int64_t>(), tokens, nh, nkv, d);
   });
   return qkv.as_strided({tokens, nh, d}, {qkv.size(1), d, 1});
@@ -436,7 +453,7 @@ at::Tensor rope_store_to(const at::Tensor& qkv, const at::Tensor& positions, con
 
 at::Tensor rope_store(at::Tensor qkv, at::Tensor positions, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
                       at::Tensor v_cache, at::Tensor slots, int64_t nh, int64_t nkv) {
-  return rope_store_to(qkv, positions, cos, sin, k_cache, v_cache, slots, nh, nkv);
+  return rope_store_kv(qkv, positions, cos, sin, kv_layer(k_cache, v_cache), slots, nh, nkv);
 }
 
 // ---- attention through the req-to-token table ----------------------------------------------------------
@@ -604,18 +621,17 @@ void attention_impl(const T* q, int64_t q_stride, O* out, const T* k_cache, cons
 
 // q: [T, nh, D] (rows may be strided, e.g. a view into the fused qkv); returns [T, nh * D] in out_dtype (q's, or
 // bf16 for a float32 q).
-at::Tensor paged_attention_to(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                              const at::Tensor& table, const at::Tensor& rows, const at::Tensor& lens, double scale,
-                              at::ScalarType out_dtype, StepBuffers* bufs = nullptr) {
+at::Tensor paged_attention_kv(const at::Tensor& q, const KVLayer& kv, const at::Tensor& table, const at::Tensor& rows,
+                              const at::Tensor& lens, double scale, at::ScalarType out_dtype,
+                              StepBuffers* bufs = nullptr) {
   RECORD_FUNCTION("kestrel::paged_attention", std::vector<c10::IValue>());
   check_cpu(q, "q");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [T, heads, D] with dense heads");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == q.scalar_type() &&
-                  v_cache.scalar_type() == q.scalar_type(), "caches must be contiguous, in q's dtype");
+  TORCH_CHECK(kv.dtype == q.scalar_type(), "caches must be in q's dtype");
   TORCH_CHECK(table.scalar_type() == at::kLong && table.stride(1) == 1, "table must be int64 with dense rows");
   TORCH_CHECK(rows.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "rows and lens must be int64");
-  const int64_t tokens = q.size(0), nh = q.size(1), d = q.size(2), nkv = k_cache.size(1);
-  TORCH_CHECK(nh % nkv == 0 && k_cache.size(2) == d, "heads disagree with the cache");
+  const int64_t tokens = q.size(0), nh = q.size(1), d = q.size(2), nkv = kv.nkv;
+  TORCH_CHECK(nh % nkv == 0 && kv.d == d, "heads disagree with the cache");
   TORCH_CHECK(d % 16 == 0 && d <= MAX_HEAD, "head size must be a multiple of 16, at most 256 (got ", d, ")");
   TORCH_CHECK(rows.numel() == tokens && lens.numel() == tokens, "one row and one length per query token");
   auto r = rows.contiguous(), l = lens.contiguous();
@@ -628,7 +644,7 @@ at::Tensor paged_attention_to(const at::Tensor& q, const at::Tensor& k_cache, co
   if (out_dtype != q.scalar_type()) {
     using BF = c10::BFloat16;
     auto run = [&](auto impl) {
-      impl(q.data_ptr<float>(), q.stride(0), out.data_ptr<BF>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+      impl(q.data_ptr<float>(), q.stride(0), out.data_ptr<BF>(), static_cast<const float*>(kv.k), static_cast<const float*>(kv.v),
            table.data_ptr<int64_t>(), table.stride(0), r.data_ptr<int64_t>(), l.data_ptr<int64_t>(), tokens, nh, nkv,
            d, static_cast<float>(scale));
     };
@@ -639,8 +655,8 @@ at::Tensor paged_attention_to(const at::Tensor& q, const at::Tensor& k_cache, co
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "paged_attention", [&] {
     auto run = [&](auto impl) {
-      impl(q.data_ptr<scalar_t>(), q.stride(0), out.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
-           v_cache.data_ptr<scalar_t>(), table.data_ptr<int64_t>(), table.stride(0), r.data_ptr<int64_t>(),
+      impl(q.data_ptr<scalar_t>(), q.stride(0), out.data_ptr<scalar_t>(), static_cast<const scalar_t*>(kv.k),
+           static_cast<const scalar_t*>(kv.v), table.data_ptr<int64_t>(), table.stride(0), r.data_ptr<int64_t>(),
            l.data_ptr<int64_t>(), tokens, nh, nkv, d, static_cast<float>(scale));
     };
     if (d == 64) run(attention_impl<scalar_t, 64 / W>);
@@ -652,7 +668,7 @@ at::Tensor paged_attention_to(const at::Tensor& q, const at::Tensor& k_cache, co
 
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor table, at::Tensor rows,
                            at::Tensor lens, double scale) {
-  return paged_attention_to(q, k_cache, v_cache, table, rows, lens, scale, q.scalar_type());
+  return paged_attention_kv(q, kv_layer(k_cache, v_cache), table, rows, lens, scale, q.scalar_type());
 }
 
 // ---- LoRA: the low-rank updates of a mixed batch (Punica's shrink and expand, per token) -------------------
@@ -900,6 +916,7 @@ struct DecoderStack {
   std::vector<LinearSpec> linears;
   std::vector<at::Tensor> k_caches, v_caches;
   std::vector<const void*> norm_weights;  // norms' data, checked once (add_rms_norm_ptr)
+  std::vector<KVLayer> kv;  // each layer's caches, checked once
   at::ScalarType norm_dtype;
   int64_t norm_dim;
 
@@ -920,6 +937,7 @@ struct DecoderStack {
       norm_weights.push_back(n.data_ptr());
     }
     TORCH_CHECK(final_norm.is_contiguous(), "the final norm's weight must be contiguous");
+    for (size_t i = 0; i < layers; ++i) kv.push_back(kv_layer(k_caches[i], v_caches[i]));
     linears.reserve(4 * layers);
     for (size_t i = 0; i < 4 * layers; ++i) {
       const size_t need = kinds[i] == 0 ? 1 : 2;
@@ -944,10 +962,8 @@ at::Tensor decoder_layers(const DecoderStack& stack, at::Tensor hidden, at::Tens
                           c10::optional<at::Tensor> lora_table) {
   RECORD_FUNCTION("kestrel::decoder_layers", std::vector<c10::IValue>());
   const auto& linears = stack.linears;
-  const auto& k_caches = stack.k_caches;
-  const auto& v_caches = stack.v_caches;
-  const int64_t layers = static_cast<int64_t>(k_caches.size());
-  const int64_t d = k_caches[0].size(2);
+  const int64_t layers = static_cast<int64_t>(stack.kv.size());
+  const int64_t d = stack.kv[0].d;
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   const bool lora = lora_tokens.has_value() && lora_table.has_value();
   const auto model = hidden.scalar_type();
@@ -974,9 +990,8 @@ at::Tensor decoder_layers(const DecoderStack& stack, at::Tensor hidden, at::Tens
   for (int64_t i = 0; i < layers; ++i) {
     at::Tensor x = add_rms_norm_ptr(hidden, delta, norm[2 * i], eps, input_dtype(i, 0), &bufs, StepBuffers::NORM_IN);
     // q rotated in the model's dtype (reading a quantized matmul's bf16 output directly), k and v into the pool
-    at::Tensor q = rope_store_to(linear(i, 0, x), positions, cos, sin, k_caches[i], v_caches[i], slots, nh, nkv, &bufs);
-    at::Tensor attn =
-        paged_attention_to(q, k_caches[i], v_caches[i], table, rows, lens, scale, input_dtype(i, 1), &bufs);
+    at::Tensor q = rope_store_kv(linear(i, 0, x), positions, cos, sin, stack.kv[i], slots, nh, nkv, &bufs);
+    at::Tensor attn = paged_attention_kv(q, stack.kv[i], table, rows, lens, scale, input_dtype(i, 1), &bufs);
     x = add_rms_norm_ptr(hidden, linear(i, 1, attn), norm[2 * i + 1], eps, input_dtype(i, 2), &bufs,
                          StepBuffers::NORM_POST);
     at::Tensor act = silu_mul_to(linear(i, 2, x), model, input_dtype(i, 3), &bufs);
