@@ -43,7 +43,8 @@ def _chunks(fb) -> list[int]:
 
 
 def test_new_requests_join_running_batch(tiny_llama_dir):
-    engine = Engine(tiny_llama_dir, dtype="float32")
+    # plain steps, each one forward: A's decode alone would otherwise run in multi-step bursts (test_multistep.py)
+    engine = Engine(tiny_llama_dir, dtype="float32", num_scheduler_steps=1)
     batches = []
     forward = engine.runner.forward
 

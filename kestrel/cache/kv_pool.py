@@ -103,20 +103,16 @@ class ReqToTokenTable:
         """Row i gets len(slots) / len(rows) more slots (slots in row-major order) in the columns after starts[i];
         returns each row's slots from column starts[i] on, the new ones included, as int64 [columns, rows] on the
         CPU (what several decode steps in a row write to)."""
+        if self._host is None:
+            raise RuntimeError("extend_rows serves a table on the CPU (multi-step decoding runs on the C++ CPU kernels)")
         n = len(rows)
         extra = len(slots) // n
-        if self._host is not None:  # NumPy slices, no torch ops (see __init__)
-            out = np.empty((extra + 1, n), dtype=np.int64)
-            for i, (row, start) in enumerate(zip(rows, starts)):
-                cells = self._host[row, start:start + extra + 1]
-                cells[1:] = slots[i * extra:(i + 1) * extra]
-                out[:, i] = cells
-            return torch.from_numpy(out)
-        new = torch.tensor(slots, dtype=torch.int64).view(n, extra)
-        for row, start, row_slots in zip(rows, starts, new):
-            self.write(row, start + 1, row_slots)
-        first = self.read_cells(rows, starts).cpu()
-        return torch.cat((first.view(n, 1), new), dim=1).t().contiguous()
+        out = np.empty((extra + 1, n), dtype=np.int64)
+        for i, (row, start) in enumerate(zip(rows, starts)):  # NumPy slices, no torch ops (see __init__)
+            cells = self._host[row, start:start + extra + 1]
+            cells[1:] = slots[i * extra:(i + 1) * extra]
+            out[:, i] = cells
+        return torch.from_numpy(out)
 
     def write(self, row: int, start: int, slots) -> None:
         if len(slots):

@@ -295,17 +295,18 @@ class Scheduler:
         sequence's computed tokens: 1 when the burst failed and its first step runs again as a plain one), and age
         the admission reserve as that many schedule() calls would have."""
         for seq in decode:
-            if seq.row is not None and seq.num_slots > seq.num_computed + keep:
-                self.pool.free(self.table.table[seq.row, seq.num_computed + keep:seq.num_slots].cpu())
-                seq.num_slots = seq.num_computed + keep
+            if seq.row is not None:  # (a sequence that finished released its slots)
+                self._free_uncomputed(seq, keep)
         self.new_token_ratio = max(BASE_NEW_TOKEN_RATIO,
                                    self.new_token_ratio - NEW_TOKEN_RATIO_DECAY * max(steps - 1, 0))
 
-    def _free_uncomputed(self, seq: Sequence) -> None:
+    def _free_uncomputed(self, seq: Sequence, keep: int = 0) -> None:
         """Free the slots the sequence holds past its computed tokens (a step's that failed, a draft's that was
-        not accepted): they hold no K/V anyone keeps."""
-        if seq.num_slots > seq.num_computed:
-            self.pool.free(self.table.table[seq.row, seq.num_computed:seq.num_slots].cpu())
+        not accepted, a burst's that it did not use), all but the first `keep` of them: they hold no K/V anyone
+        keeps. The sequence then holds up to `keep` slots past its computed tokens."""
+        if seq.num_slots > seq.num_computed + keep:
+            self.pool.free(self.table.table[seq.row, seq.num_computed + keep:seq.num_slots].cpu())
+            seq.num_slots = seq.num_computed + keep
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         """The ForwardBatch the runner executes for this (part of a) step, and what its logits are for."""

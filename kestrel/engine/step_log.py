@@ -46,7 +46,7 @@ class StepLog:
     def ran_burst(self, shapes: list[tuple[int, int, int]], start: float, now: float, more: bool) -> None:
         """Steps of these shapes ran in one call from `start` to `now` (a multi-step burst): each gets an even share."""
         share = (now - start) / len(shapes)
-        for i, shape in enumerate(shapes[:-1]):
+        for shape in shapes[:-1]:
             self.samples.append((*shape, share))
         self.ran(shapes[-1], now - share, now, more)
 
