@@ -398,8 +398,6 @@ void rope_store_impl(const I* qkv, T* q_out, int64_t q_stride, const int64_t* po
   });
 }
 
-// Returns the rotated q heads as [T, nh, D]: a view into qkv (rotated in place) when qkv is in the caches' dtype,
-// a new tensor in that dtype when qkv is bf16 and the caches float32. qkv's k and v parts are left as they were.
 // One layer's K and V pool caches, [slots, nkv, d] each, contiguous, in one dtype: checked once (kv_layer), so a
 // decode step's ops need not read the cache tensors' metadata (cold after the weights streamed through the caches).
 struct KVLayer {
@@ -418,6 +416,8 @@ KVLayer kv_layer(const at::Tensor& k_cache, const at::Tensor& v_cache) {
   return {k_cache.data_ptr(), v_cache.data_ptr(), k_cache.scalar_type(), k_cache.size(1), k_cache.size(2)};
 }
 
+// Returns the rotated q heads as [T, nh, D]: a view into qkv (rotated in place) when qkv is in the caches' dtype,
+// a new tensor in that dtype when qkv is bf16 and the caches float32. qkv's k and v parts are left as they were.
 at::Tensor rope_store_kv(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
                          const KVLayer& kv, const at::Tensor& slots, int64_t nh, int64_t nkv, StepBuffers* bufs = nullptr) {
   RECORD_FUNCTION("kestrel::rope_store", std::vector<c10::IValue>());
@@ -874,7 +874,9 @@ struct LinearSpec {
   int64_t kind, group;
   std::vector<at::Tensor> t;
   bool has_bias;
-  // Kestrel's int4 kernels (kinds 3, 4): the weights' pointers and shape, checked once when the stack is built
+  // Kestrel's int4 kernels (kinds 3, 4): which one, the weights' pointers and shape, checked once when the stack
+  // is built
+  kestrel::Int4Kernel int4 = kestrel::Int4Kernel::tiles;
   const uint8_t* codes = nullptr;
   const c10::BFloat16* scales_zeros = nullptr;
   int64_t n = 0, k = 0;
@@ -899,8 +901,7 @@ at::Tensor apply_linear(const LinearSpec& l, const at::Tensor& x, StepBuffers& b
     if (!xb.is_contiguous()) xb = xb.contiguous();
     TORCH_CHECK(xb.size(1) == l.k, "x has ", xb.size(1), " inputs, the weights ", l.k);
     y = bufs.get(use, {xb.size(0), l.n}, xb.options());
-    kestrel::int4_mm_raw(l.kind == 3 ? kestrel::Int4Kernel::tiles : kestrel::Int4Kernel::vector,
-                         xb.data_ptr<c10::BFloat16>(), xb.size(0), l.k, l.codes, l.scales_zeros, l.n,
+    kestrel::int4_mm_raw(l.int4, xb.data_ptr<c10::BFloat16>(), xb.size(0), l.k, l.codes, l.scales_zeros, l.n,
                          y.data_ptr<c10::BFloat16>());
   }
   if (l.has_bias) y = y + l.t[2];
@@ -945,8 +946,8 @@ struct DecoderStack {
       linears.push_back({kinds[i], groups[i], weights[i], weights[i].size() == need + 1});
       LinearSpec& l = linears.back();
       if (l.kind == 3 || l.kind == 4) {
-        kestrel::int4_check_weights(l.kind == 3 ? kestrel::Int4Kernel::tiles : kestrel::Int4Kernel::vector, l.t[0],
-                                    l.t[1], &l.n, &l.k);
+        l.int4 = l.kind == 3 ? kestrel::Int4Kernel::tiles : kestrel::Int4Kernel::vector;
+        kestrel::int4_check_weights(l.int4, l.t[0], l.t[1], &l.n, &l.k);
         l.codes = l.t[0].data_ptr<uint8_t>();
         l.scales_zeros = l.t[1].data_ptr<c10::BFloat16>();
       }
@@ -1021,9 +1022,8 @@ at::Tensor embed_rows(at::Tensor table, at::Tensor ids) {
 }
 
 // ---- greedy picks --------------------------------------------------------------------------------------
-// The index of each row's largest value, the first one on ties, NaN above everything (as torch.argmax): one
-// vectorized pass for the maximum, one for its first position.
-// The first maximum of x[0, n), or its first NaN if it has one (then nan is set).
+// The first maximum of x[0, n), or its first NaN if it has one (then nan is set): one vectorized pass for the
+// maximum, one for its first position.
 struct SpanMax {
   int64_t at;
   float best;
@@ -1059,6 +1059,7 @@ SpanMax argmax_span(const float* x, int64_t n) {
   return {at, best, any_nan};
 }
 
+// The index of each row's largest value, the first one on ties, NaN above everything (as torch.argmax).
 at::Tensor argmax_rows(at::Tensor logits) {
   RECORD_FUNCTION("kestrel::argmax_rows", std::vector<c10::IValue>());
   check_cpu(logits, "logits");
