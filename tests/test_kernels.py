@@ -291,3 +291,42 @@ def test_head_sizes_the_attention_kernel_cannot_take_fall_back_to_torch_ops():
     assert kernels.resolve("auto", cpu, torch.float32, head_dim=80)[0] is not None
     with pytest.raises(ValueError, match="multiples of 16"):
         kernels.resolve("cpp", cpu, torch.float32, head_dim=72)
+
+
+@pytest.mark.parametrize("burst", [1, 16], ids=["plain-steps", "bursts"])
+def test_decode_steps_leave_the_gil_to_other_threads(embedded_dir, burst):
+    """While the engine decodes, the process's other threads (a Ray actor's calls, the stream's delivery) run:
+    the C++ decode loops release the GIL. Holding it, a thread would wait out each whole step."""
+    import threading
+    import time
+
+    engine = Engine(num_threads=1, num_scheduler_steps=burst)
+    prompts = [[(31 * r + 7 * i) % 20000 + 100 for i in range(400)] for r in range(16)]
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    while engine.scheduler.waiting or any(not s.output_ids for s in engine.scheduler.running):
+        engine.step()  # prefills first: the count below is over decode steps
+    ticks: list[float] = []
+    done = threading.Event()
+
+    def tick():
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.0002)  # releases the GIL, then needs it back
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    time.sleep(0.01)
+    begin, steps = time.perf_counter(), 0
+    while time.perf_counter() - begin < 1.0:
+        engine.step()
+        steps += 1
+    end = time.perf_counter()
+    done.set()
+    ticker.join()
+    inside = [t for t in ticks if begin <= t <= end]
+    gap = max(b - a for a, b in zip(inside, inside[1:]))
+    per_step = (end - begin) / steps
+    assert per_step > 0.01, per_step  # steps long enough that holding the GIL through one would show
+    # one step's kernels take most of its time: with the GIL held there, gaps come close to a whole step
+    assert gap < per_step / 3, (gap, per_step, len(inside))
