@@ -1,11 +1,12 @@
 """Two instances of the embedded model, one core each, on a local Ray: dispatch policies, live migration, and
 prefill/decode disaggregation, each against its baseline in one run.
 
-    .venv/bin/python benchmarks/bench_cluster.py [--quick] [--part llumnix,cache,distserve]
+    .venv/bin/python benchmarks/bench_cluster.py [--quick] [--part llumnix,pause,cache,distserve]
 
 - llumnix: long and short requests arriving in bursts (gamma arrivals, CV 2), over a sweep of rates up to
   capacity; round-robin vs least-load vs llumnix (least-load + migration): P50/P99 TTFT (all requests, and the
   short ones alone), P50/P99 TPOT, mean e2e, preemptions, migrations and their downtime, queued requests moved.
+- pause: a migration's downtime, in the moved request's own decode steps, at contexts of 256 to 4096 tokens.
 - cache: the shared-prefix workload; round-robin vs cache-aware: prefix hit rate and throughput.
 - distserve: goodput (requests/s meeting both SLOs) colocated vs disaggregated at the split `kestrel plan
   disaggregation` picks, each at 0.5, 1 and 1.5 times the goodput the plan predicts for it, with the simulator's
@@ -24,6 +25,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 
 import httpx
 import numpy as np
@@ -161,6 +163,75 @@ def part_cache(quick: bool) -> dict:
     return out
 
 
+PAUSE_CONTEXTS = (256, 1024, 4096)
+
+
+def part_pause(quick: bool) -> dict:
+    """A migration's pause against the moved request's context length: the request moves back and forth between
+    two instances of the embedded model (one core each), each decoding two other requests meanwhile. Each move's
+    downtime (out of any batch: from leaving the source's to joining the destination's) beside the request's own
+    time per output token over the second before it, so the pause reads in decode steps."""
+    from kestrel.cluster.client import ClusterClient, ClusterConfig
+    from kestrel.config import EngineConfig
+    from kestrel.engine.sampling_params import SamplingParams
+
+    moves = 3 if quick else 8
+    rng = random.Random(0)
+    tokens = lambda n: [rng.randrange(100, 40000) for _ in range(n)]  # noqa: E731
+
+    async def drain(q) -> None:
+        while not isinstance(item := await q.get(), Exception) and not item.finished:
+            pass
+
+    async def moved(c: ClusterClient, context: int) -> list[tuple[float, float]]:
+        """(downtime, seconds per token before it) of each completed move of a request with `context` tokens."""
+        rid = f"moved-{context}"
+        q = c.submit(rid, tokens(context), SamplingParams(max_tokens=60 * (moves + 1), temperature=0,
+                                                          ignore_eos=True))
+        arrivals, n, out = [], 0, []
+        try:
+            while not isinstance(item := await q.get(), Exception) and not item.finished:
+                now = time.perf_counter()
+                n += len(item.token_ids)
+                arrivals.append((now, n))
+                window = [(t, k) for t, k in arrivals if t >= now - 1.0]
+                if len(out) < moves and n >= 60 * (len(out) + 1) and window[-1][1] > window[0][1]:
+                    per_token = (window[-1][0] - window[0][0]) / (window[-1][1] - window[0][1])
+                    src = c._where[rid]
+                    dst = next(h for h in c.handles if h is not src)
+                    m = await asyncio.to_thread(c.migrate, rid, src, dst)
+                    out.append((m.downtime, per_token) if m.outcome == "done" else (None, per_token))
+            if isinstance(item, Exception):
+                raise item
+        finally:
+            c.release(rid, abort=False)
+        return [x for x in out if x[0] is not None]
+
+    async def main(c: ClusterClient) -> dict:
+        background = SamplingParams(max_tokens=100000, temperature=0, ignore_eos=True)
+        readers = [asyncio.ensure_future(drain(c.submit(f"background-{i}", tokens(64), background)))
+                   for i in range(4)]  # round-robin: two on each instance
+        out = {}
+        for context in PAUSE_CONTEXTS:
+            pairs = await moved(c, context)
+            steps = [d / t for d, t in pairs]
+            out[context] = dict(moves=len(pairs), mean_downtime_ms=1e3 * float(np.mean([d for d, _ in pairs])),
+                                max_downtime_ms=1e3 * max(d for d, _ in pairs),
+                                mean_tpot_ms=1e3 * float(np.mean([t for _, t in pairs])),
+                                mean_steps=float(np.mean(steps)), max_steps=max(steps))
+            print("pause", context, json.dumps(out[context]), flush=True)
+        for r in readers:
+            r.cancel()
+        return out
+
+    c = ClusterClient(EngineConfig(max_total_tokens=16000, num_threads=1),
+                      ClusterConfig(instances=2, router="round-robin", cpus_per_instance=1))
+    try:
+        return asyncio.run(main(c))
+    finally:
+        c.shutdown()
+
+
 @functools.lru_cache(maxsize=1)
 def _tokenizer():
     from kestrel.model.loader import load_tokenizer, resolve_model_dir
@@ -265,7 +336,7 @@ def plot(results: dict, path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--part", default="llumnix,cache,distserve")
+    ap.add_argument("--part", default="llumnix,pause,cache,distserve")
     ap.add_argument("--llumnix-requests", type=int, default=0, help="requests per rate (default 80; --quick 30)")
     ap.add_argument("--llumnix-rates", default="", help="comma-separated rates (default 1,1.5,2,2.5)")
     ap.add_argument("--llumnix-workloads", type=int, default=1,
@@ -276,7 +347,7 @@ def main() -> None:
     results = {"cpu": cpu_name(), "args": vars(args)}
     parts = {"llumnix": functools.partial(part_llumnix, requests=args.llumnix_requests, rates=args.llumnix_rates,
                                           workloads=args.llumnix_workloads, burstiness=args.llumnix_burstiness),
-             "cache": part_cache, "distserve": part_distserve}
+             "cache": part_cache, "distserve": part_distserve, "pause": part_pause}
     for part in args.part.split(","):
         results[part] = parts[part](args.quick)
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
