@@ -1167,9 +1167,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<std::vector<at::Tensor>>, std::vector<at::Tensor>, std::vector<at::Tensor>>(),
            py::arg("norms"), py::arg("final_norm"), py::arg("kinds"), py::arg("groups"), py::arg("weights"),
            py::arg("k_caches"), py::arg("v_caches"));
-  // the long calls run without the GIL: other threads of the process (a Ray actor's method calls, callers
-  // queueing requests, the stream's delivery) go on meanwhile instead of waiting for the step to end
+  // the decode steps' calls run without the GIL: other threads of the process (a Ray actor's method calls,
+  // callers queueing requests, the stream's delivery) go on meanwhile instead of waiting for the step to end
   m.def("decoder_layers", &decoder_layers, "all decoder layers for a step whose attention the table serves",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("decode_burst", &decode_burst, "greedy decode steps in one call: layers, head and argmax, each pick fed back",
         py::call_guard<py::gil_scoped_release>());
   m.def("lora_apply", &lora_apply, "y += each token's adapter's low-rank update (B A x) at one layer's site, in place");
   m.def("int8_rows_mm", &int8_rows_mm, "x q^T * scale for int8 q with a scale per output, for a few rows, bf16 "
@@ -1182,8 +1184,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("embed_rows", &embed_rows, "table[ids]: the embedding rows of a step's tokens");
   m.def("argmax_rows", &argmax_rows, "each row's argmax (first on ties, NaN first), as torch.argmax(dim=-1)");
   m.def("paged_attention", &paged_attention, "attention of each query token over its table row's first lens slots");
-  m.def("decode_burst", &decode_burst, "greedy decode steps in one call: layers, head and argmax, each pick fed back",
-        py::call_guard<py::gil_scoped_release>());
   m.def("kernel_clock", &kernel_clock, "switch the clock of the matmul and attention kernels on or off; returns the "
         "[matmul, attention] nanoseconds counted since the last call", py::arg("on"));
 }
