@@ -5,7 +5,8 @@ prefill/decode disaggregation, each against its baseline in one run.
 
 - llumnix: long and short requests arriving in bursts (gamma arrivals, CV 2), over a sweep of rates up to
   capacity; round-robin vs least-load vs llumnix (least-load + migration): P50/P99 TTFT (all requests, and the
-  short ones alone), P50/P99 TPOT, mean e2e, preemptions, migrations and their downtime, queued requests moved.
+  short ones alone), P50/P99 TPOT, mean e2e, preemptions, migrations and their downtime, queued requests moved;
+  beside them a long prompt's TTFT alone and the simulator's P99 TTFT for the same arrivals (dispatch only).
 - pause: a migration's downtime, in the moved request's own decode steps, at contexts of 256 to 4096 tokens.
 - cache: the shared-prefix workload; round-robin vs cache-aware: prefix hit rate and throughput.
 - distserve: goodput (requests/s meeting both SLOs) colocated vs disaggregated at the split `kestrel plan
@@ -34,8 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import cpu_name, save_results, serve_process, stop_process  # noqa: E402
 from kestrel.bench.client import run_load, summarize  # noqa: E402
 from kestrel.bench.workloads import BenchRequest, _words, shared_prefix_workload  # noqa: E402
+from kestrel.cluster.plan import fetch_step_profile  # noqa: E402
 
 PORT = 30321
+POOL_TOKENS, CHUNK = 3500, 256  # Llumnix part: each instance's KV pool (the long requests fill it), prefill chunk
 SLO_TTFT, SLO_TPOT = 2.0, 0.15  # Llumnix part (reported as goodput beside its latencies)
 BURSTINESS = 0.25  # Llumnix part: gamma arrivals with a coefficient of variation of 2 (Poisson's is 1: burstiness 1)
 DIS_TTFT, DIS_TPOT = 5.0, 0.1  # DistServe part: a long prompt alone takes ~2-3 s to prefill on one core
@@ -56,18 +59,34 @@ def metrics() -> dict[str, float]:
     return out
 
 
+def mixed_request(rng: random.Random, long: bool) -> BenchRequest:
+    """A long (1200-token prompt, 200 tokens out) or a short (100 -> 40) request of the Llumnix part."""
+    return BenchRequest([{"role": "user", "content": _words(rng, int((1200 if long else 100) / 1.3))}],
+                        200 if long else 40)
+
+
 def bursty(num: int, seed: int = 0) -> list[BenchRequest]:
-    """One request in five long (1200-token prompt, 200 tokens out), at random places; the rest short (100 -> 40).
-    (Every fifth one long, as before, hands round-robin over two instances a perfect balance.) The bursts are in
-    the arrivals (run's `burstiness`)."""
+    """One request in five long, at random places; the rest short. (Every fifth one long, as before, hands
+    round-robin over two instances a perfect balance.) The bursts are in the arrivals (run's `burstiness`)."""
     rng = random.Random(seed)
     longs = set(rng.sample(range(num), num // 5))
-    out = []
-    for i in range(num):
-        long = i in longs
-        out.append(BenchRequest([{"role": "user", "content": _words(rng, int((1200 if long else 100) / 1.3))}],
-                                200 if long else 40))
-    return out
+    return [mixed_request(rng, i in longs) for i in range(num)]
+
+
+def simulated_p99_ttft_ms(profile: dict, runs: list[list], router: str) -> float:
+    """The P99 TTFT that kestrel plan's simulator, with a cost model fitted to this deployment's own steps (its
+    /step_profile), gives the very arrivals and lengths each of `runs` sent, dispatched by `router` (it does not
+    migrate): what dispatch alone can do here, and a check of the measurement."""
+    from kestrel.cluster.plan import CostModel, colocated
+    from kestrel.config import EngineConfig
+
+    cost = CostModel.from_profile(profile)
+    config = EngineConfig(num_threads=1, max_total_tokens=POOL_TOKENS, chunked_prefill_size=CHUNK)
+    ttfts = []
+    for results in runs:
+        requests = sorted((r.start, r.prompt_tokens, r.output_tokens) for r in results if r.ok)
+        ttfts += [ttft for ttft, _ in colocated(cost, config, requests, 2, router)]
+    return 1000 * float(np.percentile(ttfts, 99))
 
 
 def run(requests, rate: float, slo=(SLO_TTFT, SLO_TPOT), burstiness: float = 1.0) -> tuple[dict, dict, list]:
@@ -93,23 +112,32 @@ def part_llumnix(quick: bool, requests: int = 0, rates: str = "", workloads: int
     TTFT is mostly its own prefill, which no dispatch changes, while a short one's is mostly waiting behind
     others), preemptions, migrations and their downtime. With several `workloads` (different draws of the same
     lengths and bursts), the percentiles are over all their requests, and each workload's P99 TTFT is kept
-    too: one burst moves a P99 by seconds, so their spread shows how firm a ratio is."""
+    too: one burst moves a P99 by seconds, so their spread shows how firm a ratio is.
+
+    Two figures say how far any dispatch could go: a long prompt's TTFT on the idle deployment (no P99 over a
+    mix with long prompts falls below it), and each row's simulated P99 TTFT (simulated_p99_ttft_ms)."""
     # a KV pool that the long requests fill (Llumnix's setting: memory, not compute, decides who waits)
     n, sweep = (30, [1.0, 1.5]) if quick else (80, [1.0, 1.5, 2.0, 2.5])
     # P99 over 80 requests is about the worst one: --llumnix-requests several hundred for a firmer figure
     n, sweep = requests or n, [float(r) for r in rates.split(",")] if rates else sweep
     # steps bounded by chunked prefill, so a migration's destination reaches a step boundary soon
-    pool = ["--max-total-tokens", "3500", "--chunked-prefill-size", "256"]
+    pool = ["--max-total-tokens", str(POOL_TOKENS), "--chunked-prefill-size", str(CHUNK)]
     out = {}
     for label, flags in POLICIES:
         proc = serve(["--instances", "2", *pool, *flags])
         try:
+            if "long_prompt_alone_ttft_ms" not in out:  # the floor under any policy's P99 TTFT (see the docstring)
+                alone = [run([mixed_request(random.Random(k), True)], 1.0)[0]["ttft"]["p50_ms"] for k in range(3)]
+                out["long_prompt_alone_ttft_ms"] = float(np.median(alone))
+                print("a long prompt's TTFT on an idle deployment:", round(out["long_prompt_alone_ttft_ms"]),
+                      "ms", flush=True)
             for i, rate in enumerate(sweep):
-                results, delta, duration, per_workload = [], {}, 0.0, []
+                results, delta, duration, per_workload, runs = [], {}, 0.0, [], []
                 for w in range(workloads):
                     # new prompts (same lengths) at each rate: a replay would hit the prefix cache
                     summary, d, res = run(bursty(n, seed=10 + i + 100 * w), rate, burstiness=burstiness)
                     results += res
+                    runs.append(res)
                     duration += summary["duration_s"]
                     per_workload.append(summary["ttft"].get("p99_ms"))
                     for k, v in d.items():
@@ -125,7 +153,10 @@ def part_llumnix(quick: bool, requests: int = 0, rates: str = "", workloads: int
                            preemptions=delta.get("kestrel:num_preemptions_total", 0), migrations=done,
                            queued_moves=delta.get("kestrel:queued_migrations_total{outcome=\"done\"}", 0),
                            mean_downtime_ms=1000 * delta.get("kestrel:migration_downtime_seconds_sum", 0) / done
-                           if done else None, failed=summary["failed"])
+                           if done else None, failed=summary["failed"],
+                           simulated_p99_ttft_ms=simulated_p99_ttft_ms(
+                               fetch_step_profile(f"http://127.0.0.1:{PORT}"), runs,
+                               "round-robin" if label == "round-robin" else "least-load"))
                 out.setdefault(label, {})[rate] = row
                 print(label, rate, json.dumps(row), flush=True)
         finally:
@@ -133,7 +164,8 @@ def part_llumnix(quick: bool, requests: int = 0, rates: str = "", workloads: int
     baseline = out.get("round-robin", {})
     out["ratios"] = {f"{label} at {rate}: round-robin's / its {key}": baseline[rate][key] / row[key]
                      for label in ("least-load", "llumnix") for rate, row in out.get(label, {}).items()
-                     for key in ("p99_ttft_ms", "short_p99_ttft_ms") if row.get(key) and baseline[rate].get(key)}
+                     for key in ("p99_ttft_ms", "short_p99_ttft_ms", "simulated_p99_ttft_ms")
+                if row.get(key) and baseline[rate].get(key)}
     if workloads > 1:  # the same ratio workload by workload
         for label in ("least-load", "llumnix"):
             for rate, row in out.get(label, {}).items():
@@ -249,8 +281,7 @@ def part_distserve(quick: bool) -> dict:
     cost model is fitted twice: to an idle engine's steps measured here (`measure`), and to the steps the
     colocated deployment took under a calibration load (its /step_profile, as `kestrel plan --profile-from`),
     which price in what the deployment does between steps and the CPU its API process and clients take."""
-    from kestrel.cluster.plan import (CostModel, Workload, attainment, colocated, disaggregated, fetch_step_profile,
-                                      measure, plan)
+    from kestrel.cluster.plan import CostModel, Workload, attainment, colocated, disaggregated, measure, plan
     from kestrel.config import EngineConfig
 
     requests = bursty(24 if quick else 60, seed=1)
@@ -313,7 +344,7 @@ def plot(results: dict, path: str) -> None:
     panels = [("p50_ttft_ms", "P50 TTFT (ms)"), ("p99_ttft_ms", "P99 TTFT (ms)"), ("p99_tpot_ms", "P99 TPOT (ms)")]
     for ax, (key, name) in zip(axes, panels if "llumnix" in results else []):  # else empty panels, no legend
         for label, by_rate in results["llumnix"].items():
-            if label == "ratios":
+            if label not in dict(POLICIES):  # (the ratios, the floor)
                 continue
             rates = sorted(by_rate)
             ax.plot(rates, [by_rate[r][key] or 0 for r in rates], "o-", label=label)
