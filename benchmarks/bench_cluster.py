@@ -64,7 +64,8 @@ def metrics() -> dict[str, float]:
 
 
 def mixed_request(rng: random.Random, long: bool) -> BenchRequest:
-    """A long (1200-token prompt, 200 tokens out) or a short (100 -> 40) request of the Llumnix part."""
+    """A long (a prompt of 1200 tokens' worth of words, ~1000 with the embedded model's tokenizer and chat
+    template; 200 tokens out) or a short (100 -> 40) request of the Llumnix part."""
     return BenchRequest([{"role": "user", "content": _words(rng, int((1200 if long else 100) / 1.3))}],
                         200 if long else 40)
 
@@ -168,7 +169,7 @@ def part_llumnix(quick: bool, requests: int = 0, rates: str = "", workloads: int
     out["ratios"] = {f"{label} at {rate}: round-robin's / its {key}": baseline[rate][key] / row[key]
                      for label in ("least-load", "llumnix") for rate, row in out.get(label, {}).items()
                      for key in ("p99_ttft_ms", "short_p99_ttft_ms", "simulated_p99_ttft_ms")
-                if row.get(key) and baseline[rate].get(key)}
+                     if row.get(key) and baseline[rate].get(key)}
     if workloads > 1:  # the same ratio workload by workload
         for label in ("least-load", "llumnix"):
             for rate, row in out.get(label, {}).items():

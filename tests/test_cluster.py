@@ -350,11 +350,11 @@ class KilledAfter:
             return refs
         method_name, self.method = self.method, None
         try:
-            ray.get(refs)
+            values = ray.get(refs)
         except ray.exceptions.RayTaskError:
             return refs  # the request had finished first: the move gives up as "gone", and nothing dies
         if method_name == "suspend" and not self.lost:
-            mark, _ = ray.get(refs[2])
+            mark, _ = values[2]
             deadline = time.monotonic() + 30
             with self.handle.cond:
                 while self.handle.processed < mark:
@@ -375,7 +375,7 @@ class KilledAfter:
         if self.restarted:  # (it shows dead now: alive again means its successor runs)
             wait_restarted(None, self.handle)
         if self.lost:
-            mark, end = ray.get(refs[2])
+            mark, end = values[2]
             refs = [refs[0], refs[1], ray.put((mark + 10**6, end))]
         return refs
 
