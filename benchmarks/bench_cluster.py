@@ -5,8 +5,9 @@ prefill/decode disaggregation, each against its baseline in one run.
 
 - llumnix: long and short requests arriving in bursts (gamma arrivals, CV 2), over a sweep of rates up to
   capacity; round-robin vs least-load vs llumnix (least-load + migration): P50/P99 TTFT (all requests, and the
-  short ones alone), P50/P99 TPOT, mean e2e, preemptions, migrations and their downtime, queued requests moved;
-  beside them a long prompt's TTFT alone and the simulator's P99 TTFT for the same arrivals (dispatch only).
+  short ones alone), P50/P99 TPOT, mean e2e, preemptions, migrations and their downtime (in ms, and in the moved
+  request's own decode steps), queued requests moved; beside them a long prompt's TTFT alone and the simulator's
+  P99 TTFT for the same arrivals (dispatch only).
 - pause: a migration's downtime, in the moved request's own decode steps, at contexts of 256 to 4096 tokens.
 - cache: the shared-prefix workload; round-robin vs cache-aware: prefix hit rate and throughput.
 - distserve: goodput (requests/s meeting both SLOs) colocated vs disaggregated at the split `kestrel plan
@@ -26,7 +27,6 @@ import os
 import random
 import sys
 import tempfile
-import time
 
 import httpx
 import numpy as np
@@ -94,6 +94,16 @@ def simulated_p99_ttft_ms(profile: dict, runs: list[list], router: str) -> float
     return 1000 * float(np.percentile(ttfts, 99))
 
 
+def pause_in_steps(delta: dict) -> dict:
+    """Live migrations' pauses in the moved request's own decode steps (each move's downtime over that request's
+    time per token before it, from /metrics): their mean, and the share under two steps (the goal)."""
+    n = delta.get("kestrel:migration_downtime_steps_count", 0)
+    if not n:
+        return dict(mean_downtime_steps=None, moves_under_2_steps=None)
+    return dict(mean_downtime_steps=delta["kestrel:migration_downtime_steps_sum"] / n,
+                moves_under_2_steps=delta.get('kestrel:migration_downtime_steps_bucket{le="2.0"}', 0) / n)
+
+
 def run(requests, rate: float, slo=(SLO_TTFT, SLO_TPOT), burstiness: float = 1.0) -> tuple[dict, dict, list]:
     """The load's summary, the change in the servers' migration/preemption/prefix-cache counters, and the
     per-request results."""
@@ -157,7 +167,7 @@ def part_llumnix(quick: bool, requests: int = 0, rates: str = "", workloads: int
                            preemptions=delta.get("kestrel:num_preemptions_total", 0), migrations=done,
                            queued_moves=delta.get("kestrel:queued_migrations_total{outcome=\"done\"}", 0),
                            mean_downtime_ms=1000 * delta.get("kestrel:migration_downtime_seconds_sum", 0) / done
-                           if done else None, failed=summary["failed"],
+                           if done else None, **pause_in_steps(delta), failed=summary["failed"],
                            simulated_p99_ttft_ms=simulated_p99_ttft_ms(
                                fetch_step_profile(f"http://127.0.0.1:{PORT}"), runs,
                                "round-robin" if label == "round-robin" else "least-load"))
@@ -206,7 +216,7 @@ def part_pause(quick: bool) -> dict:
     """A migration's pause against the moved request's context length: the request moves back and forth between
     two instances of the embedded model (one core each), each decoding two other requests meanwhile. Each move's
     downtime (out of any batch: from leaving the source's to joining the destination's) beside the request's own
-    time per output token over the second before it, so the pause reads in decode steps."""
+    time per output token before it (Migration.time_per_token), so the pause reads in decode steps."""
     from kestrel.cluster.client import ClusterClient, ClusterConfig
     from kestrel.config import EngineConfig
     from kestrel.engine.sampling_params import SamplingParams
@@ -220,28 +230,24 @@ def part_pause(quick: bool) -> dict:
             pass
 
     async def moved(c: ClusterClient, context: int) -> list[tuple[float, float]]:
-        """(downtime, seconds per token before it) of each completed move of a request with `context` tokens."""
+        """(downtime, the request's seconds per token before it) of each completed move of a request with
+        `context` tokens."""
         rid = f"moved-{context}"
         q = c.submit(rid, tokens(context), SamplingParams(max_tokens=60 * (moves + 1), temperature=0,
                                                           ignore_eos=True))
-        arrivals, n, out = [], 0, []
+        n, out = 0, []
         try:
             while not isinstance(item := await q.get(), Exception) and not item.finished:
-                now = time.perf_counter()
                 n += len(item.token_ids)
-                arrivals.append((now, n))
-                window = [(t, k) for t, k in arrivals if t >= now - 1.0]
-                if len(out) < moves and n >= 60 * (len(out) + 1) and window[-1][1] > window[0][1]:
-                    per_token = (window[-1][0] - window[0][0]) / (window[-1][1] - window[0][1])
+                if len(out) < moves and n >= 60 * (len(out) + 1):
                     src = c._where[rid]
                     dst = next(h for h in c.handles if h is not src)
-                    m = await asyncio.to_thread(c.migrate, rid, src, dst)
-                    out.append((m.downtime, per_token) if m.outcome == "done" else (None, per_token))
+                    out.append(await asyncio.to_thread(c.migrate, rid, src, dst))
             if isinstance(item, Exception):
                 raise item
         finally:
             c.release(rid, abort=False)
-        return [x for x in out if x[0] is not None]
+        return [(m.downtime, m.time_per_token) for m in out if m.outcome == "done" and m.time_per_token]
 
     async def main(c: ClusterClient) -> dict:
         background = SamplingParams(max_tokens=100000, temperature=0, ignore_eos=True)

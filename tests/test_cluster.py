@@ -354,7 +354,7 @@ class KilledAfter:
         except ray.exceptions.RayTaskError:
             return refs  # the request had finished first: the move gives up as "gone", and nothing dies
         if method_name == "suspend" and not self.lost:
-            mark, _ = values[2]
+            mark = values[2][0]
             deadline = time.monotonic() + 30
             with self.handle.cond:
                 while self.handle.processed < mark:
@@ -462,6 +462,8 @@ def test_openai_stream_through_two_instances_while_migrating(cluster, reference)
                 dst = next(h for h in cluster.handles if h is not src)
                 moved.append(cluster.migrate(rid, src, dst))
         assert [m.outcome for m in moved] == ["done", "done"], moved
+        # each pause is also told in the request's own decode steps (its time per token: a tiny model's is ms)
+        assert all(0 < m.time_per_token < 1 and m.downtime_steps is not None for m in moved), moved
         want = reference.generate([reference.tokenize(prompt)], SamplingParams(max_tokens=800, temperature=0,
                                                                               ignore_eos=True))[0]
         assert "".join(pieces) == want.text and usage.completion_tokens == 800
@@ -469,6 +471,9 @@ def test_openai_stream_through_two_instances_while_migrating(cluster, reference)
         assert health["status"] == "ok" and health["migrations"] >= 2 and len(health["instances"]) == 2
         metrics = client._client.get(f"http://127.0.0.1:{port}/metrics").text
         assert 'kestrel:migrations_total{outcome="done"}' in metrics
+        steps = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+                 if line.startswith("kestrel:migration_downtime_steps_count")}
+        assert steps["kestrel:migration_downtime_steps_count"] >= 2
         assert 'kestrel:instance_requests_running{instance="instance-0"}' in metrics
     finally:
         http.should_exit = True

@@ -116,6 +116,7 @@ def test_handoff_refusals_free_everything(engines, monkeypatch):
         a.handoffs.suspend("nobody", 0)
     assert not b.handoffs.reserve("big", 601)  # more than the destination's pool: refused, nothing held
     state, kv = a.handoffs.suspend(rid, 0)
+    assert state.time_per_token is None  # one token so far (the prompt's): no decode step to measure a pause in
     b.handoffs.reserve("m", 100)
     b.add_request(list(range(500, 900)), SamplingParams(max_tokens=150), request_id="filler")  # the destination fills up meanwhile
     b.step()

@@ -87,8 +87,14 @@ class Migration:
     tokens: int = 0  # K/V tokens moved
     stages: int = 0
     downtime: float = 0.0  # seconds out of any batch: from leaving the source's to joining the destination's
+    time_per_token: Optional[float] = None  # the request's own seconds per output token before it stopped
     total: float = 0.0
     queued: bool = False  # it was waiting in the source's queue: nothing was copied, it waits on the destination
+
+    @property
+    def downtime_steps(self) -> Optional[float]:
+        """The pause in the request's own decode steps (its time per token before the move)."""
+        return self.downtime / self.time_per_token if self.time_per_token else None
 
 
 class SourceLost(Exception):
@@ -505,7 +511,7 @@ class ClusterClient(EngineFront):
                 if left < STOP_COPY_TOKENS:
                     break
             state_ref, kv_ref, mark_ref = s.actor.suspend.options(num_returns=3).remote(rid, start, queued)
-            mark, m.tokens = ray.get(mark_ref)
+            mark, m.tokens, m.time_per_token = ray.get(mark_ref)
             suspended = True
             with src.cond:  # every delta the source produced reaches the client before the destination's
                 while src.processed < mark and not s.changed:

@@ -173,12 +173,13 @@ class Instance:
         return self.call("handoffs.export_kv", dict(rid=rid, start=start))
 
     def suspend(self, rid: str, start: int, queued: bool = False):
-        """(state, K/V [start, end), (mark, end)): the request stops here; every delta it produced is in a message
-        numbered at most `mark`; `end` tokens of K/V move. Three return values (num_returns=3). `queued`: a
-        request still waiting in the queue (no K/V)."""
+        """(state, K/V [start, end), (mark, end, time per token)): the request stops here; every delta it produced
+        is in a message numbered at most `mark`; `end` tokens of K/V move; its own seconds per output token so far
+        (None before its second). Three return values (num_returns=3). `queued`: a request still waiting in the
+        queue (no K/V)."""
         state, kv = self.call("handoffs.suspend", dict(rid=rid, start=start, queued=queued))
         with self._cond:
-            return state, kv, (self._emitted, state.num_kv)
+            return state, kv, (self._emitted, state.num_kv, state.time_per_token)
 
     def write(self, mid: str, start: int, kv) -> None:
         self.call("handoffs.write", dict(mid=mid, start=start, kv=kv))

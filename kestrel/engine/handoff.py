@@ -47,6 +47,14 @@ def clock_shift(state: RequestState) -> float:
     return (time.monotonic() - time.time()) - (state.suspended_at - state.suspended_wall)
 
 
+def _time_per_token(seq: Sequence, now: float) -> Optional[float]:
+    """The request's mean seconds per output token after its first, up to `now` (its TPOT so far): the decode
+    step it knows, the unit a migration's pause is measured in."""
+    if seq.first_token_time is None or len(seq.output_ids) < 2:
+        return None
+    return (now - seq.first_token_time) / (len(seq.output_ids) - 1)
+
+
 class HandoffRefused(ValueError):
     """The request cannot move (gone, finished, not decoding, n > 1) or the destination has no room for it."""
 
@@ -65,6 +73,7 @@ class RequestState:
     num_kv: int  # tokens whose K/V travel with it
     suspended_at: float = 0.0  # time.monotonic() when it left its source's batch (downtime starts)
     suspended_wall: float = 0.0  # time.time() then: relates the source's monotonic clock to the destination's
+    time_per_token: Optional[float] = None  # its own seconds per output token until then (a move's pause in steps)
 
 
 @dataclass
@@ -130,8 +139,9 @@ class Handoffs:
         gen = seq.generator.get_state() if seq.generator is not None else None
         plain = dataclasses.replace(seq, lora=None, prefix_node=None, row=None, generator=None, grammar=None,
                                     detok=None, lookahead=None, resumes=None, num_slots=0, prefix_len=0)
-        return RequestState(plain, seq.lora.name if seq.lora is not None else None, gen, end, time.monotonic(),
-                            time.time()), kv
+        now = time.monotonic()
+        return RequestState(plain, seq.lora.name if seq.lora is not None else None, gen, end, now, time.time(),
+                            _time_per_token(seq, now)), kv
 
     def commit(self, rid: str) -> None:
         """The destination took the request: free what it held here (computed tokens go to the radix cache)."""

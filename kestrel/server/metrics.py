@@ -4,6 +4,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+STEP_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0)  # a migration's pause in decode steps (the goal: under 2)
 
 
 OTHER = "other"
@@ -104,6 +105,9 @@ class Metrics:
         self.migration_downtime = Histogram("kestrel:migration_downtime_seconds", "Time a migrated request was "
                                             "stopped (stop-and-copy of its last K/V)", buckets=LATENCY_BUCKETS,
                                             registry=r)
+        self.migration_downtime_steps = Histogram("kestrel:migration_downtime_steps", "A migrated request's stop "
+                                                  "in its own decode steps (downtime over its time per token)",
+                                                  buckets=STEP_BUCKETS, registry=r)
         self.engine_restarts = Gauge("kestrel:engine_restarts", "Times the engine process was restarted after a "
                                      "failure", registry=r)
 
@@ -119,6 +123,8 @@ class Metrics:
             self.migrations.labels(outcome=m.outcome).inc()
             if m.outcome == "done":
                 self.migration_downtime.observe(m.downtime)
+                if m.downtime_steps is not None:
+                    self.migration_downtime_steps.observe(m.downtime_steps)
         self.running.set(load["running"])
         self.waiting.set(load["waiting"])
         self.kv_usage.set(load["kv_used"] / max(1, load["kv_size"]))
