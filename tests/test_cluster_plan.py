@@ -201,6 +201,9 @@ def test_the_migration_policy_moves_the_first_queued_request_then_the_cheapest_r
     assert pick_move(running, 500) == (running[1], 120)  # high priority keeps its place; then the cheapest to copy
     assert pick_move(running, 100) == (running[2], 50)  # ... unless nothing else fits the gap
     assert pick_move(running, 40) is None
+    # a queued request that would wait at the destination too stays: a running one moves, making room for it
+    assert pick_move(running + queued, 1000, room=500) == (queued[1], 200)
+    assert pick_move(running + queued, 1000, room=150) == (running[1], 120)
     # a high-priority request carries the headroom kept around it: moving it must not turn the imbalance around
     # (it would then move straight back, again and again)
     assert pick_move([("vq", 500, -1, True)], 1000, headroom=750) is None

@@ -239,7 +239,7 @@ class ClusterClient(EngineFront):
                 h.restarts += 1
                 self.failure = None
             h.alive = True
-            self.loads[h.name] = Load()
+            self.loads[h.name] = Load(dict(kv_size=info["max_total_tokens"]))  # its pool, before its first report
         gen = h.generation
         threading.Thread(target=self._poll, args=(h, gen), daemon=True, name=f"kestrel-poll-{h.name}").start()
         threading.Thread(target=self._send, args=(h, gen), daemon=True, name=f"kestrel-send-{h.name}").start()
@@ -470,10 +470,12 @@ class ClusterClient(EngineFront):
                 options = ray.get(src.actor.call.remote("handoffs.candidates", dict(queued=True)))
             except ray.exceptions.RayError:
                 continue
-            gap_tokens = self.loads[src.name].virtual_usage - self.loads[dst.name].virtual_usage
             with self._lock:
+                to = self.loads[dst.name]
+                gap_tokens = self.loads[src.name].virtual_usage - to.virtual_usage
                 move = pick_move([o for o in options if o[0] in self._where and o[0] not in self._moving],
-                                 gap_tokens, PRIORITY_HEADROOM * self.loads[src.name].size)
+                                 gap_tokens, PRIORITY_HEADROOM * self.loads[src.name].size,
+                                 room=to.size - to.virtual_usage)
             if move is None:
                 continue
             (rid, _, _, is_queued), load = move

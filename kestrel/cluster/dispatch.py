@@ -167,17 +167,21 @@ def migration_pair(candidates: list, loads: dict[str, Load], gap: float) -> Opti
     return src, dst
 
 
-def pick_move(options: list[tuple], gap_tokens: float, headroom: float = 0.0) -> Optional[tuple]:
+def pick_move(options: list[tuple], gap_tokens: float, headroom: float = 0.0,
+              room: float = float("inf")) -> Optional[tuple]:
     """The request the migration policy moves from the source's candidates (Handoffs.candidates(queued=True):
     (id, tokens, priority, queued)), or None, with the load the move shifts: its tokens, plus `headroom` (the
     tokens Load.virtual_usage keeps around it) for a high-priority one. A move must shrink the imbalance: moving
     load t changes the gap g to g - 2t, so t < g, and the same request never moves straight back. A queued
-    request goes first, the first come: it moves with nothing to copy and no pause, and it is what the source's
-    memory holds up (Llumnix's first-come-waiting policy). Otherwise a running one: low priority first
-    (high-priority requests keep their place), then the cheapest to copy."""
+    request goes first, the first come that fits in the destination's `room` (its pool less its virtual usage):
+    it moves with nothing to copy and no pause, and starts there now; one that would wait there too only moves
+    its wait, and the queue behind it with it. Otherwise a running one, which makes room where the queue waits
+    (Llumnix's de-fragmentation): low priority first (high-priority requests keep their place), then the
+    cheapest to copy."""
     shifted = [(o, o[1] + (headroom if o[2] < 0 else 0.0)) for o in options]
     fits = [(o, load) for o, load in shifted if load < gap_tokens]
-    queued = [(o, load) for o, load in fits if o[3]]
+    queued = [(o, load) for o, load in fits if o[3] and o[1] <= room]
     if queued:
         return queued[0]
-    return min(fits, key=lambda f: (f[0][2] < 0, f[0][1])) if fits else None
+    running = [(o, load) for o, load in fits if not o[3]]
+    return min(running, key=lambda f: (f[0][2] < 0, f[0][1])) if running else None
