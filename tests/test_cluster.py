@@ -151,8 +151,9 @@ def test_lora_request_migrates_exactly(cluster, reference, tiny_llama_dir, tmp_p
     asyncio.run(cluster.load_lora("style", path))
     reference.load_lora(name="style", path=path)
     # long enough that the second move starts well before the end (a request that ends while its K/V is being
-    # copied gives the migration up as "gone", correctly, but then the test saw one move, not two)
-    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    # copied gives the migration up as "gone", correctly, but then the test saw one move, not two): 600 tokens
+    # leave 570 after it, dozens of multi-step bursts even where a burst outruns a move's copy stages
+    params = SamplingParams(max_tokens=600, temperature=0, ignore_eos=True)
     outcomes: list = []
     tokens, _, _ = asyncio.run(stream(cluster, "adapted", OTHER, params, mover(cluster, "adapted", [4, 30], outcomes),
                                       lora="style"))
