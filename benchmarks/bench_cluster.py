@@ -229,9 +229,8 @@ def part_pause(quick: bool) -> dict:
         while not isinstance(item := await q.get(), Exception) and not item.finished:
             pass
 
-    async def moved(c: ClusterClient, context: int) -> list[tuple[float, float]]:
-        """(downtime, the request's seconds per token before it) of each completed move of a request with
-        `context` tokens."""
+    async def moved(c: ClusterClient, context: int) -> list:
+        """The completed moves (Migration) of a request with `context` tokens."""
         rid = f"moved-{context}"
         q = c.submit(rid, tokens(context), SamplingParams(max_tokens=60 * (moves + 1), temperature=0,
                                                           ignore_eos=True))
@@ -247,7 +246,7 @@ def part_pause(quick: bool) -> dict:
                 raise item
         finally:
             c.release(rid, abort=False)
-        return [(m.downtime, m.time_per_token) for m in out if m.outcome == "done" and m.time_per_token]
+        return [m for m in out if m.outcome == "done" and m.downtime_steps is not None]
 
     async def main(c: ClusterClient) -> dict:
         background = SamplingParams(max_tokens=100000, temperature=0, ignore_eos=True)
@@ -255,11 +254,11 @@ def part_pause(quick: bool) -> dict:
                    for i in range(4)]  # round-robin: two on each instance
         out = {}
         for context in PAUSE_CONTEXTS:
-            pairs = await moved(c, context)
-            steps = [d / t for d, t in pairs]
-            out[context] = dict(moves=len(pairs), mean_downtime_ms=1e3 * float(np.mean([d for d, _ in pairs])),
-                                max_downtime_ms=1e3 * max(d for d, _ in pairs),
-                                mean_tpot_ms=1e3 * float(np.mean([t for _, t in pairs])),
+            done = await moved(c, context)
+            steps = [m.downtime_steps for m in done]
+            out[context] = dict(moves=len(done), mean_downtime_ms=1e3 * float(np.mean([m.downtime for m in done])),
+                                max_downtime_ms=1e3 * max(m.downtime for m in done),
+                                mean_tpot_ms=1e3 * float(np.mean([m.time_per_token for m in done])),
                                 mean_steps=float(np.mean(steps)), max_steps=max(steps))
             print("pause", context, json.dumps(out[context]), flush=True)
         for r in readers:
