@@ -42,7 +42,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         print("error: give a prompt or --file with one prompt per line", file=sys.stderr)
         return 2
-    engine = Engine(config=engine_config_from_args(args))
+    config = engine_config_from_args(args)
+    if args.lora is not None and args.lora not in config.lora_modules:  # say so before loading the model
+        known = ", ".join(config.lora_modules) or "none"
+        print(f"error: the LoRA adapter {args.lora!r} does not exist (--lora-modules gives: {known})", file=sys.stderr)
+        return 2
+    engine = Engine(config=config)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.sample_seed, stop=args.stop or None)
     inputs = [engine.apply_chat_template([{"role": "user", "content": p}]) for p in prompts] if not args.raw else prompts

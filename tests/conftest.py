@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.lora_utils import copy_tokenizer
+from tests.server_utils import ServerProcess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -86,6 +87,25 @@ def tiny_qwen2_dir(tmp_path_factory, embedded_dir) -> str:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                       tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
     return _save_tiny(str(tmp_path_factory.mktemp("models")), embedded_dir, "tiny-qwen2", cfg)
+
+
+# Servers shared by the test modules that need only a server to talk to, not one set up their way: each start
+# costs 8-10 s (two processes import torch and transformers, then the engine loads the model). The tests on them
+# read metrics as differences, so what another module sent first does not matter.
+@pytest.fixture(scope="session")
+def embedded_server():
+    """`kestrel serve` on the embedded model with its default settings and a 16k-token KV pool."""
+    srv = ServerProcess("--max-total-tokens", "16384")
+    yield srv
+    assert srv.stop() == 0, "SIGTERM should shut the server down cleanly"
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_llama_dir):
+    """`kestrel serve` on the tiny Llama in float32 (exact against an in-process engine) with an 8k-token KV pool."""
+    srv = ServerProcess("--model", tiny_llama_dir, "--dtype", "float32", "--max-total-tokens", "8192")
+    yield srv
+    assert srv.stop() == 0, "SIGTERM should shut the server down cleanly"
 
 
 def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int, dtype=torch.float32,

@@ -298,7 +298,7 @@ def test_plan_prefers_disaggregation_where_prefill_stalls_decode(tmp_path):
     # long prompts and a tight TPOT: on colocated instances every prefill stalls the decodes beside it
     # (DistServe's interference); on a decode instance nothing does, so 1 + 1 beats 2 colocated
     cost = CostModel(step=0.005, per_token=0.0004, per_row=0.0, per_pair=0.0, kv_tokens=40000)
-    work = Workload([(1500, 100)] * 80)
+    work = Workload([(1500, 100)] * 40)
     config = EngineConfig(chunked_prefill_size=2048)
     co = goodput(lambda r: colocated(cost, config, work.arrivals(r), 2), 3.0, 0.008)
     dis = goodput(lambda r: disaggregated(cost, config, work.arrivals(r), 1, 1), 3.0, 0.008)
@@ -307,12 +307,12 @@ def test_plan_prefers_disaggregation_where_prefill_stalls_decode(tmp_path):
     assert goodput(lambda r: disaggregated(cost, config, work.arrivals(r), 1, 1), 1.0, 0.1) < goodput(
         lambda r: colocated(cost, config, work.arrivals(r), 2), 1.0, 0.1)
     # short prompts: nothing to separate, colocation wins per instance
-    short = Workload([(20, 100)] * 80)
+    short = Workload([(20, 100)] * 40)
     best = plan(cost, config, short, 1.0, 0.05, max_instances=2, progress=False)[0]
     assert best.prefill == 0
     # the CLI, on a saved profile
     cost.save(tmp_path / "cost.json")
-    (tmp_path / "trace.json").write_text(json.dumps([{"prompt_tokens": 1500, "output_tokens": 100}] * 40))
+    (tmp_path / "trace.json").write_text(json.dumps([{"prompt_tokens": 1500, "output_tokens": 100}] * 20))
     out = subprocess.run([sys.executable, "-m", "kestrel.cli", "plan", "disaggregation", "--workload",
                           str(tmp_path / "trace.json"), "--slo-ttft", "3", "--slo-tpot", "0.008", "--profile",
                           str(tmp_path / "cost.json"), "--max-instances", "2", "--format", "json"],

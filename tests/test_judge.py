@@ -10,16 +10,13 @@ import sys
 import pytest
 
 from kestrel.arena.judge import QUESTIONS, Model, agreement_rates, load_questions
-from tests.server_utils import ServerProcess
 
 MODELS = "default@temperature=0:max_tokens=40,default@temperature=1.3:seed=7:max_tokens=40"
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = ServerProcess("--max-total-tokens", "16384")
-    yield srv
-    assert srv.stop() == 0
+def server(embedded_server):
+    return embedded_server
 
 
 def _judge(server, *args: str) -> subprocess.CompletedProcess:

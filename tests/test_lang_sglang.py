@@ -8,18 +8,15 @@ import pytest
 
 import kestrel as sgl
 from kestrel import Engine
-from tests.server_utils import ServerProcess
 
 
 @pytest.fixture(scope="module")
-def backends(tiny_llama_dir):
+def backends(tiny_llama_dir, tiny_server):
     local = sgl.EngineBackend(Engine(tiny_llama_dir, dtype="float32"))
-    server = ServerProcess("--model", tiny_llama_dir, "--dtype", "float32")
-    remote = sgl.RuntimeEndpoint(server.url, chat_template_name="chatml")  # the name is accepted, not needed
+    remote = sgl.RuntimeEndpoint(tiny_server.url, chat_template_name="chatml")  # the name is accepted, not needed
     yield {"local": local, "remote": remote}
     local.shutdown()
     remote.shutdown()
-    assert server.stop() == 0
 
 
 @sgl.function

@@ -8,16 +8,13 @@ import time
 import httpx
 import pytest
 
-from tests.server_utils import ServerProcess
 
 MSG = [{"role": "user", "content": "Name three colours."}]
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = ServerProcess("--max-total-tokens", "16384")
-    yield srv
-    assert srv.stop() == 0, "SIGTERM should shut the server down cleanly"
+def server(embedded_server):
+    return embedded_server
 
 
 @pytest.fixture(scope="module")

@@ -67,12 +67,16 @@ def test_vtc_gives_the_light_client_half_the_service(vtc_server):
     assert abs(share - 0.5) <= 0.15 * 0.5, share
 
 
-def test_fcfs_gives_the_light_client_its_load_share():
-    server = ServerProcess("--policy", "fcfs", "--max-running-requests", "4")
-    try:
-        share = light_share(server)
-    finally:
-        server.stop()
+@pytest.fixture(scope="module")
+def fcfs_server():
+    # two client labels: the load-share test's clients (it runs first, in file order) take both
+    s = ServerProcess("--policy", "fcfs", "--max-running-requests", "4", "--max-client-labels", "2")
+    yield s
+    s.stop()
+
+
+def test_fcfs_gives_the_light_client_its_load_share(fcfs_server):
+    share = light_share(fcfs_server)
     assert abs(share - 0.5) > 0.15 * 0.5, share
 
 
@@ -113,18 +117,18 @@ def test_per_client_metrics_and_priority_validation(vtc_server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
 
 
-def test_priority_needs_a_priority_aware_policy():
-    server = ServerProcess("--policy", "fcfs", "--max-client-labels", "1")
-    try:
+def test_priority_needs_a_priority_aware_policy(fcfs_server):
+    server = fcfs_server
+    r = httpx.post(server.url + "/v1/completions",
+                   json={"model": "default", "prompt": "hi", "max_tokens": 2, "priority": 1})
+    assert r.status_code == 400 and "--policy priority" in r.json()["error"]["message"]
+    before = client_tokens(server)
+    for user in ("a", "b", "c"):
         r = httpx.post(server.url + "/v1/completions",
-                       json={"model": "default", "prompt": "hi", "max_tokens": 2, "priority": 1})
-        assert r.status_code == 400 and "--policy priority" in r.json()["error"]["message"]
-        for user in ("a", "b", "c"):
-            r = httpx.post(server.url + "/v1/completions",
-                           json={"model": "default", "prompt": "hi", "max_tokens": 2, "user": user})
-            assert r.status_code == 200
-        text = httpx.get(server.url + "/metrics").text
-        assert 'client="a"' in text and 'client="other"' in text and 'client="b"' not in text
-        assert server.metric('kestrel:client_generation_tokens_total{client="other"}') == 4
-    finally:
-        server.stop()
+                       json={"model": "default", "prompt": "hi", "max_tokens": 2, "user": user})
+        assert r.status_code == 200
+    after = client_tokens(server)
+    named = set(after) - {"other"}
+    # --max-client-labels 2: the first two clients seen keep their names, every later one counts as "other"
+    assert len(named) == 2 and "c" not in named, after
+    assert after["other"] - before.get("other", 0) == 2 * len({"a", "b", "c"} - named), (before, after)

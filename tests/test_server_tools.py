@@ -11,7 +11,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.server_utils import ServerProcess
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
@@ -26,10 +25,8 @@ ASK = [{"role": "user", "content": "What's the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_dir):
-    srv = ServerProcess("--model", tiny_llama_dir, "--dtype", "float32")
-    yield srv
-    assert srv.stop() == 0
+def server(tiny_server):
+    return tiny_server
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,13 @@ import jsonschema
 import pytest
 
 from kestrel import Engine, SamplingParams
-from tests.server_utils import ServerProcess
 
 RECORDING = os.path.join(os.path.dirname(__file__), "data", "sglang_frontend_calls.json")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_dir):
-    srv = ServerProcess("--model", tiny_llama_dir, "--dtype", "float32", "--max-total-tokens", "8192")
-    yield srv
-    assert srv.stop() == 0
+def server(tiny_server):
+    return tiny_server
 
 
 @pytest.fixture(scope="module")
