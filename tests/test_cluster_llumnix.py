@@ -5,6 +5,7 @@ ones; every output stays the one engine's. Its own module: it needs a deployment
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -19,7 +20,8 @@ def reference(tiny_llama_dir):
     return Engine(tiny_llama_dir, disable_radix_cache=True, **ENGINE)
 
 
-def test_llumnix_router_moves_queued_then_running_requests_exactly(tiny_llama_dir, reference, monkeypatch):
+def test_llumnix_router_moves_queued_then_running_requests_exactly(tiny_llama_dir, reference, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG, logger="kestrel.cluster")  # as `kestrel serve --log-level debug`
     c = ClusterClient(EngineConfig(model=tiny_llama_dir, **ENGINE),
                       ClusterConfig(instances=2, router="llumnix", cpus_per_instance=1))
     try:
@@ -52,6 +54,13 @@ def test_llumnix_router_moves_queued_then_running_requests_exactly(tiny_llama_di
         # the waiting request could start on the idle instance: it moved there, nothing copied
         assert [m.rid for m in queued] == ["queued"] and queued[0].destination == c.handles[1].name, moves
         assert running and all(m.rid.startswith("hog") and m.tokens > 0 for m in running), moves
+        # the debug log says where each request went and why each move happened: the loads the router saw
+        h1 = c.handles[1].name
+        logged = [r.getMessage() for r in caplog.records if r.name == "kestrel.cluster"]
+        assert any(line.startswith(f"sent queued ({len(OTHER)} prompt tokens) to {h0.name}; {h0.name}: usage ")
+                   for line in logged), logged
+        assert any(line.startswith(f"queued move of queued from {h0.name} to {h1}: done, 0 tokens copied")
+                   and f"; {h1}: usage " in line for line in logged), logged
         assert_no_leaks(c)
     finally:
         c.shutdown()

@@ -204,6 +204,9 @@ def test_the_migration_policy_moves_the_first_queued_request_then_the_cheapest_r
     # a queued request that would wait at the destination too stays: a running one moves, making room for it
     assert pick_move(running + queued, 1000, room=500) == (queued[1], 200)
     assert pick_move(running + queued, 1000, room=150) == (running[1], 120)
+    # ... if it fits there too: it would run ahead of the destination's own queue
+    assert pick_move(running + queued, 1000, room=100) == (running[2], 50)
+    assert pick_move(running + queued, 1000, room=40) is None
     # a high-priority request carries the headroom kept around it: moving it must not turn the imbalance around
     # (it would then move straight back, again and again)
     assert pick_move([("vq", 500, -1, True)], 1000, headroom=750) is None

@@ -385,6 +385,9 @@ class ClusterClient(EngineFront):
             if not candidates:
                 raise EngineDead(self.failure or "no engine instance is running")
             h = self.dispatcher.choose(candidates, self.loads, sub.prompt, sub.lora)
+            if log.isEnabledFor(logging.DEBUG):  # --log-level debug: each decision with the loads it saw
+                log.debug("sent %s (%d prompt tokens) to %s; %s", sub.request_id, len(sub.prompt), h.name,
+                          self._describe_loads(candidates))
             self.loads[h.name].sent(len(sub.prompt))
             self._where[sub.request_id] = h
             self._submits[sub.request_id] = sub
@@ -555,7 +558,21 @@ class ClusterClient(EngineFront):
         with self._lock:
             self.migrations.append(m)
             self._unreported.append(m)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s move of %s from %s to %s: %s, %d tokens copied, %.1f ms paused; %s",
+                          "queued" if m.queued else "live", m.rid, m.source, m.destination, m.outcome, m.tokens,
+                          1000 * m.downtime, self._describe_loads(self.handles))
         return m
+
+    def _describe_loads(self, handles) -> str:
+        """Each instance's load as the router sees it (for debug logs)."""
+        parts = []
+        for h in handles:
+            load, r = self.loads[h.name], self.loads[h.name].report
+            parts.append(f"{h.name}: usage {load.usage:.2f}, {r.get('running', 0)} running, {r.get('waiting', 0)} "
+                         f"waiting, {r.get('kv_used', 0)} kv used, {r.get('waiting_tokens', 0)} tokens queued, "
+                         f"{load.sent_requests} in transit")
+        return "; ".join(parts)
 
     # ---- what the server uses -----------------------------------------------------------
     def _combined(self, report: dict) -> dict:

@@ -172,15 +172,18 @@ def pick_move(options: list[tuple], gap_tokens: float, headroom: float = 0.0,
     """The request the migration policy moves from the source's candidates (Handoffs.candidates(queued=True):
     (id, tokens, priority, queued)), or None, with the load the move shifts: its tokens, plus `headroom` (the
     tokens Load.virtual_usage keeps around it) for a high-priority one. A move must shrink the imbalance: moving
-    load t changes the gap g to g - 2t, so t < g, and the same request never moves straight back. A queued
-    request goes first, the first come that fits in the destination's `room` (its pool less its virtual usage):
-    it moves with nothing to copy and no pause, and starts there now; one that would wait there too only moves
-    its wait, and the queue behind it with it. Otherwise a running one, which makes room where the queue waits
+    load t changes the gap g to g - 2t, so t < g, and the same request never moves straight back. And its tokens
+    must fit in the destination's `room` (its pool less its virtual usage, which counts its own queue): a queued
+    request that would wait there too only moves its wait, and the queue behind it with it; a running one joins
+    the destination's batch at once, ahead of its queue, which would then wait for memory as the source's did
+    (seen in a debug log: a long request moved onto an instance where a long prompt waited; that prompt started
+    5.4 s later, and on the other instance). A queued request goes first, the first come: it moves with nothing
+    to copy and no pause, and starts there now. Otherwise a running one, which makes room where the queue waits
     (Llumnix's de-fragmentation): low priority first (high-priority requests keep their place), then the
     cheapest to copy."""
     shifted = [(o, o[1] + (headroom if o[2] < 0 else 0.0)) for o in options]
-    fits = [(o, load) for o, load in shifted if load < gap_tokens]
-    queued = [(o, load) for o, load in fits if o[3] and o[1] <= room]
+    fits = [(o, load) for o, load in shifted if load < gap_tokens and o[1] <= room]
+    queued = [(o, load) for o, load in fits if o[3]]
     if queued:
         return queued[0]
     running = [(o, load) for o, load in fits if not o[3]]
