@@ -34,6 +34,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from kestrel import Engine, SamplingParams
+    from kestrel.lora.manager import UnknownAdapter
 
     prompts = list(args.prompt)
     if args.file:
@@ -44,8 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     config = engine_config_from_args(args)
     if args.lora is not None and args.lora not in config.lora_modules:  # say so before loading the model
-        known = ", ".join(config.lora_modules) or "none"
-        print(f"error: the LoRA adapter {args.lora!r} does not exist (--lora-modules gives: {known})", file=sys.stderr)
+        print(f"error: {UnknownAdapter.named(args.lora, config.lora_modules)}", file=sys.stderr)
         return 2
     engine = Engine(config=config)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

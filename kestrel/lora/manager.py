@@ -34,6 +34,11 @@ _ids = itertools.count(1)  # adapter ids are never reused: a radix namespace nev
 class UnknownAdapter(LookupError):
     """A request named an adapter this engine does not serve."""
 
+    @classmethod
+    def named(cls, name: str, known) -> "UnknownAdapter":
+        """The error for `name`, listing the adapter names `known` (what the engine has, or will load)."""
+        return cls(f"the LoRA adapter {name!r} does not exist (loaded adapters: {', '.join(sorted(known)) or 'none'})")
+
 
 @dataclass(eq=False)
 class Adapter:
@@ -104,8 +109,7 @@ class LoraManager:
     def get(self, name: str) -> Adapter:
         adapter = self.by_name.get(name)
         if adapter is None:
-            known = ", ".join(sorted(self.by_name)) or "none"
-            raise UnknownAdapter(f"the LoRA adapter {name!r} does not exist (loaded adapters: {known})")
+            raise UnknownAdapter.named(name, self.by_name)
         return adapter
 
     def unregister(self, name: str) -> Adapter:
