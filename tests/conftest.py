@@ -89,10 +89,10 @@ def tiny_qwen2_dir(tmp_path_factory, embedded_dir) -> str:
     return _save_tiny(str(tmp_path_factory.mktemp("models")), embedded_dir, "tiny-qwen2", cfg)
 
 
-# Servers shared by the test modules that need only a server to talk to, not one set up their way: each start
-# costs 8-10 s (two processes import torch and transformers, then the engine loads the model). The tests on them
-# read metrics as differences, so what another module sent first does not matter.
-@pytest.fixture(scope="session")
+# Servers for the test modules that need only a server to talk to, not one set up their way. Module-scoped: a
+# session-wide server stays in memory to the end, and beside the test process's own engines that ran a clean
+# run out of memory on a 24 GiB machine (OOM-killed at 73%).
+@pytest.fixture(scope="module")
 def embedded_server():
     """`kestrel serve` on the embedded model with its default settings and a 16k-token KV pool."""
     srv = ServerProcess("--max-total-tokens", "16384")
@@ -100,7 +100,7 @@ def embedded_server():
     assert srv.stop() == 0, "SIGTERM should shut the server down cleanly"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_server(tiny_llama_dir):
     """`kestrel serve` on the tiny Llama in float32 (exact against an in-process engine) with an 8k-token KV pool."""
     srv = ServerProcess("--model", tiny_llama_dir, "--dtype", "float32", "--max-total-tokens", "8192")
