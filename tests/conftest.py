@@ -1,6 +1,9 @@
 """Shared fixtures: tiny random-weight models built locally, the embedded model, prompts."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 
 import pytest
@@ -26,6 +29,19 @@ CHAT_PROMPTS = [
     "What are the main differences between a cat and a dog as pets? Answer briefly.",
     "Name a famous bridge.",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _return_freed_memory():
+    """Before each module, give the memory that earlier modules' engines freed back to the OS. glibc keeps freed
+    heap memory for reuse, and engines of other shapes reuse little of it: without this the pytest process grew
+    to ~16 GB over the suite on a 24 GiB machine (malloc_trim took one module's 3.2 GB back to 0.5 GB). Before,
+    not after: pytest holds the last test's fixture values until its teardown is over."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
+    yield
 
 
 @pytest.fixture(scope="session")

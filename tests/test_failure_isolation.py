@@ -95,6 +95,12 @@ def test_sampling_edge_values_are_safe(tiny_llama_dir):
         assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
 
 
+@pytest.fixture(scope="module")
+def validating_engine(tiny_llama_dir) -> Engine:
+    """One engine for the validation cases (module-scoped, so it is freed with the module)."""
+    return Engine(tiny_llama_dir, dtype="float32")
+
+
 @pytest.mark.parametrize("params, name", [
     (dict(seed=10**20), "seed"),
     (dict(seed=1.5), "seed"),
@@ -115,21 +121,12 @@ def test_sampling_edge_values_are_safe(tiny_llama_dir):
     (dict(json_schema=[1]), "json_schema"),
     (dict(logprob_start_len=-1), "logprob_start_len"),
 ])
-def test_wrong_types_and_ranges_name_the_parameter(tiny_llama_dir, params, name):
-    engine = _shared_engine(tiny_llama_dir)
+def test_wrong_types_and_ranges_name_the_parameter(validating_engine, params, name):
+    engine = validating_engine
     with pytest.raises(ValueError) as info:
         engine.add_request([1, 2, 3], SamplingParams(**params))
     assert info.value.param == name and str(info.value).startswith(name)
     assert not engine.has_unfinished()
-
-
-_ENGINES: dict = {}
-
-
-def _shared_engine(model_dir: str) -> Engine:
-    if model_dir not in _ENGINES:
-        _ENGINES[model_dir] = Engine(model_dir, dtype="float32")
-    return _ENGINES[model_dir]
 
 
 def test_language_backend_fails_every_waiting_call_when_the_engine_breaks(tiny_llama_dir):

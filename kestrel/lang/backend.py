@@ -10,7 +10,6 @@ import json
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import lru_cache
 from typing import Callable, Optional, Union
 
 Prompt = Union[str, list[int]]
@@ -48,8 +47,12 @@ class Backend:
     # ---- shared logic -------------------------------------------------------------------
     def role_markers(self, role: str, first: bool) -> tuple[str, str]:
         """The text the chat template puts before and after a message's content (`first`: it opens
-        the conversation, where templates add a BOS or a default system prompt)."""
-        return _markers(self, role, first)
+        the conversation, where templates add a BOS or a default system prompt). Cached on the backend: a
+        module-level cache keyed by the backend would keep every backend, and its engine, alive."""
+        cache = self.__dict__.setdefault("_role_markers", {})
+        if (role, first) not in cache:
+            cache[role, first] = _markers(self, role, first)
+        return cache[role, first]
 
     def select(self, text: str, choices: list[str], method=None) -> tuple[int, list[float]]:
         """SGLang's select: score each choice's tokens given the text and pick by `method` (a
@@ -85,7 +88,6 @@ def _failed(error: BaseException) -> RuntimeError:
                         "EngineBackend to go on")
 
 
-@lru_cache(maxsize=64)
 def _markers(backend: Backend, role: str, first: bool) -> tuple[str, str]:
     before = [] if first else [{"role": "system", "content": "x"}]
     head = backend.render_chat(before) if before else ""
