@@ -82,6 +82,9 @@ def test_int4_in_the_tile_layout_matches_its_dequantized_weights(embedded_dir, k
     pairs.append((layers[3]["gate_up"], load_int4_layers(gguf_origin(embedded_dir)["gguf_file"],
                                                          cache_dir=embedded_dir)[3]["gate_up"]))
     for torch_kernel, tiled in pairs:
+        source = torch_kernel.codes()  # the codes as constructed
+        torch_kernel.release_source()  # from here on read back from PyTorch's packing
+        assert torch.equal(torch_kernel.codes(), source)
         tiled.to_tiles(ops, kernel)
         assert tiled.packed is None and tiled.tiles is not None and tiled.tiles_kernel == kernel
         assert torch.equal(tiled.codes(), torch_kernel.codes())

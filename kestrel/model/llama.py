@@ -162,7 +162,7 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     fast.append(quantize(getattr(layer, name), bias, quantization))
             layer.fast = tuple(fast)
-            if tiles is not None:  # before the dense copies: they read the codes back faster from the tile layout
+            if tiles is not None:
                 for f in fast:
                     if isinstance(f, Int4Linear):
                         f.to_tiles(tiles, tiles_kernel)
@@ -170,6 +170,9 @@ class LlamaForCausalLM(nn.Module):
             if dense_copies and quantization != "none":
                 dt = self.embed.dtype
                 layer.dense = tuple(Linear(f.dequantize(dt), f.bias, packable) for f in fast)
+            for f in fast:
+                if isinstance(f, Int4Linear):
+                    f.release_source()
             for name in names:
                 if pack or quantization != "none" or name in ready:
                     getattr(layer, name).data = torch.empty(0, dtype=self.embed.dtype)

@@ -102,6 +102,10 @@ class Int4Linear(QuantLinear):
         self.group = group
         self.shape = (n, k)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        # the codes as given, two per byte, until freeze is done with them (release_source): reading them back
+        # out of PyTorch's packing is a matmul per linear, ~60 ms each without native bf16 (7 of 10 s of a load)
+        q8 = q.to(torch.uint8)
+        self._source: Optional[torch.Tensor] = (q8[:, 0::2] | q8[:, 1::2] << 4).contiguous()
         # the kernel's layout: [K / group, N, 2] of (scale, zero)
         self.scales_zeros = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(COMPUTE)
         self.bias = None if bias is None else bias.to(COMPUTE)
@@ -133,6 +137,11 @@ class Int4Linear(QuantLinear):
         codes = lanes.to(torch.uint16).contiguous().view(torch.uint8).view(nb, kg, 4, 64)
         sz = self.scales_zeros.view(kg, nb, 16, 2).permute(1, 0, 3, 2).contiguous()
         self.tiles, self.packed = (codes, sz), None
+        self.release_source()
+
+    def release_source(self) -> None:
+        """Drop the codes kept from construction; codes() then reads them back from the kernel's layout."""
+        self._source = None
 
     @staticmethod
     def fits(w: torch.Tensor, group: int = INT4_GROUP) -> bool:
@@ -157,6 +166,8 @@ class Int4Linear(QuantLinear):
     def codes(self) -> torch.Tensor:
         """The 4-bit codes q, int32 [N, K], from whichever layout holds them."""
         n, k = self.shape
+        if self._source is not None:
+            return torch.stack((self._source & 15, self._source >> 4), dim=-1).view(n, k).int()
         if self.tiles is not None:
             lanes = self.tiles[0].view(torch.int16).view(n // 16, k // 32, 4, 1, 32).int() & 0xFFFF
             rows = (lanes >> torch.tensor([0, 4, 8, 12]).view(4, 1)) & 15  # [nb, kg, 4 chunks, 4, 32 lanes]
