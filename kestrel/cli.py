@@ -69,9 +69,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import contextlib
     import signal
+    import threading
 
     import uvicorn
 
+    from kestrel.model.loader import import_tokenizer_classes
     from kestrel.server.api import build_app
     from kestrel.server.engine_process import EngineClient, EngineStartError
     from kestrel.server.server import Server
@@ -81,6 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args)
     arena = arena_config_from_args(args)  # before the model loads: a bad flag fails fast
     cluster = cluster_config_from_args(args)
+    # the tokenizer's imports (~2 s) run here while the engine process loads the model, not after it
+    threading.Thread(target=import_tokenizer_classes, daemon=True, name="kestrel-imports").start()
     try:
         if cluster is None:
             print("kestrel: starting the engine process (loading the model)...", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import os
 from typing import Iterator, Optional
 
@@ -152,8 +153,29 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device,
     return model
 
 
+# tokenizer_config.json classes that name transformers' generic tokenizer over tokenizer.json
+GENERIC_FAST_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def import_tokenizer_classes() -> None:
+    """Import what load_tokenizer needs (transformers: ~2 s), e.g. on a thread while something else loads."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+
+
 def load_tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
+    """The model's tokenizer. When its config names the generic fast tokenizer (as the embedded model's does), that
+    class is loaded directly: AutoTokenizer would resolve to the same class, but first load the model's config,
+    which imports the model's transformers modules and torch's compiler with them (~2.5 s of each server start,
+    twice: the API and the engine process both load a tokenizer)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        with open(os.path.join(model_dir, "tokenizer_config.json")) as f:
+            named = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError):
+        named = None
+    if named in GENERIC_FAST_TOKENIZERS and os.path.exists(os.path.join(model_dir, "tokenizer.json")):
+        return PreTrainedTokenizerFast.from_pretrained(model_dir)
     return AutoTokenizer.from_pretrained(model_dir)
 
 
