@@ -162,14 +162,14 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     fast.append(quantize(getattr(layer, name), bias, quantization))
             layer.fast = tuple(fast)
+            if dense_copies and quantization != "none":  # before the tiles: they read the codes as built
+                dt = self.embed.dtype
+                layer.dense = tuple(Linear(f.dequantize(dt), f.bias, packable) for f in fast)
             if tiles is not None:
                 for f in fast:
                     if isinstance(f, Int4Linear):
                         f.to_tiles(tiles, tiles_kernel)
                         self.int4_kernel = tiles_kernel
-            if dense_copies and quantization != "none":
-                dt = self.embed.dtype
-                layer.dense = tuple(Linear(f.dequantize(dt), f.bias, packable) for f in fast)
             for f in fast:
                 if isinstance(f, Int4Linear):
                     f.release_source()
