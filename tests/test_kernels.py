@@ -301,7 +301,9 @@ def test_decode_steps_leave_the_gil_to_other_threads(embedded_dir, burst):
     import time
 
     engine = Engine(num_threads=1, num_scheduler_steps=burst)
-    prompts = [[(31 * r + 7 * i) % 20000 + 100 for i in range(400)] for r in range(16)]
+    # 16 rows at a context of 400: one shared 390-token prefix, computed once (the decode steps read it per row)
+    prefix = [(7 * i) % 20000 + 100 for i in range(390)]
+    prompts = [prefix + [(31 * r + 7 * i) % 20000 + 100 for i in range(10)] for r in range(16)]
     for p in prompts:
         engine.add_request(p, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
     while engine.scheduler.waiting or any(not s.output_ids for s in engine.scheduler.running):
