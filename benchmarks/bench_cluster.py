@@ -45,7 +45,8 @@ PORT = 30321
 POOL_TOKENS, CHUNK = 2200, 256
 SLO_TTFT, SLO_TPOT = 2.0, 0.15  # Llumnix part (reported as goodput beside its latencies)
 BURSTINESS = 0.25  # Llumnix part: gamma arrivals with a coefficient of variation of 2 (Poisson's is 1: burstiness 1)
-DIS_TTFT, DIS_TPOT = 5.0, 0.1  # DistServe part: a long prompt alone takes ~2-3 s to prefill on one core
+DIS_TTFT, DIS_TPOT = 5.0, 0.1  # DistServe part's default SLOs: a long prompt alone takes ~2-3 s to prefill on one
+# core of a Xeon with AMX; a slower CPU needs looser ones (--dis-slo-ttft / --dis-slo-tpot)
 
 
 def serve(flags: list[str]):
@@ -285,7 +286,22 @@ def prompt_tokens(request: BenchRequest) -> int:
     return len(chat_template_ids(_tokenizer(), request.messages))
 
 
-def part_distserve(quick: bool) -> dict:
+def check_goodput(options: list, cost, config, work, slo: tuple[float, float]) -> None:
+    """Stop with what to change when the plan predicts that no deployment meets the SLOs at any rate (there is no
+    rate to measure at): the SLOs are tighter than one long request alone gets on this machine."""
+    from kestrel.cluster.plan import colocated
+    if all(o.goodput > 0 for o in options):
+        return
+    p, o = max(work.lengths)
+    ttft, tpot = colocated(cost, config, [(0.0, p, o)], 1)[0]
+    zero = ", ".join(o.label for o in options if o.goodput <= 0)
+    raise SystemExit(f"the plan predicts no goodput for {zero} under TTFT <= {slo[0]} s and TPOT <= {slo[1]} s: "
+                     f"on this machine a {p}-token prompt alone takes {ttft:.2f} s to its first token and "
+                     f"{tpot:.3f} s per output token ({cost.describe()}); pass looser --dis-slo-ttft / "
+                     "--dis-slo-tpot")
+
+
+def part_distserve(quick: bool, slo: tuple[float, float] = (DIS_TTFT, DIS_TPOT)) -> dict:
     """Goodput colocated vs disaggregated, each at shares of the goodput `kestrel plan` predicts for it. The plan's
     cost model is fitted twice: to an idle engine's steps measured here (`measure`), and to the steps the
     colocated deployment took under a calibration load (its /step_profile, as `kestrel plan --profile-from`),
@@ -298,19 +314,21 @@ def part_distserve(quick: bool) -> dict:
     work = Workload(lengths)
     config = EngineConfig(num_threads=1)
     idle = measure(config)
-    idle_options = plan(idle, config, work, DIS_TTFT, DIS_TPOT, max_instances=2)
+    idle_options = plan(idle, config, work, *slo, max_instances=2)
     print("plan (idle engine's profile):", [(o.label, round(o.goodput, 3)) for o in idle_options], flush=True)
+    check_goodput(idle_options, idle, config, work, slo)
     out = {"plan_idle_profile": [dict(label=o.label, goodput=o.goodput) for o in idle_options], "rates": {}}
     proc = serve(["--instances", "2"])
     try:
         # calibration: the workload at the rate the idle profile says two colocated instances sustain
         calibration = next(o for o in idle_options if o.prefill == 0 and o.instances == 2).goodput
-        run(bursty(len(requests), seed=50), calibration, (DIS_TTFT, DIS_TPOT))
+        run(bursty(len(requests), seed=50), calibration, slo)
         live = CostModel.from_profile(fetch_step_profile(f"http://127.0.0.1:{PORT}"), idle.transfer_per_token)
-        options = plan(live, config, work, DIS_TTFT, DIS_TPOT, max_instances=2)
+        options = plan(live, config, work, *slo, max_instances=2)
         print("cost model, idle engine:", idle.describe(), "\ncost model, deployment:", live.describe(), flush=True)
         print("plan (deployment's profile):", [(o.label, round(o.goodput, 3)) for o in options], flush=True)
         out["plan"] = [dict(label=o.label, goodput=o.goodput) for o in options]
+        check_goodput(options, live, config, work, slo)
         out["cost_models"] = {"idle": dataclasses.asdict(idle), "deployment": dataclasses.asdict(live)}
         split = next(o for o in options if o.prefill > 0)
         pair = next(o for o in options if o.prefill == 0 and o.instances == 2)
@@ -328,11 +346,11 @@ def part_distserve(quick: bool) -> dict:
             for i, share in enumerate(shares):
                 rate = share * best
                 # new prompts (same lengths) at each rate: a replay would hit the prefix cache
-                summary, _, _ = run(bursty(len(requests), seed=100 + i), rate, (DIS_TTFT, DIS_TPOT))
+                summary, _, _ = run(bursty(len(requests), seed=100 + i), rate, slo)
                 row = dict(share_of_predicted_goodput=share,
                            measured_attainment=summary["goodput"] / max(1e-9, summary["request_throughput"]),
-                           predicted_attainment=attainment(sim(live, rate), DIS_TTFT, DIS_TPOT),
-                           predicted_attainment_idle_profile=attainment(sim(idle, rate), DIS_TTFT, DIS_TPOT),
+                           predicted_attainment=attainment(sim(live, rate), *slo),
+                           predicted_attainment_idle_profile=attainment(sim(idle, rate), *slo),
                            goodput=summary["goodput"])
                 out["rates"].setdefault(label, {})[rate] = row
                 print(label, round(rate, 3), json.dumps(row), flush=True)
@@ -384,12 +402,15 @@ def main() -> None:
     ap.add_argument("--llumnix-burstiness", type=float, default=BURSTINESS,
                     help="gamma shape of the arrivals: 1 is Poisson, lower is burstier (CV = 1/sqrt(shape))")
     ap.add_argument("--llumnix-pool", type=int, default=POOL_TOKENS, help="KV pool of each instance, in tokens")
+    ap.add_argument("--dis-slo-ttft", type=float, default=DIS_TTFT, help="DistServe part: the TTFT SLO, seconds")
+    ap.add_argument("--dis-slo-tpot", type=float, default=DIS_TPOT, help="DistServe part: the TPOT SLO, seconds")
     args = ap.parse_args()
     results = {"cpu": cpu_name(), "args": vars(args)}
     parts = {"llumnix": functools.partial(part_llumnix, requests=args.llumnix_requests, rates=args.llumnix_rates,
                                           workloads=args.llumnix_workloads, burstiness=args.llumnix_burstiness,
                                           pool_tokens=args.llumnix_pool),
-             "cache": part_cache, "distserve": part_distserve, "pause": part_pause}
+             "cache": part_cache, "pause": part_pause,
+             "distserve": functools.partial(part_distserve, slo=(args.dis_slo_ttft, args.dis_slo_tpot))}
     for part in args.part.split(","):
         results[part] = parts[part](args.quick)
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
