@@ -44,6 +44,19 @@ def test_a_wrongly_converted_tokenizer_is_refused(tokenizer):
         check_tokenizer(tokenizer, {"eos_token_id": tokenizer.eos_token_id + 1})
 
 
+def test_the_direct_tokenizer_load_is_autotokenizers_tokenizer(embedded_dir, tokenizer):
+    """load_tokenizer skips AutoTokenizer where the config names the generic fast class: same class, same ids."""
+    from kestrel.model.loader import chat_template_ids, load_tokenizer
+    fast = load_tokenizer(embedded_dir)
+    assert type(fast) is type(tokenizer)
+    text = "Name a colour, then spell it backwards:\n\t  naïve café, 東京, 12345 <|im_end|> done"
+    assert fast.encode(text) == tokenizer.encode(text)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    assert chat_template_ids(fast, messages) == chat_template_ids(tokenizer, messages)
+    assert fast.all_special_ids == tokenizer.all_special_ids and fast.eos_token_id == tokenizer.eos_token_id
+    assert fast.decode(fast.encode(text)) == tokenizer.decode(tokenizer.encode(text))
+
+
 def test_embedded_config(embedded_dir):
     cfg = ModelConfig.from_dir(embedded_dir)
     assert (cfg.architecture, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == ("llama", 30, 9, 3)
