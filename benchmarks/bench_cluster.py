@@ -286,18 +286,18 @@ def prompt_tokens(request: BenchRequest) -> int:
     return len(chat_template_ids(_tokenizer(), request.messages))
 
 
-def check_goodput(options: list, cost, config, work, slo: tuple[float, float]) -> None:
-    """Stop with what to change when the plan predicts that no deployment meets the SLOs at any rate (there is no
-    rate to measure at): the SLOs are tighter than one long request alone gets on this machine."""
+def check_goodput(used: list, cost, config, work, slo: tuple[float, float]) -> None:
+    """Stop with what to change when the plan predicts no goodput for a deployment the part sends load to (there
+    is no rate to measure it at), with what one long request alone gets on this machine for scale."""
     from kestrel.cluster.plan import colocated
-    if all(o.goodput > 0 for o in options):
+    zero = [option.label for option in used if option.goodput <= 0]
+    if not zero:
         return
-    p, o = max(work.lengths)
-    ttft, tpot = colocated(cost, config, [(0.0, p, o)], 1)[0]
-    zero = ", ".join(o.label for o in options if o.goodput <= 0)
-    raise SystemExit(f"the plan predicts no goodput for {zero} under TTFT <= {slo[0]} s and TPOT <= {slo[1]} s: "
-                     f"on this machine a {p}-token prompt alone takes {ttft:.2f} s to its first token and "
-                     f"{tpot:.3f} s per output token ({cost.describe()}); pass looser --dis-slo-ttft / "
+    prompt, output = max(work.lengths)
+    ttft, tpot = colocated(cost, config, [(0.0, prompt, output)], 1)[0]
+    raise SystemExit(f"the plan predicts no goodput for {', '.join(zero)} under TTFT <= {slo[0]} s and TPOT <= "
+                     f"{slo[1]} s: on this machine a {prompt}-token prompt alone takes {ttft:.2f} s to its first "
+                     f"token and {tpot:.3f} s per output token ({cost.describe()}); pass looser --dis-slo-ttft / "
                      "--dis-slo-tpot")
 
 
@@ -316,22 +316,22 @@ def part_distserve(quick: bool, slo: tuple[float, float] = (DIS_TTFT, DIS_TPOT))
     idle = measure(config)
     idle_options = plan(idle, config, work, *slo, max_instances=2)
     print("plan (idle engine's profile):", [(o.label, round(o.goodput, 3)) for o in idle_options], flush=True)
-    check_goodput(idle_options, idle, config, work, slo)
+    # calibration: the workload at the rate the idle profile says two colocated instances sustain
+    calibration = next(o for o in idle_options if o.prefill == 0 and o.instances == 2)
+    check_goodput([calibration], idle, config, work, slo)
     out = {"plan_idle_profile": [dict(label=o.label, goodput=o.goodput) for o in idle_options], "rates": {}}
     proc = serve(["--instances", "2"])
     try:
-        # calibration: the workload at the rate the idle profile says two colocated instances sustain
-        calibration = next(o for o in idle_options if o.prefill == 0 and o.instances == 2).goodput
-        run(bursty(len(requests), seed=50), calibration, slo)
+        run(bursty(len(requests), seed=50), calibration.goodput, slo)
         live = CostModel.from_profile(fetch_step_profile(f"http://127.0.0.1:{PORT}"), idle.transfer_per_token)
         options = plan(live, config, work, *slo, max_instances=2)
         print("cost model, idle engine:", idle.describe(), "\ncost model, deployment:", live.describe(), flush=True)
         print("plan (deployment's profile):", [(o.label, round(o.goodput, 3)) for o in options], flush=True)
         out["plan"] = [dict(label=o.label, goodput=o.goodput) for o in options]
-        check_goodput(options, live, config, work, slo)
         out["cost_models"] = {"idle": dataclasses.asdict(idle), "deployment": dataclasses.asdict(live)}
         split = next(o for o in options if o.prefill > 0)
         pair = next(o for o in options if o.prefill == 0 and o.instances == 2)
+        check_goodput([pair, split], live, config, work, slo)
         # each deployment at shares of its own predicted goodput: attainment should fall through the target (0.9)
         # near 1x, which is where a prediction's error matters
         shares = [0.5, 1.0, 1.5] if not quick else [0.5, 1.5]
