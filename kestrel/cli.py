@@ -157,7 +157,7 @@ def cluster_config_from_args(args: argparse.Namespace):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kestrel.cluster.plan import CostModel, Workload, fetch_step_profile, measure, plan
+    from kestrel.cluster.plan import CostModel, Workload, fetch_step_profile, measure, plan, role_costs
 
     for name in ("slo_ttft", "slo_tpot"):
         if getattr(args, name) <= 0:
@@ -166,19 +166,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ValueError("--max-instances must be between 1 and 16")
     workload = Workload.load(args.workload)
     config = engine_config_from_args(args)
+    split_costs = None
     if args.profile_from:
-        cost = CostModel.from_profile(fetch_step_profile(args.profile_from, args.api_key))
+        profile = fetch_step_profile(args.profile_from, args.api_key)
+        cost = CostModel.from_profile(profile)
+        split_costs = role_costs(profile)  # a disaggregated deployment's: its splits priced per role
     else:
         cost = CostModel.load(args.profile) if args.profile else measure(config)
     if args.save_profile:
         cost.save(args.save_profile)
     options = plan(cost, config, workload, args.slo_ttft, args.slo_tpot, args.max_instances, args.attainment,
-                   router=args.router)
+                   router=args.router, split_costs=split_costs)
     if args.format == "json":
-        print(json.dumps({"cost_model": dataclasses.asdict(cost), "options": [
+        roles = {} if split_costs is None else {"prefill_cost_model": dataclasses.asdict(split_costs[0]),
+                                                "decode_cost_model": dataclasses.asdict(split_costs[1])}
+        print(json.dumps({"cost_model": dataclasses.asdict(cost), **roles, "options": [
             dict(dataclasses.asdict(o), per_instance=o.per_instance, label=o.label) for o in options]}, indent=1))
         return 0
     print(f"cost model: {cost.describe()}")
+    if split_costs is not None:
+        print(f"prefill instances: {split_costs[0].describe()}\ndecode instances: {split_costs[1].describe()}")
     print(f"{len(workload.lengths)} requests; SLOs: TTFT <= {args.slo_ttft:g} s, TPOT <= {args.slo_tpot:g} s, "
           f"for {args.attainment:.0%} of requests")
     print(f"{'deployment':<22} {'goodput req/s':>14} {'per instance':>13}")
@@ -360,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     dis.add_argument("--save-profile", default=None, help="write the measured cost model here")
     dis.add_argument("--profile-from", default=None, metavar="URL",
                      help="fit the cost model to the steps a running server (or deployment) took under its load "
-                          "(its /step_profile), instead of measuring an idle engine here")
+                          "(its /step_profile), instead of measuring an idle engine here; a disaggregated "
+                          "deployment's prefill and decode instances get a cost model each")
     dis.add_argument("--api-key", default=None, help="--profile-from: the server's API key")
     dis.add_argument("--format", default="table", choices=["table", "json"])
     from kestrel.cluster.dispatch import ROUTERS

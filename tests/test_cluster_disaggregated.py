@@ -41,6 +41,12 @@ def test_disaggregated_prefill_then_decode_is_exact(tiny_llama_dir, reference, m
         assert states["decode-0"]["evictable"] >= len(PROMPT) + 49  # and the decode instance what it decoded
         decode = next(h for h in c.handles if h.role == "decode")
         assert decode.info["role"] == "decode"
+        # each instance's steps under its role (GET /step_profile, which kestrel plan fits per role): prompts on
+        # the prefill instance, decode rows alone on the decode instance
+        profiles = dict(asyncio.run(c.call_each("step_profile")))
+        assert (c.role_of("prefill-0"), c.role_of("decode-0")) == ("prefill", "decode")
+        assert profiles["prefill-0"]["samples"] and all(t >= 9 for t, *_ in profiles["prefill-0"]["samples"])
+        assert profiles["decode-0"]["samples"] and all(t == r for t, r, *_ in profiles["decode-0"]["samples"])
         assert_no_leaks(c)
 
         # released (its client went away) while its hand-over was on the way: the abort reached the prefill

@@ -14,7 +14,7 @@ import pytest
 
 from kestrel import Engine, SamplingParams
 from kestrel.cluster.dispatch import PRIORITY_HEADROOM, Dispatcher, Load, migration_pair, pick_move
-from kestrel.cluster.plan import CostModel, Workload, colocated, disaggregated, goodput, plan
+from kestrel.cluster.plan import CostModel, Workload, colocated, disaggregated, goodput, plan, role_costs
 from kestrel.engine.step_log import step_shape
 from kestrel.config import EngineConfig
 from kestrel.engine.handoff import HandoffGone, HandoffRefused
@@ -327,6 +327,49 @@ def test_plan_prefers_disaggregation_where_prefill_stalls_decode(tmp_path):
                           str(tmp_path / "trace.json"), "--slo-ttft", "0", "--slo-tpot", "0.02", "--profile",
                           str(tmp_path / "cost.json")], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--slo-ttft must be > 0" in bad.stderr
+
+
+def test_a_disaggregated_profile_gets_a_cost_model_per_role():
+    """A disaggregated deployment's /step_profile: its prefill instances' steps fit the prefill instances' cost
+    model and its decode instances' the decode instances' (a decode instance that runs decodes alone is not
+    priced as a colocated one); the simulator prices each role's instances with its own, and the plan its splits."""
+    prefill_truth = CostModel(step=0.05, per_token=0.002, per_row=0.001, per_pair=1e-8, kv_tokens=40000)
+    decode_truth = CostModel(step=0.004, per_token=0.0005, per_row=0.0005, per_pair=2e-8, kv_tokens=40000)
+    prefills = [step_shape(t, [], [(d, t, e)]) for t in (64, 256, 512) for d in (0, 256) for e in (False, True)]
+    decodes = [step_shape(b, [c] * b, []) for b in (1, 2, 4, 8) for c in (100, 1000)]
+    profile = {"instances": [
+        dict(samples=[[*x, prefill_truth.seconds(*x)] for x in prefills], kv_tokens=900, dense_split=0,
+             instance="prefill-0", role="prefill"),
+        dict(samples=[[*x, decode_truth.seconds(*x)] for x in decodes], kv_tokens=700, dense_split=0,
+             instance="decode-0", role="decode")]}
+    prefill_cost, decode_cost = role_costs(profile)
+    assert (prefill_cost.kv_tokens, decode_cost.kv_tokens) == (900, 700)
+    for x in prefills:
+        assert prefill_cost.seconds(*x) == pytest.approx(prefill_truth.seconds(*x), rel=1e-3)
+    for x in decodes:
+        assert decode_cost.seconds(*x) == pytest.approx(decode_truth.seconds(*x), rel=1e-3)
+    # one fit over both roles misprices the decode steps
+    both = CostModel.from_profile(profile)
+    assert max(abs(both.seconds(*x) / decode_truth.seconds(*x) - 1) for x in decodes) > 0.2
+    # a colocated deployment's profile has no roles to split; a role with no instances cannot be fitted
+    assert role_costs({"instances": [dict(profile["instances"][0], role="both")]}) is None
+    with pytest.raises(ValueError, match="decode instances' step profile"):
+        CostModel.from_profile({"instances": profile["instances"][:1]}, role="decode")
+    # the decode instances' model prices only the decode side: first tokens as before, later tokens slower
+    config = EngineConfig(chunked_prefill_size=512)
+    requests = Workload([(300, 30)] * 8).arrivals(1.0)
+    fast = disaggregated(prefill_truth, config, requests, 1, 1, decode_cost=decode_truth)
+    slow = disaggregated(prefill_truth, config, requests, 1, 1)  # decodes priced as the prefill instance's steps
+    assert sorted(t for t, _ in slow) == pytest.approx(sorted(t for t, _ in fast))
+    assert min(p for _, p in slow) > 2 * max(p for _, p in fast)
+    # and the plan prices its splits with them: a TPOT only the fast decode instance meets
+    work = Workload([(300, 30)] * 20)
+    split = lambda options: next(o for o in options if o.prefill)  # noqa: E731
+    fast_plan = plan(prefill_truth, config, work, 5.0, 0.03, max_instances=2, progress=False,
+                     split_costs=(prefill_truth, decode_truth))
+    slow_plan = plan(prefill_truth, config, work, 5.0, 0.03, max_instances=2, progress=False)
+    assert split(fast_plan).goodput > 0 and split(slow_plan).goodput == 0
+    assert [o.goodput for o in fast_plan if not o.prefill] == [o.goodput for o in slow_plan if not o.prefill]
 
 
 def test_bursty_arrivals_keep_the_rate_and_raise_the_variation():

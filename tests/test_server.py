@@ -147,13 +147,14 @@ def test_plan_fits_its_cost_model_to_the_servers_own_steps(server, tmp_path):
     import sys
     from kestrel.cluster.plan import CostModel
     from kestrel.engine.step_log import step_shape
-    for n in (1, 3):  # a few more step shapes: one and several decode rows
+    for n in (1, 2, 3):  # a few more step shapes: one and several decode rows
         c = httpx.post(server.url + "/v1/completions", json={"model": "default", "prompt": ["Hi there"] * n,
                                                               "max_tokens": 8}, timeout=120)
         assert c.status_code == 200
     profile = httpx.get(server.url + "/step_profile").json()
     [engine] = profile["instances"]
-    assert engine["instance"] == "engine" and engine["kv_tokens"] == 16384 and len(engine["samples"]) > 10
+    assert engine["instance"] == "engine" and engine["role"] == "both" and engine["kv_tokens"] == 16384
+    assert len(engine["samples"]) > 10
     assert all(t >= 1 and 0 <= r <= t and p >= t and s > 0 for t, r, p, s in engine["samples"])
     cost = CostModel.from_profile(profile)
     assert 0 < cost.seconds(*step_shape(1, [100], [])) < cost.seconds(*step_shape(512, [], [(0, 512, True)]))

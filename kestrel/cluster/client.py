@@ -652,6 +652,9 @@ class ClusterClient(EngineFront):
             raise EngineDead(f"an instance failed during {method}: {_cause(e)}") from None
         return [(h.name, r) for h, r in zip(alive, results)]
 
+    def role_of(self, name: str) -> str:
+        return next(h.role for h in self.handles if h.name == name)
+
     @property
     def restarts(self) -> int:
         return sum(h.restarts for h in self.handles)

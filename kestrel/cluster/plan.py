@@ -75,13 +75,16 @@ class CostModel:
         return cls(*_nonnegative_fit(samples), kv_tokens, transfer_per_token)
 
     @classmethod
-    def from_profile(cls, profile: dict, transfer_per_token: float = 0.0) -> "CostModel":
+    def from_profile(cls, profile: dict, transfer_per_token: float = 0.0, role: Optional[str] = None
+                     ) -> "CostModel":
         """Fit to a running server's steps (its `GET /step_profile`: each instance's recent steps, timed start to
-        start, so what the deployment does between steps and the machine's other load are priced in)."""
-        instances = profile.get("instances") or []
+        start, so what the deployment does between steps and the machine's other load are priced in); with a
+        role ("prefill", "decode"), to the steps of that role's instances alone."""
+        instances = [i for i in profile.get("instances") or [] if role is None or i.get("role", "both") == role]
         samples = [tuple(x) for i in instances for x in i["samples"]]
         if len({tuple(x[:2]) for x in samples}) < FEATURES:
-            raise ValueError(f"the server's step profile holds {len(samples)} steps of too few shapes to fit a cost "
+            whose = f"{role} instances'" if role else "server's"
+            raise ValueError(f"the {whose} step profile holds {len(samples)} steps of too few shapes to fit a cost "
                              "model; send it some load first (kestrel bench)")
         return cls.fit(samples, min(i["kv_tokens"] for i in instances), transfer_per_token,
                        instances[0].get("dense_split", 0))
@@ -167,6 +170,17 @@ def measure(config: EngineConfig, progress: bool = True) -> CostModel:
     per_token = (time.perf_counter() - start) / 3 / len(slots)
     # a quantized model with dense copies switches kernels above dense_split tokens: one fit a side
     return CostModel.fit(samples, engine.pool.size, per_token, engine.model.dense_split)
+
+
+def role_costs(profile: dict, transfer_per_token: float = 0.0) -> Optional[tuple[CostModel, CostModel]]:
+    """(prefill, decode) cost models, each fitted to its own role's steps, when the profile is a disaggregated
+    deployment's (DistServe profiles each phase apart: a decode instance's steps hold no prefill chunks, so a
+    colocated fit, where chunks and decodes share steps, misprices them); None for a colocated one."""
+    roles = {i.get("role", "both") for i in profile.get("instances") or []}
+    if not {"prefill", "decode"} <= roles:
+        return None
+    return (CostModel.from_profile(profile, transfer_per_token, "prefill"),
+            CostModel.from_profile(profile, transfer_per_token, "decode"))
 
 
 def fetch_step_profile(url: str, api_key: Optional[str] = None) -> dict:
@@ -260,9 +274,11 @@ def colocated(cost: CostModel, config: EngineConfig, requests: list, instances: 
 
 
 def disaggregated(cost: CostModel, config: EngineConfig, requests: list, prefill: int, decode: int,
-                  router: str = "least-load") -> list[tuple[float, float]]:
+                  router: str = "least-load", decode_cost: Optional[CostModel] = None) -> list[tuple[float, float]]:
     """(TTFT, TPOT) of each request on `prefill` prefill instances behind `router`, handing over to `decode`
-    decode instances."""
+    decode instances; `cost` prices the prefill instances' steps, `decode_cost` (default: the same) the decode
+    instances'."""
+    decode_cost = decode_cost or cost
     context = max(p + o for _, p, o in requests) + 1
     sims = [_simulator(cost, config, context, f"prefill-{k}", hand_off=True) for k in range(prefill)]
     _dispatched(sims, requests, router)
@@ -275,7 +291,7 @@ def disaggregated(cost: CostModel, config: EngineConfig, requests: list, prefill
         handed += sim.handed_off
     handed.sort(key=lambda r: r.first_token)
     for k in range(decode):
-        sim = _simulator(cost, config, context, f"decode-{k}")
+        sim = _simulator(decode_cost, config, context, f"decode-{k}")
         mine = [r for i, r in enumerate(handed) if i % decode == k]
         events = [(r.first_token + cost.transfer_per_token * len(r.seq.prompt_ids), r) for r in mine]
         adopted, i = [], 0
@@ -337,10 +353,12 @@ class Option:
 
 
 def plan(cost: CostModel, config: EngineConfig, workload: Workload, slo_ttft: float, slo_tpot: float,
-         max_instances: int = 4, target: float = 0.9, progress: bool = True, router: str = "least-load"
-         ) -> list[Option]:
+         max_instances: int = 4, target: float = 0.9, progress: bool = True, router: str = "least-load",
+         split_costs: Optional[tuple[CostModel, CostModel]] = None) -> list[Option]:
     """Goodput of every deployment of up to `max_instances` (colocated, and each prefill:decode split) with
-    `router` dispatching new requests; best first."""
+    `router` dispatching new requests; best first. `split_costs`: (prefill, decode) cost models for the splits'
+    instances (role_costs), where `cost` then prices colocated instances only."""
+    prefill_cost, decode_cost = split_costs or (cost, cost)
     from tqdm import tqdm
 
     shapes = [(0, n) for n in range(1, max_instances + 1)]
@@ -351,7 +369,7 @@ def plan(cost: CostModel, config: EngineConfig, workload: Workload, slo_ttft: fl
             run = lambda rate, d=d: colocated(cost, config, workload.arrivals(rate), d, router)  # noqa: E731
             options.append(Option(0, d, d, goodput(run, slo_ttft, slo_tpot, target)))
         else:
-            run = lambda rate, p=p, d=d: disaggregated(cost, config, workload.arrivals(rate), p, d,  # noqa: E731
-                                                       router)
+            run = lambda rate, p=p, d=d: disaggregated(prefill_cost, config, workload.arrivals(rate),  # noqa: E731
+                                                       p, d, router, decode_cost)
             options.append(Option(p, d, p + d, goodput(run, slo_ttft, slo_tpot, target)))
     return sorted(options, key=lambda o: (-o.per_instance, o.instances))

@@ -166,9 +166,11 @@ def build_app(server: Server, arena=None) -> FastAPI:
     @app.get("/step_profile")
     async def step_profile():
         """Each engine instance's recent steps, (tokens, logits rows, attention pairs, seconds), with its KV pool
-        size and kernel switch: what `kestrel plan disaggregation --profile-from URL` fits its cost model to."""
+        size, kernel switch and role: what `kestrel plan disaggregation --profile-from URL` fits its cost models
+        to."""
         answers = await engine_call(server.client.call_each("step_profile"))
-        return {"instances": [dict(profile, instance=name) for name, profile in answers]}
+        return {"instances": [dict(profile, instance=name, role=server.client.role_of(name))
+                              for name, profile in answers]}
 
     @app.get("/metrics")
     async def metrics():

@@ -189,6 +189,10 @@ class EngineFront:
         """(instance name, answer) of an engine management call on each engine: here the one."""
         return [("engine", await self.call(method, **kwargs))]
 
+    def role_of(self, name: str) -> str:
+        """What the instance of that name runs: "both" (prefill and decode), "prefill" or "decode"."""
+        return "both"
+
     async def load_lora(self, name: str, path: str) -> dict:
         info = await self.call("load_lora", name=name, path=path)
         self.loras[name] = path
