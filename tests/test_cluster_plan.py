@@ -7,6 +7,8 @@ import json
 import random
 import subprocess
 import sys
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -65,6 +67,48 @@ def test_an_instance_reports_the_prompt_left_to_prefill_as_demand(tiny_llama_dir
     while e.scheduler.running and e.scheduler.running[0].pending > 1:
         e.step()
     assert router_demand(e.scheduler)["prefill_tokens"] == 0  # decoding: one pending token is no prefill
+
+
+def test_an_instance_counts_a_request_received_only_in_a_report_that_shows_it(tiny_llama_dir, monkeypatch):
+    """The router counts a request it sent as in transit until a report says the instance received it, so that
+    report must hold the request in its queues. One that arrives while a step runs is in none of them after that
+    step: counted as received there, the router took the instance for idle through the whole next step (a long
+    prompt's prefill) and sent it more."""
+    from kestrel.cluster.instance import Instance
+    from kestrel.engine.driver import Stop, Submit
+
+    inst = Instance(EngineConfig(model=tiny_llama_dir, dtype="float32", num_threads=1), "instance-0")
+    entered, release = threading.Event(), threading.Event()
+    step = inst.engine.step
+
+    def held_step():  # the first step waits until the test lets it end
+        if not release.is_set():
+            entered.set()
+            release.wait(30)
+        return step()
+    monkeypatch.setattr(inst.engine, "step", held_step)
+    try:
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        inst.send([Submit("a", list(range(10, 50)), params)])
+        assert entered.wait(30)
+        inst.send([Submit("b", list(range(60, 100)), params)])  # during a's first step
+        release.set()
+        finished, reports = set(), []
+        deadline = time.time() + 60
+        while len(finished) < 2 and time.time() < deadline:
+            for kind, *rest in inst.poll(1.0)[0]:
+                if kind == "deltas":
+                    deltas, load = rest
+                    finished |= {d.request_id for d in deltas if d.finished}
+                    reports.append((load["received"], load["running"] + load["waiting"] + len(finished),
+                                    load["received_tokens"]))
+        assert finished == {"a", "b"}
+        assert reports[0] == (1, 1, 40)  # after a's step: b had come, but is not in the load, nor received
+        assert all(received == held for received, held, _ in reports) and reports[-1] == (2, 2, 80)
+    finally:
+        release.set()
+        inst.send([Stop()])
+        inst._thread.join(30)
 
 
 def test_cache_aware_follows_the_longest_prefix_unless_unbalanced():

@@ -44,6 +44,28 @@ def instance_load(engine) -> dict:
     return dict(kv_load(engine), **router_demand(engine.scheduler))
 
 
+class Inbox(queue.Queue):
+    """An instance's command queue, counting the Submits taken out of it. The driver thread takes them, adds them
+    to the engine and only then reports its load with these counts, so the router (which counts a request it
+    sent as in transit until a report says it was received) never sees a request as received before the load
+    shows it. Counted as they came in, a request that arrived during a step was received in the report after that
+    step but in none of its queues, and the router saw the instance idle through the whole next step: a long
+    prompt's prefill, 4 s on one core, while it sent more long prompts there."""
+
+    def __init__(self):
+        super().__init__()
+        self.received = self.received_tokens = 0
+
+    def _get(self):  # (queue.Queue's hook, under its lock, in the taking thread)
+        from kestrel.engine.driver import Submit
+
+        cmd = super()._get()
+        if isinstance(cmd, Submit):
+            self.received += 1
+            self.received_tokens += len(cmd.prompt)
+        return cmd
+
+
 class CallError(Exception):
     """An engine call the engine refused; kind as the server's CallFailed (engine_process.error_kind)."""
 
@@ -69,14 +91,13 @@ class Instance:
         self.engine = engine = Engine(config=config)
         self._load = engine_load
         self._lora_counts = LoraCounts()
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox = Inbox()
         self._out: list = []
         self._emitted = 0
         self._cond = threading.Condition()
         self._calls: dict[str, Future] = {}
         self._call_ids = 0
         self._lock = threading.Lock()
-        self._received = self._received_tokens = 0  # Submits taken in: the router's pending count is sent - these
         self.keep: set[str] = set()  # prefill instance: requests that decode here after all (no decode room)
         after = self._hand_off if role == "prefill" else None
         self._driver = EngineDriver(engine, self._deliver, self._reject, self._respond, after)
@@ -100,10 +121,9 @@ class Instance:
             self._cond.notify_all()
 
     def _deliver(self, deltas, finished) -> None:
-        with self._lock:
-            received = dict(received=self._received, received_tokens=self._received_tokens)
-        load = dict(self._load(self.engine), loras=self._lora_counts.changes(self.engine), **received,
-                    **router_demand(self.engine.scheduler))
+        inbox = self._inbox  # (this thread takes from it: its counts are what the engine holds)
+        load = dict(self._load(self.engine), loras=self._lora_counts.changes(self.engine), received=inbox.received,
+                    received_tokens=inbox.received_tokens, **router_demand(self.engine.scheduler))
         self._emit(("deltas", deltas, load))
 
     def _reject(self, rid: str, error: BaseException) -> None:
@@ -141,13 +161,7 @@ class Instance:
                     pid=os.getpid(), name=self.name, role=self.role)
 
     def send(self, commands: list) -> None:
-        from kestrel.engine.driver import Submit
-
         for cmd in commands:
-            if isinstance(cmd, Submit):
-                with self._lock:
-                    self._received += 1
-                    self._received_tokens += len(cmd.prompt)
             self._inbox.put(cmd)
 
     def poll(self, timeout: float = 0.5) -> tuple[list, int]:
