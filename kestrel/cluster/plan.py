@@ -8,7 +8,8 @@ replays the workload's request lengths at Poisson arrival rates on each deployme
 prefill instances handing each request after its first token to d decode instances, with new requests dispatched
 as the deployment's router (kestrel.cluster.dispatch) would, on the load each simulated instance reports. Goodput
 is the highest rate at which at least `attainment` of the requests meet both SLOs (TTFT, and TPOT over the rest of
-the output); the split with the most goodput per instance wins.
+the output); the split with the most goodput per instance wins. A disaggregated deployment's profile gives one
+cost model per role (role_costs): its prefill instances' steps and its decode instances' steps are priced apart.
 """
 from __future__ import annotations
 
@@ -358,8 +359,9 @@ def plan(cost: CostModel, config: EngineConfig, workload: Workload, slo_ttft: fl
     """Goodput of every deployment of up to `max_instances` (colocated, and each prefill:decode split) with
     `router` dispatching new requests; best first. `split_costs`: (prefill, decode) cost models for the splits'
     instances (role_costs), where `cost` then prices colocated instances only."""
-    prefill_cost, decode_cost = split_costs or (cost, cost)
     from tqdm import tqdm
+
+    prefill_cost, decode_cost = split_costs or (cost, cost)
 
     shapes = [(0, n) for n in range(1, max_instances + 1)]
     shapes += [(p, n - p) for n in range(2, max_instances + 1) for p in range(1, n)]
