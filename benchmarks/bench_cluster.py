@@ -47,7 +47,7 @@ PORT = 30321
 POOL_TOKENS, CHUNK = 2200, 256
 SLO_TTFT, SLO_TPOT = 2.0, 0.15  # Llumnix part (reported as goodput beside its latencies)
 BURSTINESS = 0.25  # Llumnix part: gamma arrivals with a coefficient of variation of 2 (Poisson's is 1: burstiness 1)
-TARGET = 0.9  # DistServe part: the share of requests that must meet both SLOs
+TARGET = 0.9  # DistServe part: the share of requests that must meet both SLOs (predicted and measured)
 DIS_TTFT, DIS_TPOT = 5.0, 0.1  # DistServe part's default SLOs: a long prompt alone takes ~2-3 s to prefill on one
 # core of a Xeon with AMX; a slower CPU needs looser ones (--dis-slo-ttft / --dis-slo-tpot)
 
@@ -334,7 +334,7 @@ def attainment_sweep(label: str, predicted: float, shares: list[float], num: int
                    **{f"predicted_{name}": slo_summary(sim(sent) + failed, slo) for name, sim in predictions.items()})
         rows[rate] = row
         print(label, round(rate, 3), json.dumps(row), flush=True)
-    met = [share for share in shares if rows[share * predicted]["measured"]["attainment"] >= TARGET]
+    met = [row["share_of_predicted_goodput"] for row in rows.values() if row["measured"]["attainment"] >= TARGET]
     above = [share for share in shares if share > max(met, default=0)]
     return dict(predicted_goodput=predicted, rates=rows,
                 measured_goodput_share=[max(met, default=None), min(above, default=None)])
@@ -357,7 +357,7 @@ def part_distserve(quick: bool, slo: tuple[float, float] = (DIS_TTFT, DIS_TPOT))
     work = Workload([(prompt_tokens(r), r.max_tokens) for r in requests])
     config = EngineConfig(num_threads=1)
     idle = measure(config)
-    idle_options = plan(idle, config, work, *slo, max_instances=2)
+    idle_options = plan(idle, config, work, *slo, max_instances=2, target=TARGET)
     print("plan (idle engine's profile):", [(o.label, round(o.goodput, 3)) for o in idle_options], flush=True)
     # calibration: the workload at the rate the idle profile says two colocated instances sustain
     calibration = next(o for o in idle_options if o.prefill == 0 and o.instances == 2)
@@ -369,7 +369,7 @@ def part_distserve(quick: bool, slo: tuple[float, float] = (DIS_TTFT, DIS_TPOT))
     try:
         run(bursty(num, seed=1, text_seed=50), calibration.goodput, slo)
         live = CostModel.from_profile(fetch_step_profile(f"http://127.0.0.1:{PORT}"), idle.transfer_per_token)
-        options = plan(live, config, work, *slo, max_instances=2)
+        options = plan(live, config, work, *slo, max_instances=2, target=TARGET)
         print("cost model, idle engine:", idle.describe(), "\ncost model, deployment:", live.describe(), flush=True)
         print("plan (deployment's profile):", [(o.label, round(o.goodput, 3)) for o in options], flush=True)
         out["plan"] = [dict(label=o.label, goodput=o.goodput) for o in options]
@@ -393,7 +393,7 @@ def part_distserve(quick: bool, slo: tuple[float, float] = (DIS_TTFT, DIS_TPOT))
         def split_run(cost: CostModel, d_cost: CostModel, sent: list) -> list:
             return disaggregated(cost, config, sent, split.prefill, split.decode, decode_cost=d_cost)
 
-        per_role = goodput(lambda rate: split_run(prefill_cost, decode_cost, work.arrivals(rate)), *slo)
+        per_role = goodput(lambda rate: split_run(prefill_cost, decode_cost, work.arrivals(rate)), *slo, TARGET)
         print(f"{split.label}: predicted goodput {per_role:.3f} req/s with its own per-role profile "
               f"({split.goodput:.3f} with the colocated deployment's)", flush=True)
         out[split.label] = attainment_sweep(split.label, per_role, shares, num, slo, {
