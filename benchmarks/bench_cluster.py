@@ -45,6 +45,9 @@ PORT = 30321
 # waits (Llumnix's setting). With 3500, two longs and their shorts fit, compute binds, and every policy's P99 sits
 # near a long prompt's own prefill (round-robin's / llumnix's: 1.03x and 1.41x at Poisson 1.5 and 1.75 req/s).
 POOL_TOKENS, CHUNK = 2200, 256
+LONG_SHAPE, SHORT_OUTPUT = (1000, 200), 40  # a long request's prompt and output tokens; a short one's output
+# (--llumnix-long 300,800: long requests that grow their K/V while they decode, Llumnix's own regime, where memory
+# fills during decoding and admission's reserve for outputs runs out: preemptions, and room to make by migration)
 SLO_TTFT, SLO_TPOT = 2.0, 0.15  # Llumnix part (reported as goodput beside its latencies)
 BURSTINESS = 0.25  # Llumnix part: gamma arrivals with a coefficient of variation of 2 (Poisson's is 1: burstiness 1)
 TARGET = 0.9  # DistServe part: the share of requests that must meet both SLOs (predicted and measured)
@@ -67,14 +70,17 @@ def metrics() -> dict[str, float]:
     return out
 
 
-def mixed_request(rng: random.Random, long: bool) -> BenchRequest:
-    """A long (a prompt of 1200 tokens' worth of words, ~1000 with the embedded model's tokenizer and chat
-    template; 200 tokens out) or a short (100 -> 40) request of the Llumnix part."""
-    return BenchRequest([{"role": "user", "content": _words(rng, int((1200 if long else 100) / 1.3))}],
-                        200 if long else 40)
+def mixed_request(rng: random.Random, long: bool, long_shape: tuple[int, int] = LONG_SHAPE) -> BenchRequest:
+    """A long (`long_shape`: a prompt of about that many tokens with the embedded model's tokenizer and chat
+    template, 1.2 times as many tokens' worth of words, and that many tokens out) or a short (100 tokens' worth of
+    words -> SHORT_OUTPUT tokens) request of the Llumnix part."""
+    words = long_shape[0] * 1.2 if long else 100
+    return BenchRequest([{"role": "user", "content": _words(rng, int(words / 1.3))}],
+                        long_shape[1] if long else SHORT_OUTPUT)
 
 
-def bursty(num: int, seed: int = 0, text_seed: Optional[int] = None) -> list[BenchRequest]:
+def bursty(num: int, seed: int = 0, text_seed: Optional[int] = None,
+           long_shape: tuple[int, int] = LONG_SHAPE) -> list[BenchRequest]:
     """One request in five long, at random places; the rest short. (Every fifth one long, as before, hands
     round-robin over two instances a perfect balance.) The bursts are in the arrivals (run's `burstiness`). With a
     `text_seed`, the long ones sit where `seed` puts them and only the words change (a new draw of text for the
@@ -82,7 +88,7 @@ def bursty(num: int, seed: int = 0, text_seed: Optional[int] = None) -> list[Ben
     rng = random.Random(seed)
     longs = set(rng.sample(range(num), num // 5))
     words = rng if text_seed is None else random.Random(text_seed)
-    return [mixed_request(words, i in longs) for i in range(num)]
+    return [mixed_request(words, i in longs, long_shape) for i in range(num)]
 
 
 def simulated_p99_ttft_ms(profile: dict, runs: list[list], router: str) -> float:
@@ -129,7 +135,8 @@ POLICIES = [("round-robin", ["--router", "round-robin"]), ("least-load", ["--rou
 
 
 def part_llumnix(quick: bool, requests: int = 0, rates: str = "", workloads: int = 1,
-                 burstiness: float = BURSTINESS, pool_tokens: int = POOL_TOKENS) -> dict:
+                 burstiness: float = BURSTINESS, pool_tokens: int = POOL_TOKENS,
+                 long_shape: tuple[int, int] = LONG_SHAPE) -> dict:
     """Per policy and rate: latency percentiles (all requests, and the short ones alone: a long prompt's P99
     TTFT is mostly its own prefill, which no dispatch changes, while a short one's is mostly waiting behind
     others), preemptions, migrations and their downtime. With several `workloads` (different draws of the same
@@ -148,7 +155,8 @@ def part_llumnix(quick: bool, requests: int = 0, rates: str = "", workloads: int
         proc = serve(["--instances", "2", *pool, *flags])
         try:
             if "long_prompt_alone_ttft_ms" not in out:  # the floor under any policy's P99 TTFT (see the docstring)
-                alone = [run([mixed_request(random.Random(k), True)], 1.0)[0]["ttft"]["p50_ms"] for k in range(3)]
+                alone = [run([mixed_request(random.Random(k), True, long_shape)], 1.0)[0]["ttft"]["p50_ms"]
+                         for k in range(3)]
                 out["long_prompt_alone_ttft_ms"] = float(np.median(alone))
                 print("a long prompt's TTFT on an idle deployment:", round(out["long_prompt_alone_ttft_ms"]),
                       "ms", flush=True)
@@ -156,7 +164,8 @@ def part_llumnix(quick: bool, requests: int = 0, rates: str = "", workloads: int
                 results, delta, duration, per_workload, runs = [], {}, 0.0, [], []
                 for w in range(workloads):
                     # new prompts (same lengths) at each rate: a replay would hit the prefix cache
-                    summary, d, res = run(bursty(n, seed=10 + i + 100 * w), rate, burstiness=burstiness)
+                    summary, d, res = run(bursty(n, seed=10 + i + 100 * w, long_shape=long_shape), rate,
+                                          burstiness=burstiness)
                     results += res
                     runs.append(res)
                     duration += summary["duration_s"]
@@ -164,7 +173,8 @@ def part_llumnix(quick: bool, requests: int = 0, rates: str = "", workloads: int
                     for k, v in d.items():
                         delta[k] = delta.get(k, 0) + v
                 summary = summarize(results, duration, SLO_TTFT, SLO_TPOT)
-                short = [r.ttft for r in results if r.ok and r.ttft is not None and r.prompt_tokens < 600]
+                short = [r.ttft for r in results
+                         if r.ok and r.ttft is not None and r.output_tokens == SHORT_OUTPUT]
                 done = delta.get("kestrel:migrations_total{outcome=\"done\"}", 0)
                 row = dict(p50_ttft_ms=summary["ttft"].get("p50_ms"), p99_ttft_ms=summary["ttft"].get("p99_ms"),
                            short_p99_ttft_ms=1000 * float(np.percentile(short, 99)) if short else None,
@@ -454,13 +464,16 @@ def main() -> None:
     ap.add_argument("--llumnix-burstiness", type=float, default=BURSTINESS,
                     help="gamma shape of the arrivals: 1 is Poisson, lower is burstier (CV = 1/sqrt(shape))")
     ap.add_argument("--llumnix-pool", type=int, default=POOL_TOKENS, help="KV pool of each instance, in tokens")
+    ap.add_argument("--llumnix-long", default=",".join(map(str, LONG_SHAPE)), metavar="PROMPT,OUTPUT",
+                    help="tokens in and out of the long requests (one in five); the short ones: ~110 -> 40")
     ap.add_argument("--dis-slo-ttft", type=float, default=DIS_TTFT, help="DistServe part: the TTFT SLO, seconds")
     ap.add_argument("--dis-slo-tpot", type=float, default=DIS_TPOT, help="DistServe part: the TPOT SLO, seconds")
     args = ap.parse_args()
     results = {"cpu": cpu_name(), "args": vars(args)}
     parts = {"llumnix": functools.partial(part_llumnix, requests=args.llumnix_requests, rates=args.llumnix_rates,
                                           workloads=args.llumnix_workloads, burstiness=args.llumnix_burstiness,
-                                          pool_tokens=args.llumnix_pool),
+                                          pool_tokens=args.llumnix_pool,
+                                          long_shape=tuple(int(x) for x in args.llumnix_long.split(","))),
              "cache": part_cache, "pause": part_pause,
              "distserve": functools.partial(part_distserve, slo=(args.dis_slo_ttft, args.dis_slo_tpot))}
     for part in args.part.split(","):
