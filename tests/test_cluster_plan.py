@@ -2,6 +2,7 @@
 between two in-process engines (reservations, refusals, expiry), and `kestrel plan disaggregation`."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -373,7 +374,7 @@ def test_plan_prefers_disaggregation_where_prefill_stalls_decode(tmp_path):
     assert bad.returncode != 0 and "--slo-ttft must be > 0" in bad.stderr
 
 
-def test_a_disaggregated_profile_gets_a_cost_model_per_role():
+def test_a_disaggregated_profile_gets_a_cost_model_per_role(tmp_path):
     """A disaggregated deployment's /step_profile: its prefill instances' steps fit the prefill instances' cost
     model and its decode instances' the decode instances' (a decode instance that runs decodes alone is not
     priced as a colocated one); the simulator prices each role's instances with its own, and the plan its splits."""
@@ -414,6 +415,21 @@ def test_a_disaggregated_profile_gets_a_cost_model_per_role():
     slow_plan = plan(prefill_truth, config, work, 5.0, 0.03, max_instances=2, progress=False)
     assert split(fast_plan).goodput > 0 and split(slow_plan).goodput == 0
     assert [o.goodput for o in fast_plan if not o.prefill] == [o.goodput for o in slow_plan if not o.prefill]
+    # --save-profile keeps the per-role models beside the combined one, and --profile prices the splits with them
+    both.save(tmp_path / "cost.json", (prefill_cost, decode_cost))
+    assert CostModel.load_with_roles(tmp_path / "cost.json") == (both, (prefill_cost, decode_cost))
+    assert CostModel.load(tmp_path / "cost.json") == both
+    both.save(tmp_path / "combined.json")
+    assert CostModel.load_with_roles(tmp_path / "combined.json") == (both, None)
+    (tmp_path / "trace.json").write_text(json.dumps([{"prompt_tokens": 300, "output_tokens": 30}] * 20))
+    out = subprocess.run([sys.executable, "-m", "kestrel.cli", "plan", "disaggregation", "--workload",
+                          str(tmp_path / "trace.json"), "--slo-ttft", "5", "--slo-tpot", "0.03", "--profile",
+                          str(tmp_path / "cost.json"), "--max-instances", "2", "--format", "json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["decode_cost_model"] == dataclasses.asdict(decode_cost)
+    assert split([SimpleNamespace(**o) for o in result["options"]]).goodput > 0
 
 
 def test_bursty_arrivals_keep_the_rate_and_raise_the_variation():
