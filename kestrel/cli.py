@@ -171,10 +171,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         profile = fetch_step_profile(args.profile_from, args.api_key)
         cost = CostModel.from_profile(profile)
         split_costs = role_costs(profile)  # a disaggregated deployment's: its splits priced per role
+    elif args.profile:
+        cost, split_costs = CostModel.load_with_roles(args.profile)
     else:
-        cost = CostModel.load(args.profile) if args.profile else measure(config)
+        cost = measure(config)
     if args.save_profile:
-        cost.save(args.save_profile)
+        cost.save(args.save_profile, split_costs)
     options = plan(cost, config, workload, args.slo_ttft, args.slo_tpot, args.max_instances, args.attainment,
                    router=args.router, split_costs=split_costs)
     if args.format == "json":
@@ -362,9 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     dis.add_argument("--slo-tpot", type=float, required=True, help="time-per-output-token SLO, seconds")
     dis.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet both SLOs")
     dis.add_argument("--max-instances", type=int, default=4)
-    dis.add_argument("--profile", default=None, help="a cost model saved by --save-profile (default: measure the "
-                                                     "model's step times now, about a minute)")
-    dis.add_argument("--save-profile", default=None, help="write the measured cost model here")
+    dis.add_argument("--profile", default=None, help="a cost model saved by --save-profile, per-role models "
+                                                     "included (default: measure the model's step times now, "
+                                                     "about a minute)")
+    dis.add_argument("--save-profile", default=None, help="write the cost model here (and, from a disaggregated "
+                                                          "deployment, its prefill and decode instances' models)")
     dis.add_argument("--profile-from", default=None, metavar="URL",
                      help="fit the cost model to the steps a running server (or deployment) took under its load "
                           "(its /step_profile), instead of measuring an idle engine here; a disaggregated "

@@ -2,6 +2,7 @@
 between two in-process engines (reservations, refusals, expiry), and `kestrel plan disaggregation`."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -93,18 +94,65 @@ def test_an_instance_counts_a_request_received_only_in_a_report_that_shows_it(ti
         assert entered.wait(30)
         inst.send([Submit("b", list(range(60, 100)), params)])  # during a's first step
         release.set()
-        finished, reports = set(), []
-        deadline = time.time() + 60
-        while len(finished) < 2 and time.time() < deadline:
-            for kind, *rest in inst.poll(1.0)[0]:
-                if kind == "deltas":
-                    deltas, load = rest
-                    finished |= {d.request_id for d in deltas if d.finished}
-                    reports.append((load["received"], load["running"] + load["waiting"] + len(finished),
-                                    load["received_tokens"]))
-        assert finished == {"a", "b"}
+        reports = _counts_until(inst, {"a", "b"})
         assert reports[0] == (1, 1, 40)  # after a's step: b had come, but is not in the load, nor received
         assert all(received == held for received, held, _ in reports) and reports[-1] == (2, 2, 80)
+    finally:
+        release.set()
+        inst.send([Stop()])
+        inst._thread.join(30)
+
+
+def _load_reports(inst, seconds: float = 60.0):
+    """Each load report an in-process Instance sends (for up to `seconds`), with the set of requests finished by
+    then. The counts: (requests received, requests waiting, running or finished, prompt tokens received)."""
+    finished: set[str] = set()
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        for kind, *rest in inst.poll(1.0)[0]:
+            if kind == "deltas":
+                deltas, load = rest
+                finished |= {d.request_id for d in deltas if d.finished}
+                yield (load["received"], load["running"] + load["waiting"] + len(finished),
+                       load["received_tokens"]), set(finished)
+
+
+def _counts_until(inst, rids: set[str], reports=None) -> list[tuple[int, int, int]]:
+    """The counts of each report (from `reports`, a _load_reports generator) until every one of `rids` finished."""
+    out = []
+    for counts, finished in reports or _load_reports(inst):
+        out.append(counts)
+        if finished == rids:
+            return out
+    raise AssertionError(f"not all of {rids} finished: reports {out}")
+
+
+def test_a_request_whose_grammar_compiles_is_in_transit_to_the_router(tiny_llama_dir, monkeypatch):
+    """A constrained request waits outside the scheduler's queues while its grammar compiles on a side thread: the
+    reports in that time do not count it as received, so the router keeps counting it as sent there."""
+    from kestrel.cluster.instance import Instance
+    from kestrel.engine.driver import Stop, Submit
+
+    inst = Instance(EngineConfig(model=tiny_llama_dir, dtype="float32", num_threads=1), "instance-0")
+    compiling, release = threading.Event(), threading.Event()
+    compile_grammar = inst.engine.grammars.compile
+
+    def held_compile(spec):
+        compiling.set()
+        release.wait(30)
+        return compile_grammar(spec)
+    monkeypatch.setattr(inst.engine.grammars, "compile", held_compile)
+    try:
+        reports = _load_reports(inst)
+        regex = SamplingParams(max_tokens=3, temperature=0, regex="[a-z]{3,8}")
+        inst.send([Submit("g", list(range(10, 40)), regex)])
+        assert compiling.wait(30)
+        assert next(reports)[0] == (0, 0, 0)  # the report after g was taken in: in no queue, not received
+        inst.send([Submit("h", list(range(60, 80)), SamplingParams(max_tokens=3, temperature=0))])
+        assert next(reports)[0] == (1, 1, 20)  # h, taken in while g's grammar compiles
+        release.set()
+        counts = _counts_until(inst, {"g", "h"}, reports)
+        assert all(received == held for received, held, _ in counts) and counts[-1] == (2, 2, 50)
     finally:
         release.set()
         inst.send([Stop()])
@@ -373,7 +421,7 @@ def test_plan_prefers_disaggregation_where_prefill_stalls_decode(tmp_path):
     assert bad.returncode != 0 and "--slo-ttft must be > 0" in bad.stderr
 
 
-def test_a_disaggregated_profile_gets_a_cost_model_per_role():
+def test_a_disaggregated_profile_gets_a_cost_model_per_role(tmp_path):
     """A disaggregated deployment's /step_profile: its prefill instances' steps fit the prefill instances' cost
     model and its decode instances' the decode instances' (a decode instance that runs decodes alone is not
     priced as a colocated one); the simulator prices each role's instances with its own, and the plan its splits."""
@@ -414,6 +462,21 @@ def test_a_disaggregated_profile_gets_a_cost_model_per_role():
     slow_plan = plan(prefill_truth, config, work, 5.0, 0.03, max_instances=2, progress=False)
     assert split(fast_plan).goodput > 0 and split(slow_plan).goodput == 0
     assert [o.goodput for o in fast_plan if not o.prefill] == [o.goodput for o in slow_plan if not o.prefill]
+    # --save-profile keeps the per-role models beside the combined one, and --profile prices the splits with them
+    both.save(tmp_path / "cost.json", (prefill_cost, decode_cost))
+    assert CostModel.load_with_roles(tmp_path / "cost.json") == (both, (prefill_cost, decode_cost))
+    assert CostModel.load(tmp_path / "cost.json") == both
+    both.save(tmp_path / "combined.json")
+    assert CostModel.load_with_roles(tmp_path / "combined.json") == (both, None)
+    (tmp_path / "trace.json").write_text(json.dumps([{"prompt_tokens": 300, "output_tokens": 30}] * 20))
+    out = subprocess.run([sys.executable, "-m", "kestrel.cli", "plan", "disaggregation", "--workload",
+                          str(tmp_path / "trace.json"), "--slo-ttft", "5", "--slo-tpot", "0.03", "--profile",
+                          str(tmp_path / "cost.json"), "--max-instances", "2", "--format", "json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["decode_cost_model"] == dataclasses.asdict(decode_cost)
+    assert split([SimpleNamespace(**o) for o in result["options"]]).goodput > 0
 
 
 def test_bursty_arrivals_keep_the_rate_and_raise_the_variation():

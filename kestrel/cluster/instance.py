@@ -122,8 +122,12 @@ class Instance:
 
     def _deliver(self, deltas, finished) -> None:
         inbox = self._inbox  # (this thread takes from it: its counts are what the engine holds)
-        load = dict(self._load(self.engine), loras=self._lora_counts.changes(self.engine), received=inbox.received,
-                    received_tokens=inbox.received_tokens, **router_demand(self.engine.scheduler))
+        # a request held while its grammar compiles is in no queue yet: the router keeps it in transit
+        held = self._driver.compiling.held()
+        load = dict(self._load(self.engine), loras=self._lora_counts.changes(self.engine),
+                    received=inbox.received - len(held),
+                    received_tokens=inbox.received_tokens - sum(len(sub.prompt) for sub in held),
+                    **router_demand(self.engine.scheduler))
         self._emit(("deltas", deltas, load))
 
     def _reject(self, rid: str, error: BaseException) -> None:

@@ -105,18 +105,28 @@ class CostModel:
             text = f"steps of up to {self.split} tokens {text}; larger steps {line(*self.large)}"
         return f"{text}; KV pool {self.kv_tokens} tokens"
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, roles: Optional[tuple["CostModel", "CostModel"]] = None) -> None:
+        """Write it as JSON, with a disaggregated deployment's (prefill, decode) models (role_costs) beside it."""
+        data = dataclasses.asdict(self)
+        if roles is not None:
+            data["roles"] = {"prefill": dataclasses.asdict(roles[0]), "decode": dataclasses.asdict(roles[1])}
         with open(path, "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=1)
+            json.dump(data, f, indent=1)
 
     @classmethod
     def load(cls, path: str) -> "CostModel":
+        return cls.load_with_roles(path)[0]
+
+    @classmethod
+    def load_with_roles(cls, path: str) -> tuple["CostModel", Optional[tuple["CostModel", "CostModel"]]]:
+        """What save wrote: the model, and the (prefill, decode) models where it saved them (else None)."""
         with open(path) as f:
             data = json.load(f)
         if "per_pair" not in data:
             raise ValueError(f"{path}: a profile from an older Kestrel (its cost model has no per-row and "
                              "per-attention-pair terms); measure again with --save-profile")
-        return cls(**data)
+        roles = data.pop("roles", None)
+        return cls(**data), None if roles is None else (cls(**roles["prefill"]), cls(**roles["decode"]))
 
 
 def measure(config: EngineConfig, progress: bool = True) -> CostModel:

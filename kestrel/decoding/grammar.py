@@ -139,6 +139,10 @@ class CompileQueue:
             self._held = [(f, item) for f, item in self._held if not which(item)]
         return out
 
+    def held(self) -> list:
+        """The items held now."""
+        return [item for _, item in self._held]
+
     def __bool__(self) -> bool:
         return bool(self._held)
 
