@@ -407,18 +407,22 @@ def test_plan_prefers_disaggregation_where_prefill_stalls_decode(tmp_path):
     assert best.prefill == 0
     # the CLI, on a saved profile
     cost.save(tmp_path / "cost.json")
-    (tmp_path / "trace.json").write_text(json.dumps([{"prompt_tokens": 1500, "output_tokens": 100}] * 20))
-    out = subprocess.run([sys.executable, "-m", "kestrel.cli", "plan", "disaggregation", "--workload",
-                          str(tmp_path / "trace.json"), "--slo-ttft", "3", "--slo-tpot", "0.008", "--profile",
-                          str(tmp_path / "cost.json"), "--max-instances", "2", "--format", "json"],
-                         capture_output=True, text=True, timeout=300)
+    out = _plan_cli(tmp_path, (1500, 100), 3, 0.008, "--max-instances", "2", "--format", "json")
     assert out.returncode == 0, out.stderr
     options = json.loads(out.stdout)["options"]
     assert options[0]["label"] == "1 prefill + 1 decode" and len(options) == 3
-    bad = subprocess.run([sys.executable, "-m", "kestrel.cli", "plan", "disaggregation", "--workload",
-                          str(tmp_path / "trace.json"), "--slo-ttft", "0", "--slo-tpot", "0.02", "--profile",
-                          str(tmp_path / "cost.json")], capture_output=True, text=True, timeout=300)
+    bad = _plan_cli(tmp_path, (1500, 100), 0, 0.02)
     assert bad.returncode != 0 and "--slo-ttft must be > 0" in bad.stderr
+
+
+def _plan_cli(tmp_path, lengths: tuple[int, int], slo_ttft: float, slo_tpot: float, *flags: str):
+    """`kestrel plan disaggregation` on 20 requests of `lengths` (prompt, output tokens) with the profile saved
+    as cost.json in `tmp_path`."""
+    (tmp_path / "trace.json").write_text(json.dumps([dict(prompt_tokens=lengths[0], output_tokens=lengths[1])] * 20))
+    return subprocess.run([sys.executable, "-m", "kestrel.cli", "plan", "disaggregation", "--workload",
+                           str(tmp_path / "trace.json"), "--slo-ttft", str(slo_ttft), "--slo-tpot", str(slo_tpot),
+                           "--profile", str(tmp_path / "cost.json"), *flags],
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_a_disaggregated_profile_gets_a_cost_model_per_role(tmp_path):
@@ -468,11 +472,7 @@ def test_a_disaggregated_profile_gets_a_cost_model_per_role(tmp_path):
     assert CostModel.load(tmp_path / "cost.json") == both
     both.save(tmp_path / "combined.json")
     assert CostModel.load_with_roles(tmp_path / "combined.json") == (both, None)
-    (tmp_path / "trace.json").write_text(json.dumps([{"prompt_tokens": 300, "output_tokens": 30}] * 20))
-    out = subprocess.run([sys.executable, "-m", "kestrel.cli", "plan", "disaggregation", "--workload",
-                          str(tmp_path / "trace.json"), "--slo-ttft", "5", "--slo-tpot", "0.03", "--profile",
-                          str(tmp_path / "cost.json"), "--max-instances", "2", "--format", "json"],
-                         capture_output=True, text=True, timeout=300)
+    out = _plan_cli(tmp_path, (300, 30), 5, 0.03, "--max-instances", "2", "--format", "json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["decode_cost_model"] == dataclasses.asdict(decode_cost)
