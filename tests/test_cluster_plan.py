@@ -94,7 +94,7 @@ def test_an_instance_counts_a_request_received_only_in_a_report_that_shows_it(ti
         assert entered.wait(30)
         inst.send([Submit("b", list(range(60, 100)), params)])  # during a's first step
         release.set()
-        reports = _counts_until(inst, {"a", "b"})
+        reports = _counts_until(_load_reports(inst), {"a", "b"})
         assert reports[0] == (1, 1, 40)  # after a's step: b had come, but is not in the load, nor received
         assert all(received == held for received, held, _ in reports) and reports[-1] == (2, 2, 80)
     finally:
@@ -117,10 +117,10 @@ def _load_reports(inst, seconds: float = 60.0):
                        load["received_tokens"]), set(finished)
 
 
-def _counts_until(inst, rids: set[str], reports=None) -> list[tuple[int, int, int]]:
-    """The counts of each report (from `reports`, a _load_reports generator) until every one of `rids` finished."""
+def _counts_until(reports, rids: set[str]) -> list[tuple[int, int, int]]:
+    """The counts of each report from `reports` (a _load_reports generator) until every one of `rids` finished."""
     out = []
-    for counts, finished in reports or _load_reports(inst):
+    for counts, finished in reports:
         out.append(counts)
         if finished == rids:
             return out
@@ -151,7 +151,7 @@ def test_a_request_whose_grammar_compiles_is_in_transit_to_the_router(tiny_llama
         inst.send([Submit("h", list(range(60, 80)), SamplingParams(max_tokens=3, temperature=0))])
         assert next(reports)[0] == (1, 1, 20)  # h, taken in while g's grammar compiles
         release.set()
-        counts = _counts_until(inst, {"g", "h"}, reports)
+        counts = _counts_until(reports, {"g", "h"})
         assert all(received == held for received, held, _ in counts) and counts[-1] == (2, 2, 50)
     finally:
         release.set()
