@@ -55,10 +55,18 @@ DIS_TTFT, DIS_TPOT = 5.0, 0.1  # DistServe part's default SLOs: a long prompt al
 # core of a Xeon with AMX; a slower CPU needs looser ones (--dis-slo-ttft / --dis-slo-tpot)
 
 
-def serve(flags: list[str]):
+SERVER_LOGS: Optional[str] = None  # --server-logs DIR: each server logs at debug level to DIR/<name>.log
+
+
+def serve(flags: list[str], name: str):
+    """A deployment behind one endpoint; with --server-logs its router logs every dispatch (with the loads it saw)
+    and every migration to DIR/`name`.log, to tell why a policy lost a draw."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "kestrel.cli", "serve", "--port", str(PORT), "--cpus-per-instance", "1", *flags]
-    return serve_process(cmd, PORT, env)
+    if SERVER_LOGS:
+        os.makedirs(SERVER_LOGS, exist_ok=True)
+        cmd += ["--log-level", "debug"]
+    return serve_process(cmd, PORT, env, log=os.path.join(SERVER_LOGS, f"{name}.log") if SERVER_LOGS else None)
 
 
 def metrics() -> dict[str, float]:
@@ -152,7 +160,7 @@ def part_llumnix(quick: bool, requests: int = 0, rates: str = "", workloads: int
     pool = ["--max-total-tokens", str(pool_tokens), "--chunked-prefill-size", str(CHUNK)]
     out = {}
     for label, flags in POLICIES:
-        proc = serve(["--instances", "2", *pool, *flags])
+        proc = serve(["--instances", "2", *pool, *flags], f"llumnix-{label}")
         try:
             if "long_prompt_alone_ttft_ms" not in out:  # the floor under any policy's P99 TTFT (see the docstring)
                 alone = [run([mixed_request(random.Random(k), True, long_shape)], 1.0)[0]["ttft"]["p50_ms"]
@@ -168,6 +176,9 @@ def part_llumnix(quick: bool, requests: int = 0, rates: str = "", workloads: int
                                           burstiness=burstiness)
                     results += res
                     runs.append(res)
+                    if SERVER_LOGS:  # in the order sent, as the server's log lists where each went
+                        with open(os.path.join(SERVER_LOGS, f"llumnix-{label}-{rate}-{w}.json"), "w") as f:
+                            json.dump([dataclasses.asdict(r) for r in sorted(res, key=lambda r: r.start)], f)
                     duration += summary["duration_s"]
                     per_workload.append(summary["ttft"].get("p99_ms"))
                     for k, v in d.items():
@@ -214,7 +225,7 @@ def part_cache(quick: bool) -> dict:
     work = shared_prefix_workload(4, 6 if quick else 12, 512, 32, 64)
     out = {}
     for label in ("round-robin", "cache-aware"):
-        proc = serve(["--instances", "2", "--router", label])
+        proc = serve(["--instances", "2", "--router", label], f"cache-{label}")
         try:
             summary, delta, _ = run(work, float("inf"))
         finally:
@@ -375,7 +386,7 @@ def part_distserve(quick: bool, slo: tuple[float, float] = (DIS_TTFT, DIS_TPOT))
     out = {"plan_idle_profile": [dict(label=o.label, goodput=o.goodput) for o in idle_options]}
     # attainment should fall through the target between 0.8x and 1.2x when the prediction is within 20%
     shares = [0.8, 1.0, 1.2] if not quick else [0.8, 1.2]
-    proc = serve(["--instances", "2"])
+    proc = serve(["--instances", "2"], "distserve-colocated")
     try:
         run(bursty(num, seed=1, text_seed=50), calibration.goodput, slo)
         live = CostModel.from_profile(fetch_step_profile(f"http://127.0.0.1:{PORT}"), idle.transfer_per_token)
@@ -392,7 +403,8 @@ def part_distserve(quick: bool, slo: tuple[float, float] = (DIS_TTFT, DIS_TPOT))
             "idle_profile": lambda sent: colocated(idle, config, sent, 2)})
 
         stop_process(proc)
-        proc = serve(["--prefill-instances", str(split.prefill), "--decode-instances", str(split.decode)])
+        proc = serve(["--prefill-instances", str(split.prefill), "--decode-instances", str(split.decode)],
+                     f"distserve-{split.prefill}p{split.decode}d")
         run(bursty(num, seed=1, text_seed=51), split.goodput, slo)
         prefill_cost, decode_cost = role_costs(fetch_step_profile(f"http://127.0.0.1:{PORT}"),
                                                idle.transfer_per_token)
@@ -468,7 +480,13 @@ def main() -> None:
                     help="tokens in and out of the long requests (one in five); the short ones: ~110 -> 40")
     ap.add_argument("--dis-slo-ttft", type=float, default=DIS_TTFT, help="DistServe part: the TTFT SLO, seconds")
     ap.add_argument("--dis-slo-tpot", type=float, default=DIS_TPOT, help="DistServe part: the TPOT SLO, seconds")
+    ap.add_argument("--server-logs", metavar="DIR",
+                    help="each server logs at debug level (every dispatch with the loads it saw, every migration) "
+                         "to DIR/<part>-<deployment>.log; the Llumnix part's requests (start, TTFT, lengths) go "
+                         "beside them, a JSON file per policy, rate and draw")
     args = ap.parse_args()
+    global SERVER_LOGS
+    SERVER_LOGS = args.server_logs
     results = {"cpu": cpu_name(), "args": vars(args)}
     parts = {"llumnix": functools.partial(part_llumnix, requests=args.llumnix_requests, rates=args.llumnix_rates,
                                           workloads=args.llumnix_workloads, burstiness=args.llumnix_burstiness,

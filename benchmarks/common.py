@@ -108,14 +108,23 @@ def llama_bench(bin_dir: str, gguf: str, threads: int, prompts: str = "200,512",
     return res or None
 
 
-def serve_process(cmd: list[str], port: int, env: dict, timeout: float = 600) -> subprocess.Popen:
-    """Start a server (its own process group) and wait until its /health answers 200."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def serve_process(cmd: list[str], port: int, env: dict, timeout: float = 600,
+                  log: Optional[str] = None) -> subprocess.Popen:
+    """Start a server (its own process group) and wait until its /health answers 200; its output goes to `log`
+    (appended) if given, else nowhere."""
+    out = open(log, "a") if log else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+                                start_new_session=True)
+    finally:
+        if log:
+            out.close()  # the child holds its own copy
     import httpx
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited with {exit_status(proc.returncode)}")
+            raise RuntimeError(f"{cmd[0]} exited with {exit_status(proc.returncode)}"
+                               + (f"; its output is in {log}" if log else ""))
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
