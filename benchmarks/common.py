@@ -1,6 +1,7 @@
 """What the benchmark scripts share: where results go, and running a measurement in another process."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -112,13 +113,8 @@ def serve_process(cmd: list[str], port: int, env: dict, timeout: float = 600,
                   log: Optional[str] = None) -> subprocess.Popen:
     """Start a server (its own process group) and wait until its /health answers 200; its output goes to `log`
     (appended) if given, else nowhere."""
-    out = open(log, "a") if log else subprocess.DEVNULL
-    try:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
-                                start_new_session=True)
-    finally:
-        if log:
-            out.close()  # the child holds its own copy
+    with open(log, "a") if log else contextlib.nullcontext(subprocess.DEVNULL) as out:  # the child keeps its copy
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     import httpx
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 
 import numpy as np
@@ -21,8 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_cluster import BURSTINESS, CHUNK, LONG_SHAPE, POOL_TOKENS, bursty, prompt_tokens  # noqa: E402
 from benchmarks.common import RESULTS, cpu_name, save_results  # noqa: E402
-from kestrel.bench.workloads import interarrival  # noqa: E402
-from kestrel.cluster.plan import CostModel, colocated, measure  # noqa: E402
+from kestrel.cluster.plan import CostModel, Workload, colocated, measure  # noqa: E402
 from kestrel.config import EngineConfig  # noqa: E402
 
 ROUTERS = ("round-robin", "least-load")
@@ -30,12 +28,8 @@ ROUTERS = ("round-robin", "least-load")
 
 def draw(num: int, rate: float, seed: int, long_shape: tuple[int, int]) -> list[tuple[float, int, int]]:
     """(arrival, prompt tokens, output tokens) of one draw: bench_cluster's requests and gamma arrivals."""
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for request in bursty(num, seed=seed, long_shape=long_shape):
-        out.append((t, prompt_tokens(request), request.max_tokens))
-        t += interarrival(rng, rate, BURSTINESS)
-    return out
+    lengths = [(prompt_tokens(r), r.max_tokens) for r in bursty(num, seed=seed, long_shape=long_shape)]
+    return Workload(lengths).arrivals(rate, seed, BURSTINESS)
 
 
 def main() -> None:
